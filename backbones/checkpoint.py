@@ -1,0 +1,250 @@
+"""Checkpoint files: atomic writes, data-only reads, backbone checkpoints and strict weight transfer (DESIGN §3).
+
+A checkpoint is data, never code: every read goes through `torch.load(weights_only=True)`, which refuses pickles
+that would import or call anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backbones.errors import UserError
+
+BACKBONE_KEYS = ("arch", "kwargs", "state_dict", "metrics", "config")
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """Writes `obj` with `torch.save` so that `path` is always either the old or the new complete file.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, then `os.replace` swaps it in.
+    On any failure the temporary file is removed and the old file is left untouched.
+
+    Args:
+        obj: anything `torch.save` accepts.
+        path: the target file; its directory is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes the rename durable where the platform allows opening a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Reads a checkpoint as data only, on the CPU.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        UserError: missing file, unreadable or truncated file, a pickle holding code (refused), or not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"refused to load checkpoint {path}: it holds objects other than tensors and plain data ({first_line})"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def to_plain(obj: object) -> object:
+    """Converts mappings, sequences and paths to dicts, lists and strings, so `weights_only` loading accepts them.
+
+    Args:
+        obj: a config or metrics object (e.g. an OmegaConf container, which behaves as a mapping or a sequence).
+
+    Returns:
+        The same data as built-in types (tensors are kept).
+
+    Raises:
+        TypeError: a value that is not plain data.
+    """
+    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, int | str) else k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(to_plain(v) for v in obj)
+    if isinstance(obj, Sequence):
+        return [to_plain(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint: convert it to plain data first")
+
+
+def save_backbone(
+    path: str | os.PathLike,
+    backbone: nn.Module,
+    arch: str,
+    kwargs: Mapping | None = None,
+    metrics: Mapping | None = None,
+    config: Mapping | None = None,
+) -> None:
+    """Writes a backbone checkpoint `{"arch", "kwargs", "state_dict", "metrics", "config"}` atomically.
+
+    Args:
+        path: target file.
+        backbone: the backbone module (not the classifier around it).
+        arch: its registry name, e.g. "cspdarknet_n".
+        kwargs: the factory arguments it was built with (without `weights`).
+        metrics: e.g. {"top1": 0.71, "epoch": 30}.
+        config: the resolved training config, as plain data or a mapping.
+    """
+    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    atomic_save(
+        {
+            "arch": arch,
+            "kwargs": to_plain(dict(kwargs or {})),
+            "state_dict": state,
+            "metrics": to_plain(dict(metrics or {})),
+            "config": to_plain(config if config is not None else {}),
+        },
+        path,
+    )
+
+
+def is_backbone_checkpoint(obj: object) -> bool:
+    """True when `obj` is a dict written by `save_backbone` (has "arch" and a "state_dict" mapping)."""
+    return isinstance(obj, dict) and "arch" in obj and isinstance(obj.get("state_dict"), Mapping)
+
+
+def load_backbone_weights(
+    backbone: nn.Module,
+    source: str | os.PathLike | Mapping,
+    arch: str | None = None,
+    *,
+    source_name: str | None = None,
+) -> int:
+    """Copies weights into `backbone`, strictly: same keys, same shapes.
+
+    Args:
+        backbone: the target module.
+        source: a file path, a backbone checkpoint dict (`save_backbone`) or a plain state dict.
+        arch: the target's registry name; checked against a checkpoint's "arch" when both are known.
+        source_name: how messages name a dict source (e.g. the file it came from).
+
+    Returns:
+        The number of tensors transferred.
+
+    Raises:
+        UserError: another architecture, a missing or unexpected key, or a shape mismatch (names key and shapes).
+    """
+    where = str(source) if isinstance(source, str | os.PathLike) else (source_name or "the given state dict")
+    obj = load_checkpoint(source) if isinstance(source, str | os.PathLike) else source
+    if is_backbone_checkpoint(obj):
+        if arch is not None and obj["arch"] != arch:
+            raise UserError(f"checkpoint {where} is a {obj['arch']!r} backbone, cannot load it into {arch!r}")
+        state = obj["state_dict"]
+    else:
+        state = obj
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{where} is neither a backbone checkpoint nor a state dict of tensors")
+    state = _strip_prefix(dict(state), "module.")
+    target = backbone.state_dict()
+    arch_note = f" (expected {arch})" if arch else ""
+    for key, value in target.items():
+        if key not in state:
+            raise UserError(f"weights {where} do not fit the backbone{arch_note}: missing key {key!r}")
+        if state[key].shape != value.shape:
+            raise UserError(
+                f"weights {where} do not fit the backbone{arch_note}: key {key!r} has shape "
+                f"{tuple(state[key].shape)} in the file, {tuple(value.shape)} in the model"
+            )
+    unexpected = [k for k in state if k not in target]
+    if unexpected:
+        raise UserError(f"weights {where} do not fit the backbone{arch_note}: unexpected key {unexpected[0]!r}")
+    backbone.load_state_dict(state, strict=True)
+    return len(target)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Removes `prefix` (e.g. DistributedDataParallel's "module.") when every key has it."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def read_weights(weights: str | os.PathLike, arch: str, torchvision_model: str | None = None) -> dict:
+    """Resolves a `weights` argument to a dict: a local file, or torchvision weights already in the torch cache.
+
+    Never downloads: a torchvision weights name (e.g. "IMAGENET1K_V1", "DEFAULT" or "ResNet50_Weights.IMAGENET1K_V1")
+    is read from `torch.hub.get_dir()/checkpoints/<file>` only if that file is already there.
+
+    Args:
+        weights: a file path or a torchvision weights name.
+        arch: the backbone's registry name, for messages.
+        torchvision_model: the torchvision builder whose weights enum names are accepted; None for none.
+
+    Returns:
+        The loaded dict: a backbone checkpoint or a plain state dict.
+
+    Raises:
+        UserError: no such file and not a known weights name, or the named weights are not cached (says which file
+            to place where).
+    """
+    path = Path(weights)
+    if path.is_file():
+        return load_checkpoint(path)
+    if torchvision_model is None:
+        raise UserError(f"weights for {arch}: no such file {str(weights)!r}")
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(torchvision_model)
+    name = str(weights).split(".")[-1]
+    names = sorted(set(enum.__members__))
+    if name not in enum.__members__:
+        raise UserError(
+            f"weights for {arch}: no such file {str(weights)!r}, and not a torchvision weights name "
+            f"(choices: {', '.join(names)})"
+        )
+    url = enum[name].url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not cached.is_file():
+        raise UserError(
+            f"weights for {arch}: {enum.__name__}.{enum[name].name} are not in the torch cache and plugdet never "
+            f"downloads; place {cached.name} (from {url}) at {cached}, or pass the path of a local file"
+        )
+    return load_checkpoint(cached)

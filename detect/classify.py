@@ -1,0 +1,376 @@
+"""Backbone pretraining on CUB classification: builders, `train_one_epoch`, `evaluate`, checkpoints.
+
+Plain functions under the linear `main()` of `tools/train_cls.py` (STYLE 8). Only the `build_*` functions read the
+config; the loops take plain arguments.
+
+A run is repeatable and resumable to the bit on CPU: the sample order is a function of (seed, epoch) (`EpochSampler`),
+each image's augmentation of (seed, epoch, index) (`SeededSamples`), and every training step runs with Ctrl-C / SIGTERM
+held back (`deferred_interrupts`), so an interrupt leaves model, optimizer, EMA and RNG in a consistent state that
+`make_checkpoint` captures together with the position (epoch, batches done).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from backbones import build_backbone
+from backbones.classifier import Classifier
+from backbones.errors import UserError
+from backbones.freeze import freeze_stages, keep_frozen_bn_eval
+from detect.cli import deferred_interrupts
+from detect.data.cub import CubClassification
+from detect.data.transforms import build_cls_transforms, seed_transform
+from detect.distributed import DistInfo, all_reduce_sum, unwrap
+from detect.optim import ModelEMA
+from detect.seeding import DistributedEpochSampler, rng_state, set_rng_state
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during `train_one_epoch`, raised between steps, with the position reached.
+
+    Attributes:
+        epoch: the epoch in progress (0-based).
+        batch: batches of that epoch completed (the next one to run on resume).
+    """
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__(f"interrupted at epoch {epoch + 1}, batch {batch}")
+        self.epoch = epoch
+        self.batch = batch
+
+
+class SeededSamples(Dataset):
+    """A dataset indexed by `(index, epoch)` whose transform is reseeded from (seed, epoch, index) for every sample.
+
+    Args:
+        dataset: a dataset with an albumentations `transform` attribute (e.g. `CubClassification`).
+        seed: the run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed % 2**32
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int] | int) -> Any:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        transform = getattr(self.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_state"):
+            seed_transform(transform, (self.seed, epoch, index))
+        return self.dataset[index]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Builders (read the config)
+# ----------------------------------------------------------------------------------------------------------------------
+def build_cls_datasets(cfg: DictConfig) -> tuple[CubClassification, CubClassification]:
+    """CUB train and test splits with the training and validation transforms of `cfg.data`."""
+    data = cfg.data
+    train_tf = build_cls_transforms(True, data.img_size, data.resize_size, data.random_resized_crop)
+    val_tf = build_cls_transforms(False, data.img_size, data.resize_size)
+    train_set = CubClassification(data.root, "train", train_tf)
+    val_set = CubClassification(data.root, "test", val_tf)
+    return train_set, val_set
+
+
+def build_cls_loaders(
+    train_set: Dataset, val_set: Dataset, cfg: DictConfig, info: DistInfo
+) -> tuple[DataLoader, DistributedEpochSampler, DataLoader]:
+    """Loaders over this process's shards: train (shuffled per epoch, `(index, epoch)` samples) and val (in order).
+
+    `cfg.train.batch_size` is the total batch over all processes and must divide by the world size.
+    """
+    total, world = cfg.train.batch_size, info.world_size
+    if total % world:
+        raise UserError(f"train.batch_size={total} must be a multiple of the number of processes ({world})")
+    batch = total // world
+    train_sampler = DistributedEpochSampler(len(train_set), world, info.rank, cfg.seed, True, batch, True)
+    val_sampler = DistributedEpochSampler(len(val_set), world, info.rank, cfg.seed, False, batch, False)
+    workers = cfg.train.workers
+    common = {
+        "batch_size": batch,
+        "num_workers": workers,
+        "pin_memory": info.device.type == "cuda",
+        "persistent_workers": workers > 0,
+        "generator": torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched by the loaders
+    }
+    train_loader = DataLoader(SeededSamples(train_set, cfg.seed), sampler=train_sampler, **common)
+    val_loader = DataLoader(SeededSamples(val_set, cfg.seed), sampler=val_sampler, **common)
+    return train_loader, train_sampler, val_loader
+
+
+def build_cls_model(cfg: DictConfig, num_classes: int) -> Classifier:
+    """`Classifier(build_backbone(...))` with optional backbone weights and the finetune mode of `cfg.train`.
+
+    finetune: "all" trains everything; "freeze" freezes the first `train.freeze_stages` stages (-1 = the whole
+    backbone; frozen BatchNorm stays in eval mode); "classifier" trains only the linear head.
+    """
+    kwargs = {"weights": cfg.model.backbone_weights} if cfg.model.backbone_weights else {}
+    backbone = build_backbone(cfg.model.backbone, **kwargs)
+    model = Classifier(backbone, num_classes, dropout=cfg.model.dropout)
+    mode, stages = cfg.train.finetune, cfg.train.freeze_stages
+    if mode == "freeze":
+        if stages == 0:
+            raise UserError("train.finetune=freeze needs train.freeze_stages=K (K >= 1, or -1 for the whole backbone)")
+        freeze_stages(model.backbone, stages)
+    elif mode == "classifier":
+        freeze_stages(model.backbone, -1)
+    elif stages != 0:
+        raise UserError(f"train.freeze_stages={stages} only applies with train.finetune=freeze (got {mode})")
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """Mixed precision: bfloat16 with `train.bf16` (CPU or CUDA), float16 with `train.amp` on CUDA, else None."""
+    if cfg.train.bf16:
+        return torch.bfloat16
+    if cfg.train.amp and device.type == "cuda":
+        return torch.float16
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loops (plain arguments)
+# ----------------------------------------------------------------------------------------------------------------------
+def _train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, step; returns (loss, logits) detached. The loss is checked before it touches the weights."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(images)  # [B, C]
+        loss = loss_fn(logits.float(), labels)
+    if not torch.isfinite(loss):
+        return loss.detach(), logits.detach()
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    epoch: int,
+    lr_fn: Callable[[float], float],
+    iters_per_epoch: int,
+    start_batch: int = 0,
+    ema: ModelEMA | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """One epoch of supervised training, from batch `start_batch` (the loader must already skip the earlier ones).
+
+    Args:
+        model: the classifier (or its DDP wrapper); frozen BatchNorm is kept in eval mode.
+        loader: yields `(images [B, 3, S, S] float, labels [B] int64)`.
+        optimizer, loss_fn: the step and the criterion on logits [B, C].
+        device: where the model lives.
+        epoch: 0-based epoch index.
+        lr_fn: learning rate at a fractional epoch (epoch + batch / iters_per_epoch), set before every step.
+        iters_per_epoch: batches in a full epoch.
+        start_batch: batches of this epoch already done (resume).
+        ema: updated after every step.
+        scaler: GradScaler for float16 autocast.
+        amp_dtype: autocast dtype or None.
+        show_progress: tqdm bar (loss, accuracy, img/s, ETA).
+
+    Returns:
+        {"loss", "acc", "img_s", "lr"} over this process's batches of this call (all processes under DDP).
+
+    Raises:
+        TrainingInterrupted: Ctrl-C / SIGTERM, after the step in progress, with the position reached.
+        UserError: a non-finite loss (names epoch and step); the weights are left as they were before that step.
+    """
+    model.train()
+    keep_frozen_bn_eval(model)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    done, lr, start = start_batch, lr_fn(epoch + start_batch / iters_per_epoch), time.perf_counter()
+    bar = tqdm(total=iters_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}", disable=not show_progress)
+    try:
+        for batch_index, (images, labels) in enumerate(loader, start=start_batch):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            lr = lr_fn(epoch + batch_index / iters_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with deferred_interrupts():
+                loss, logits = _train_step(model, images, labels, optimizer, loss_fn, amp_dtype, scaler)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, step {batch_index + 1}: "
+                        "lower train.lr or turn off train.amp / train.bf16; last.pt keeps the last good state"
+                    )
+                if ema is not None:
+                    ema.update(model)
+                done = batch_index + 1
+            n = labels.numel()
+            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
+            img_s = sums[2].item() / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", img_s=f"{img_s:.1f}")
+            bar.update(1)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(epoch, done) from None
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    all_reduce_sum(sums)
+    n = max(sums[2].item(), 1.0)
+    return {"loss": sums[0].item() / n, "acc": sums[1].item() / n, "img_s": sums[2].item() / elapsed, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Classification metrics over the loader (summed over processes under DDP).
+
+    Args:
+        model: classifier returning logits [B, C].
+        loader: `(images [B, 3, S, S], labels [B])`; under DDP each process holds a disjoint shard.
+        device: where the model lives.
+        num_classes: C.
+        label_smoothing: of the reported cross-entropy (as in training).
+        amp_dtype: autocast dtype or None.
+        show_progress: tqdm bar.
+
+    Returns:
+        {"top1", "top5" (top-min(5, C)), "loss", "per_class_acc" (list of C floats, nan for a class without
+        samples), "confusion" (int64 numpy [C, C], rows = true class, columns = prediction), "num_samples"}.
+    """
+    model.eval()
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-k correct, n
+    k = min(5, num_classes)
+    for images, labels in tqdm(loader, desc="val", leave=False, disable=not show_progress):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()  # [B, C]
+        loss = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
+        topk = logits.topk(k, dim=1).indices  # [B, k]
+        correct = (topk == labels[:, None]).any(1).sum()
+        sums += torch.tensor([loss.item(), correct.item(), labels.numel()], dtype=torch.float64, device=device)
+        confusion += torch.bincount(labels * num_classes + topk[:, 0], minlength=num_classes * num_classes)
+    all_reduce_sum(confusion)
+    all_reduce_sum(sums)
+    matrix = confusion.view(num_classes, num_classes).cpu().numpy()  # [C, C]
+    n = max(sums[2].item(), 1.0)
+    support = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(matrix) / np.maximum(support, 1), math.nan)
+    return {
+        "top1": float(np.trace(matrix)) / n,
+        "top5": sums[1].item() / n,
+        "loss": sums[0].item() / n,
+        "per_class_acc": [float(v) for v in per_class],
+        "confusion": matrix,
+        "num_samples": int(sums[2].item()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def make_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEMA | None,
+    scaler: torch.amp.GradScaler | None,
+    position: tuple[int, int],
+    best: dict[str, Any],
+    config: dict[str, Any],
+    class_names: list[str],
+) -> dict[str, Any]:
+    """Everything a resume needs (data only, loads with weights_only).
+
+    Args:
+        position: (epoch in progress, batches of it done); (E, 0) at the boundary after epoch E - 1.
+        best: {"top1", "epoch"} of the best evaluation so far.
+        config: the resolved config as a plain dict.
+    """
+    return {
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": position[0],
+        "batch": position[1],
+        "best": dict(best),
+        "rng": rng_state(),
+        "config": config,
+        "arch": config["model"]["backbone"],
+        "class_names": list(class_names),
+    }
+
+
+def restore_checkpoint(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEMA | None,
+    scaler: torch.amp.GradScaler | None,
+    path: str,
+) -> tuple[tuple[int, int], dict[str, Any]]:
+    """Load a `make_checkpoint` dict into the training objects and the global RNGs.
+
+    Returns:
+        (position (epoch, batch), best) to continue from.
+
+    Raises:
+        UserError: the checkpoint misses a part or does not fit the model (names the file).
+    """
+    missing = [key for key in ("model", "optimizer", "epoch", "batch", "best", "rng") if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a train_cls last.pt (missing {', '.join(missing)}); cannot resume from it")
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        elif ema is not None:
+            raise UserError(f"{path} was trained without train.ema; cannot resume with train.ema=true")
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot resume from {path}: {str(exc).strip().splitlines()[0]}") from None
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return (int(ckpt["epoch"]), int(ckpt["batch"])), dict(ckpt["best"])

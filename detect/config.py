@@ -1,0 +1,358 @@
+"""Typed configuration: dataclass schemas, YAML files over their defaults, dotted `key=value` overrides.
+
+A config is an OmegaConf `DictConfig` built from a dataclass schema (`ClsConfig`, `DetConfig`), so every key has a
+type and a default; a YAML file only lists what differs, and the command line overrides either. An unknown key, a
+wrong type or a value outside a field's choices is a `UserError` of one line that names the key, the value, where it
+came from (file and line, or the override) and the valid keys of that section.
+
+Only `build_*` functions and `tools/` read a config (STYLE 4); the resolved config is saved as `config.yaml` in the
+run directory and as a plain dict (`config_to_dict`) in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from backbones.errors import UserError
+
+
+def _choice(default: str, *choices: str) -> Any:
+    """A string field that must be one of `choices` (checked by `load_config`)."""
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def _at_least(default: Any, low: float) -> Any:
+    """A number field that must be >= `low` (checked by `load_config`)."""
+    return field(default=default, metadata={"min": low})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classification (tools/train_cls.py). The defaults are the synthetic mini-CUB demo run (configs/cls/default.yaml).
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ClsDataConfig:
+    root: str = "data/synth_cub"  # folder holding CUB_200_2011/ (or that folder); the default is generated if absent
+    img_size: int = _at_least(128, 8)  # network input side (train crop, val centre crop)
+    resize_size: int = _at_least(146, 8)  # shorter side (val) / square side (train) before cropping
+    random_resized_crop: bool = False  # RandomResizedCrop(img_size) instead of Resize + RandomCrop
+
+
+@dataclass
+class ClsModelConfig:
+    backbone: str = "cspdarknet_n"  # a registered backbone name (backbones.list_backbones())
+    backbone_weights: str | None = None  # local file, or a torchvision weights name already in the torch cache
+    dropout: float = _at_least(0.0, 0.0)  # before the linear classifier
+
+
+@dataclass
+class ClsTrainConfig:
+    epochs: int = _at_least(16, 1)
+    batch_size: int = _at_least(32, 1)  # total over all processes
+    lr: float = _at_least(0.02, 0.0)
+    lrf: float = _at_least(0.01, 0.0)  # final lr = lr * lrf (cosine, linear)
+    optimizer: str = _choice("sgd", "adamw")
+    momentum: float = _at_least(0.9, 0.0)  # SGD momentum (nesterov) or AdamW beta1
+    weight_decay: float = _at_least(5e-4, 0.0)  # not applied to norm weights and biases
+    scheduler: str = _choice("cosine", "step", "multistep", "linear")
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr *= gamma
+    step_size: int = _at_least(30, 1)  # step: lr *= gamma every step_size epochs
+    gamma: float = _at_least(0.1, 0.0)
+    warmup_epochs: float = _at_least(1.0, 0.0)  # linear warmup from lr * warmup_start, per iteration
+    warmup_start: float = _at_least(0.1, 0.0)
+    label_smoothing: float = _at_least(0.1, 0.0)
+    amp: bool = False  # CUDA autocast (float16 + GradScaler, or bfloat16 with train.bf16)
+    bf16: bool = False  # bfloat16 autocast (CPU, or CUDA with train.amp)
+    channels_last: bool = False
+    ema: bool = False  # evaluate and save an exponential moving average of the weights
+    finetune: str = _choice("all", "freeze", "classifier")  # freeze: the first train.freeze_stages stages
+    freeze_stages: int = _at_least(0, -1)  # with finetune=freeze: k first stages (-1 = the whole backbone)
+    sync_bn: bool = False  # SyncBatchNorm under torchrun
+    device: str = _choice("auto", "cpu", "cuda")
+    workers: int = _at_least(2, 0)
+    threads: int | None = None  # torch.set_num_threads
+    resume: str | None = None  # a last.pt to continue from (its run directory and config)
+
+
+@dataclass
+class ClsConfig:
+    data: ClsDataConfig = field(default_factory=ClsDataConfig)
+    model: ClsModelConfig = field(default_factory=ClsModelConfig)
+    train: ClsTrainConfig = field(default_factory=ClsTrainConfig)
+    output_dir: str = "runs/cls/default"  # a run never overwrites another: default-2, default-3, ...
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Detection (tools/train_det.py, val_det.py). YOLOv8 defaults (DESIGN §5).
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DetDataConfig:
+    format: str = _choice("cub", "coco", "yolo")
+    root: str = "data/synth_cub"  # cub: folder holding CUB_200_2011/
+    labels: str = _choice("bird", "species")  # cub: one class, or one per species
+    img_size: int = _at_least(256, 32)  # letterboxed square side, a multiple of 32
+    train_json: str | None = None  # coco
+    val_json: str | None = None  # coco
+    image_dir: str | None = None  # coco: images folder (default: beside the json)
+    yaml: str | None = None  # yolo: Ultralytics data.yaml
+
+
+@dataclass
+class DetModelConfig:
+    scale: str = _choice("n", "s", "m", "l", "x")
+    num_classes: int | None = None  # None: from the data
+    backbone: str | None = None  # None: cspdarknet_<scale>
+    backbone_weights: str | None = None  # e.g. a backbone.pt from train_cls
+
+
+@dataclass
+class DetTrainConfig:
+    epochs: int = _at_least(30, 1)
+    batch_size: int = _at_least(16, 1)  # total over all processes
+    nominal_batch_size: int = _at_least(64, 1)  # gradients accumulate up to this; weight decay scales with it
+    lr: float = _at_least(0.01, 0.0)
+    lrf: float = _at_least(0.01, 0.0)
+    optimizer: str = _choice("sgd", "adamw")
+    momentum: float = _at_least(0.937, 0.0)
+    weight_decay: float = _at_least(5e-4, 0.0)
+    warmup_epochs: float = _at_least(3.0, 0.0)
+    warmup_bias_lr: float = _at_least(0.1, 0.0)
+    warmup_momentum: float = _at_least(0.8, 0.0)
+    scheduler: str = _choice("linear", "cosine")
+    close_mosaic: int = _at_least(10, 0)  # last epochs without Mosaic
+    mosaic: float = _at_least(1.0, 0.0)
+    hsv_h: float = _at_least(0.015, 0.0)
+    hsv_s: float = _at_least(0.7, 0.0)
+    hsv_v: float = _at_least(0.4, 0.0)
+    fliplr: float = _at_least(0.5, 0.0)
+    scale: float = _at_least(0.5, 0.0)
+    translate: float = _at_least(0.1, 0.0)
+    box: float = _at_least(7.5, 0.0)
+    cls: float = _at_least(0.5, 0.0)
+    dfl: float = _at_least(1.5, 0.0)
+    ema: bool = True
+    grad_clip: float = _at_least(10.0, 0.0)  # max gradient norm (0 = off)
+    freeze_stages: int = _at_least(0, -1)  # backbone stages frozen (-1 = all)
+    amp: bool = True  # CUDA only
+    bf16: bool = False
+    channels_last: bool = False
+    sync_bn: bool = False
+    device: str = _choice("auto", "cpu", "cuda")
+    workers: int = _at_least(2, 0)
+    threads: int | None = None
+    resume: str | None = None
+
+
+@dataclass
+class DetEvalConfig:
+    interval: int = _at_least(1, 1)  # evaluate every k epochs (and after the last)
+    conf: float = _at_least(0.001, 0.0)
+    iou: float = _at_least(0.7, 0.0)
+    max_det: int = _at_least(300, 1)
+    backend: str = _choice("pycocotools", "faster")
+
+
+@dataclass
+class DetConfig:
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    train: DetTrainConfig = field(default_factory=DetTrainConfig)
+    eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+    output_dir: str = "runs/det/default"
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def _section(schema: type, dotted: str) -> tuple[type, str]:
+    """The dataclass holding `dotted`'s last part, and that section's dotted name ('' = top level)."""
+    parts = dotted.split(".")
+    cls, walked = schema, []
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields or not _is_section(fields[part]):
+            break
+        cls = _field_type(fields[part])
+        walked.append(part)
+    return cls, ".".join(walked)
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return f.default_factory  # sections are built by their own class
+
+
+def _valid_keys(schema: type, dotted: str) -> str:
+    cls, name = _section(schema, dotted)
+    keys = ", ".join(f.name for f in dataclasses.fields(cls))
+    return f"valid keys of {name!r}: {keys}" if name else f"valid top-level keys: {keys}"
+
+
+def _flatten(schema: type, node: Any, prefix: str, where: str) -> dict[str, Any]:
+    """Dotted leaf keys of a user mapping, each checked against the schema; unknown keys raise UserError."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    leaves: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(
+                f"unknown config key {dotted!r} (value {value!r}) {where(dotted)}; {_valid_keys_of(schema, prefix)}"
+            )
+        f = fields[key]
+        if _is_section(f):
+            if not isinstance(value, dict):
+                raise UserError(
+                    f"config key {dotted!r} is a section, got value {value!r} {where(dotted)}; "
+                    f"set its keys instead ({dotted}.KEY=VALUE): {_valid_keys_of(_field_type(f), dotted + '.')}"
+                )
+            leaves.update(_flatten(_field_type(f), value, dotted + ".", where))
+        else:
+            leaves[dotted] = value
+    return leaves
+
+
+def _valid_keys_of(cls: type, prefix: str) -> str:
+    keys = ", ".join(f.name for f in dataclasses.fields(cls))
+    name = prefix.rstrip(".")
+    return f"valid keys of {name!r}: {keys}" if name else f"valid top-level keys: {keys}"
+
+
+def _yaml_lines(path: Path, text: str) -> dict[str, int]:
+    """1-based line of every dotted key in a YAML mapping (for error messages)."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                lines[dotted] = key_node.start_mark.line + 1
+                walk(value_node, dotted + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A config file as a plain dict and the line of each key; a missing or malformed file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"malformed YAML in {path}{line}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data, _yaml_lines(path, text)
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """`a.b=value` -> nested dict; the value is parsed as YAML (numbers, booleans, null, [lists])."""
+    key, sep, _ = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=5)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise UserError(f"cannot parse override {item!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_values(schema: type, cfg: DictConfig, where: Callable[[str], str], prefix: str = "") -> None:
+    """Choices and lower bounds declared in the schema's field metadata."""
+    for f in dataclasses.fields(schema):
+        dotted = f"{prefix}{f.name}"
+        value = cfg[f.name]
+        if _is_section(f):
+            _check_values(_field_type(f), value, where, dotted + ".")
+            continue
+        choices, low = f.metadata.get("choices"), f.metadata.get("min")
+        if choices is not None and value not in choices:
+            raise UserError(f"config key {dotted!r} = {value!r} {where(dotted)}: must be one of {', '.join(choices)}")
+        if low is not None and value is not None and value < low:
+            raise UserError(f"config key {dotted!r} = {value!r} {where(dotted)}: must be >= {low}")
+
+
+def _merge(schema: type, cfg: DictConfig, data: dict[str, Any], where: Callable[[str], str]) -> DictConfig:
+    leaves = _flatten(schema, data, "", where)
+    for dotted, value in leaves.items():
+        try:
+            OmegaConf.update(cfg, dotted, value, merge=True)
+        except OmegaConfBaseException as exc:
+            reason = str(exc).splitlines()[0]
+            raise UserError(
+                f"config key {dotted!r} got {value!r} {where(dotted)}: {reason}; {_valid_keys(schema, dotted)}"
+            ) from None
+    return cfg
+
+
+def load_config(
+    schema: type, path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+) -> DictConfig:
+    """Typed config: schema defaults, then `base`, then a YAML file, then dotted `key=value` overrides (later wins).
+
+    Args:
+        schema: `ClsConfig` or `DetConfig` (any dataclass of dataclass sections and typed leaves).
+        path: a YAML file of sections (only the keys that differ), or None.
+        overrides: e.g. `["train.epochs=5", "model.backbone=resnet18", "train.milestones=[3,6]"]`.
+        base: a config saved in a checkpoint (plain dict), applied first (resume).
+
+    Returns:
+        A structured DictConfig: assigning a wrong type later also fails.
+
+    Raises:
+        UserError: unknown key, wrong type, value outside the field's choices or bounds, unreadable file; one line
+            naming the key, the value, the file and line or the override, and the valid keys of that section.
+    """
+    cfg = OmegaConf.structured(schema)
+    origins: dict[str, str] = {}
+    if base is not None:
+        cfg = _merge(schema, cfg, dict(base), lambda key: "in the checkpoint's config")
+    if path is not None:
+        path = Path(path)
+        data, lines = _read_yaml(path)
+
+        def in_file(key: str) -> str:
+            return f"in {path}, line {lines[key]}" if key in lines else f"in {path}"
+
+        cfg = _merge(schema, cfg, data, in_file)
+        origins.update({key: in_file(key) for key in _flatten(schema, data, "", in_file)})
+    for item in overrides:
+        data = _parse_override(item)
+
+        def in_override(key: str, item: str = item) -> str:
+            return f"in override {item!r}"
+
+        cfg = _merge(schema, cfg, data, in_override)
+        origins.update({key: in_override(key) for key in _flatten(schema, data, "", in_override)})
+    _check_values(schema, cfg, lambda key: origins.get(key, "(default)" if base is None else "(checkpoint config)"))
+    return cfg
+
+
+def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python data (what a checkpoint stores)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (what a run directory's config.yaml holds)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

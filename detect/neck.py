@@ -1,0 +1,98 @@
+"""YOLOv8's PAN-FPN neck: a top-down (FPN) then a bottom-up (PAN) path, every merge refined by a C2f block.
+
+Feature pyramid (Lin et al., "Feature Pyramid Networks for Object Detection", CVPR 2017, arXiv:1612.03144) plus the
+path-aggregation bottom-up pass (Liu et al., "Path Aggregation Network for Instance Segmentation", CVPR 2018,
+arXiv:1803.01534), in the form YOLOv8 uses: no lateral 1x1 convolutions, nearest upsampling, concatenation, C2f
+without residuals. The neck takes any backbone's three maps (strides 8/16/32), so the input widths come from
+`backbone.out_channels` and only the output widths and the block depth come from the scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from backbones.csp import CSP_SCALES, scale_depth, scale_width
+from backbones.errors import UserError
+from backbones.layers import C2f, ConvBNAct
+
+# Widths and block count of the neck before scaling (YOLOv8's yaml values for P3 / P4 / P5 and the C2f repeats).
+BASE_WIDTHS = (256, 512, 1024)
+BASE_BLOCKS = 3
+
+
+class PAN(nn.Module):
+    """Top-down then bottom-up fusion of three feature maps (strides 8, 16, 32).
+
+    Data flow (`cat` is channel concatenation, the first operand first, as in YOLOv8 so that its weights load):
+
+    - top-down:  t4 = top_down_p4(cat(up(c5), c4));   p3 = top_down_p3(cat(up(t4), c3))
+    - bottom-up: p4 = bottom_up_p4(cat(downsample_p3(p3), t4));   p5 = bottom_up_p5(cat(downsample_p4(p4), c5))
+
+    Args:
+        in_channels: channels of the backbone's (c3, c4, c5).
+        channels: output channels of (p3, p4, p5); `top_down_p4` also has the p4 width.
+        num_blocks: bottlenecks in every C2f.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], num_blocks: int) -> None:
+        super().__init__()
+        if len(in_channels) != 3 or len(channels) != 3:
+            raise ValueError(f"PAN needs three levels, got in_channels={in_channels}, channels={channels}")
+        c3, c4, c5 = (int(c) for c in in_channels)
+        w3, w4, w5 = (int(c) for c in channels)
+        self.top_down_p4 = C2f(c5 + c4, w4, num_blocks, shortcut=False)
+        self.top_down_p3 = C2f(w4 + c3, w3, num_blocks, shortcut=False)
+        self.downsample_p3 = ConvBNAct(w3, w3, 3, 2)
+        self.bottom_up_p4 = C2f(w3 + w4, w4, num_blocks, shortcut=False)
+        self.downsample_p4 = ConvBNAct(w4, w4, 3, 2)
+        self.bottom_up_p5 = C2f(w4 + c5, w5, num_blocks, shortcut=False)
+        self.in_channels: tuple[int, int, int] = (c3, c4, c5)
+        self.out_channels: tuple[int, int, int] = (w3, w4, w5)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Fuse the pyramid.
+
+        Args:
+            features: (c3 [B, C3, H/8, W/8], c4 [B, C4, H/16, W/16], c5 [B, C5, H/32, W/32]).
+
+        Returns:
+            [p3 [B, w3, H/8, W/8], p4 [B, w4, H/16, W/16], p5 [B, w5, H/32, W/32]].
+        """
+        c3, c4, c5 = features
+        t4 = self.top_down_p4(torch.cat((_upsample_to(c5, c4), c4), dim=1))  # [B, C5 + C4, H/16, W/16] -> w4
+        p3 = self.top_down_p3(torch.cat((_upsample_to(t4, c3), c3), dim=1))  # [B, w4 + C3, H/8, W/8] -> w3
+        p4 = self.bottom_up_p4(torch.cat((self.downsample_p3(p3), t4), dim=1))  # [B, w3 + w4, H/16, W/16] -> w4
+        p5 = self.bottom_up_p5(torch.cat((self.downsample_p4(p4), c5), dim=1))  # [B, w4 + C5, H/32, W/32] -> w5
+        return [p3, p4, p5]
+
+
+def _upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x upsampling of `x` [B, C, h, w] -> [B, C, 2h, 2w] (the sizes must then equal `ref`'s)."""
+    up = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    if up.shape[-2:] != ref.shape[-2:]:
+        raise ValueError(
+            f"PAN: upsampled map {tuple(up.shape[-2:])} does not match {tuple(ref.shape[-2:])}; "
+            "input height and width must be multiples of 32"
+        )
+    return up
+
+
+def build_pan(in_channels: Sequence[int], scale: str) -> PAN:
+    """The YOLOv8 neck at one of the CSP scales, on top of any backbone.
+
+    Args:
+        in_channels: the backbone's `out_channels` (three levels).
+        scale: one of `CSP_SCALES` ("n", "s", "m", "l", "x").
+
+    Returns:
+        A `PAN` with widths `scale_width((256, 512, 1024))` and `scale_depth(3)` bottlenecks per C2f.
+    """
+    if scale not in CSP_SCALES:
+        raise UserError(f"unknown detector scale {scale!r}: choose one of {', '.join(CSP_SCALES)}")
+    depth, width, max_channels = CSP_SCALES[scale]
+    channels = tuple(scale_width(c, width, max_channels) for c in BASE_WIDTHS)
+    return PAN(in_channels, channels, scale_depth(BASE_BLOCKS, depth))

@@ -1,0 +1,107 @@
+"""Turn decoded head outputs into final detections: confidence filter, class-aware NMS, back to original pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from detect.boxes import scale_boxes_to_original
+
+__all__ = ["postprocess"]
+
+
+def _candidates(preds: Tensor, conf_thres: float, multi_label: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(image, anchor, class, score) of every candidate above ``conf_thres`` (strictly), in image-then-anchor order.
+
+    Args:
+        preds: ``[B, A, 4 + C]``.
+        conf_thres: score threshold.
+        multi_label: every class above the threshold is a candidate; otherwise only each anchor's best class.
+
+    Returns:
+        image, anchor, label (int64) and score, each ``[K]``.
+    """
+    class_scores = preds[..., 4:]  # [B, A, C]
+    if multi_label:
+        image, anchor, label = (class_scores > conf_thres).nonzero(as_tuple=True)
+        return image, anchor, label, class_scores[image, anchor, label]
+    best, best_label = class_scores.max(dim=-1)  # [B, A] each
+    image, anchor = (best > conf_thres).nonzero(as_tuple=True)
+    return image, anchor, best_label[image, anchor], best[image, anchor]
+
+
+def _rank_in_image(image: Tensor, score: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Order candidates by image, then by decreasing score, and give each its rank within its image.
+
+    Returns:
+        order: ``[K]`` permutation of the candidates.
+        rank: ``[K]`` rank of ``order[k]`` within its image (0 = best score).
+    """
+    by_score = score.argsort(descending=True, stable=True)
+    order = by_score[image[by_score].argsort(stable=True)]  # [K] grouped by image, best first inside
+    counts = torch.bincount(image, minlength=batch)  # [B]
+    first = torch.cumsum(counts, 0) - counts  # [B]
+    rank = torch.arange(order.numel(), device=order.device) - first[image[order]]
+    return order, rank
+
+
+def postprocess(
+    preds: Tensor,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.7,
+    max_det: int = 300,
+    multi_label: bool = False,
+    metas: Sequence[Mapping[str, Any]] | None = None,
+    max_nms: int = 30000,
+) -> list[dict[str, Tensor]]:
+    """Filter decoded predictions by confidence and class-aware NMS, one result per image.
+
+    A candidate is an (anchor, class) pair with score strictly above ``conf_thres``: only each anchor's best class,
+    or with ``multi_label`` every class above the threshold (the COCO-validation setting). If an image has more than
+    ``max_nms`` candidates, only the best ``max_nms`` enter NMS. NMS is per image and per class
+    (``torchvision.ops.batched_nms``, one call for the whole batch); the best ``max_det`` survivors are kept.
+
+    Args:
+        preds: ``[B, A, 4 + C]`` xyxy boxes in network-input pixels then class probabilities (``head.decode``).
+        conf_thres: score threshold in [0, 1].
+        iou_thres: boxes of one class overlapping a better one by IoU > this are suppressed.
+        max_det: most detections per image.
+        multi_label: one candidate per class above the threshold instead of per anchor.
+        metas: optional per-image dicts with ``"ratio" (rw, rh)``, ``"pad" (left, top)``, ``"orig_size" (h, w)``;
+            when given, boxes are mapped back to original-image pixels and clipped to it.
+        max_nms: most candidates per image entering NMS.
+
+    Returns:
+        One dict per image: ``boxes [K, 4]`` xyxy (input pixels, or original pixels with ``metas``),
+        ``scores [K]``, ``labels [K]`` int64; sorted by decreasing score, K <= ``max_det``.
+    """
+    if not 0.0 <= conf_thres <= 1.0 or not 0.0 <= iou_thres <= 1.0:
+        raise ValueError(f"postprocess: conf_thres {conf_thres} and iou_thres {iou_thres} must be in [0, 1]")
+    batch, _, channels = preds.shape
+    if metas is not None and len(metas) != batch:
+        raise ValueError(f"postprocess: {len(metas)} metas for a batch of {batch} images")
+    num_classes = channels - 4
+
+    image, anchor, label, score = _candidates(preds, conf_thres, multi_label)
+    order, rank = _rank_in_image(image, score, batch)
+    order = order[rank < max_nms]  # [K'] at most max_nms per image
+    image, anchor, label, score = image[order], anchor[order], label[order], score[order]
+    boxes = preds[image, anchor, :4]  # [K', 4]
+    keep = batched_nms(boxes.float(), score.float(), image * num_classes + label, iou_thres)  # by decreasing score
+
+    image = image[keep]
+    keep = keep[image.argsort(stable=True)]  # [K''] grouped by image, decreasing score inside
+    counts = torch.bincount(image, minlength=batch).tolist()
+    results = []
+    for index, kept in enumerate(keep.split(counts)):
+        kept = kept[:max_det]
+        out_boxes = boxes[kept]
+        if metas is not None:
+            meta = metas[index]
+            out_boxes = scale_boxes_to_original(out_boxes, meta["ratio"], meta["pad"], meta["orig_size"])
+        results.append({"boxes": out_boxes, "scores": score[kept], "labels": label[kept]})
+    return results

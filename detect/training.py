@@ -1,0 +1,146 @@
+"""Detection training set-up: the `build_*` functions that read a `DetConfig`, and last.pt's training state.
+
+`tools/train_det.py` is a linear `main()` over these and `detect/engine.py`'s loops (STYLE 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from backbones.freeze import freeze_stages
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from backbones.errors import UserError
+from detect.data.build import build_source
+from detect.data.detection import DetectionDataset, detection_collate
+from detect.distributed import DistInfo, unwrap
+from detect.engine import Schedule
+from detect.loss import DetectionLoss
+from detect.model import Detector, build_detector
+from detect.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
+from detect.seeding import DistributedEpochSampler, rng_state, set_rng_state
+
+logger = logging.getLogger("plugdet")
+
+
+def build_det_datasets(cfg: DictConfig) -> tuple[DetectionDataset, DetectionDataset]:
+    """Train (YOLOv8 augmentation, Mosaic) and val (letterbox) datasets over the configured sources."""
+    t = cfg.train
+    train_source, val_source = build_source(cfg.data, "train"), build_source(cfg.data, "val")
+    if len(train_source) == 0 or len(val_source) == 0:
+        raise UserError(f"empty split: {len(train_source)} train / {len(val_source)} val images in {cfg.data.root}")
+    if list(train_source.class_names) != list(val_source.class_names):
+        raise UserError("train and val splits have different class lists: check the data set's categories")
+    train = DetectionDataset(train_source, cfg.data.img_size, True, mosaic=t.mosaic, hsv=(t.hsv_h, t.hsv_s, t.hsv_v),
+                             fliplr=t.fliplr, scale=t.scale, translate=t.translate, seed=cfg.seed)  # fmt: skip
+    val = DetectionDataset(val_source, cfg.data.img_size, False, seed=cfg.seed)
+    return train, val
+
+
+def build_det_loaders(
+    train: DetectionDataset, val: DetectionDataset, cfg: DictConfig, info: DistInfo
+) -> tuple[DataLoader, DistributedEpochSampler, DataLoader]:
+    """Loaders of this process's shards; `train.batch_size` is the global batch and must divide by the world size.
+
+    The train sampler yields `(index, epoch)`, so every augmented image is a function of (seed, epoch, index) and
+    neither workers nor a resume change it. Validation runs on rank 0 over the whole split.
+    """
+    total, world = cfg.train.batch_size, info.world_size
+    if total % world:
+        raise UserError(f"train.batch_size={total} must be a multiple of the number of processes ({world})")
+    batch = total // world
+    sampler = DistributedEpochSampler(len(train), world, info.rank, cfg.seed, True, batch, True)
+    workers = cfg.train.workers
+    common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
+              "persistent_workers": workers > 0}  # fmt: skip
+    train_loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=False, **common)
+    val_loader = DataLoader(val, batch_size=batch * 2, shuffle=False, **common)
+    return train_loader, sampler, val_loader
+
+
+def detector_arch(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
+    """What `build_detector` needs to rebuild this model (stored in every detector checkpoint)."""
+    return {"scale": cfg.model.scale, "num_classes": int(num_classes), "backbone": cfg.model.backbone, "reg_max": 16}
+
+
+def build_det_model(cfg: DictConfig, num_classes: int) -> Detector:
+    """The detector, its backbone weights (e.g. train_cls's backbone.pt) and frozen stages."""
+    model = build_detector(cfg.model.scale, num_classes, cfg.model.backbone, cfg.model.backbone_weights)
+    if cfg.train.freeze_stages:
+        count = freeze_stages(model.backbone, cfg.train.freeze_stages)
+        logger.info("froze %d backbone tensors (train.freeze_stages=%d)", count, cfg.train.freeze_stages)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_det_criterion(cfg: DictConfig, model: Detector) -> DetectionLoss:
+    t = cfg.train
+    return DetectionLoss(model.num_classes, model.strides, model.reg_max, box_gain=t.box, cls_gain=t.cls,
+                         dfl_gain=t.dfl)  # fmt: skip
+
+
+def build_det_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD / AdamW over YOLOv8's three groups; weight decay scaled to the nominal batch size."""
+    t = cfg.train
+    decay = scaled_weight_decay(t.weight_decay, t.batch_size, t.nominal_batch_size)
+    return build_optimizer(t.optimizer, build_param_groups(model, decay), t.lr, t.momentum)
+
+
+def build_schedule(cfg: DictConfig, iters_per_epoch: int) -> Schedule:
+    t = cfg.train
+    return Schedule(lr=t.lr, lrf=t.lrf, epochs=t.epochs, scheduler=t.scheduler, momentum=t.momentum,
+                    warmup_iters=warmup_iterations(t.warmup_epochs, iters_per_epoch),
+                    warmup_bias_lr=t.warmup_bias_lr, warmup_momentum=t.warmup_momentum,
+                    batch_size=t.batch_size, nominal_batch_size=t.nominal_batch_size)  # fmt: skip
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEMA | None,
+    scaler: torch.amp.GradScaler | None,
+    position: tuple[int, int],
+    last_step: int,
+    best: dict[str, Any],
+) -> dict[str, Any]:
+    """What a resume needs beyond the inference weights (stored as last.pt's `train_state`)."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": position[0],
+        "batch": position[1],
+        "last_step": last_step,
+        "best": dict(best),
+        "rng": rng_state(),
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEMA | None,
+    scaler: torch.amp.GradScaler | None,
+    path: str,
+) -> tuple[tuple[int, int], int, dict[str, Any]]:
+    """Load `training_state` into the training objects and the global RNGs; returns (position, last_step, best)."""
+    try:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise UserError(f"{path} was trained without train.ema; cannot resume with train.ema=true")
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot resume from {path}: {str(exc).strip().splitlines()[0]}") from None
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return (int(state["epoch"]), int(state["batch"])), int(state["last_step"]), dict(state["best"])

@@ -1,0 +1,90 @@
+"""Detector checkpoints: what `train_det.py` writes (`last.pt`, `best.pt`) and what `val_det.py` / `predict.py` read.
+
+A detector checkpoint is plain data (loads with `torch.load(weights_only=True)`):
+
+    {"kind": "plugdet-detector", "arch": {"scale", "num_classes", "backbone", "reg_max"},
+     "model": state_dict used for inference (the EMA weights when EMA is on),
+     "class_names", "category_ids", "metrics", "config" (resolved, plain dict), "epoch",
+     "train_state": {...} (last.pt only: raw weights, optimizer, EMA, scaler, position, RNG)}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbones.checkpoint import load_checkpoint
+from backbones.errors import UserError
+from detect.model import Detector, build_detector
+
+KIND = "plugdet-detector"
+
+
+def detector_checkpoint(
+    model: nn.Module,
+    arch: Mapping[str, Any],
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    epoch: int,
+    train_state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict (see the module docstring); tensors are moved to the CPU."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    checkpoint = {
+        "kind": KIND,
+        "arch": dict(arch),
+        "model": state,
+        "class_names": list(class_names),
+        "category_ids": [int(c) for c in category_ids],
+        "metrics": dict(metrics),
+        "config": dict(config),
+        "epoch": int(epoch),
+    }
+    if train_state is not None:
+        checkpoint["train_state"] = dict(train_state)
+    return checkpoint
+
+
+def read_detector_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a detector checkpoint; anything else (a backbone.pt, a foreign file) is a UserError."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("kind") != KIND:
+        what = (
+            "a backbone checkpoint (from train_cls)"
+            if "arch" in checkpoint and "kwargs" in checkpoint
+            else (f"a file with keys {sorted(checkpoint)[:6]}")
+        )
+        raise UserError(f"{path} is not a plugdet detector checkpoint (from train_det.py): it is {what}")
+    return checkpoint
+
+
+def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
+    """Build the detector a checkpoint describes and load its inference weights.
+
+    Args:
+        path: a `best.pt` / `last.pt` from train_det.py.
+        device: where to put the model.
+
+    Returns:
+        (detector in eval mode, the checkpoint dict).
+    """
+    checkpoint = read_detector_checkpoint(path)
+    arch = checkpoint["arch"]
+    model = build_detector(
+        scale=arch["scale"],
+        num_classes=int(arch["num_classes"]),
+        backbone=arch.get("backbone"),
+        reg_max=int(arch.get("reg_max", 16)),
+    )
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"{path}: weights do not fit the architecture {arch}: {first}") from None
+    return model.to(device).eval(), checkpoint

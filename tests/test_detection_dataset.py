@@ -1,0 +1,171 @@
+"""Tests of detect/data/detection.py: purity in (seed, epoch, index), workers, letterbox mode, collate, box validity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, Sampler
+
+from backbones.errors import UserError
+from detect.data.detection import DetectionDataset, detection_collate
+from detect.data.transforms import letterbox
+
+SIZES = [(120, 160), (200, 140), (96, 96), (150, 260), (90, 200), (180, 120)]
+
+
+class TinySource:
+    """In-memory detection source: noisy images with drawn rectangles; image 2 has no boxes."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.items = []
+        for k, (h, w) in enumerate(SIZES):
+            n = 0 if k == 2 else 1 + k % 3
+            x = np.sort(rng.uniform(0, w, (n, 2)), 1)
+            y = np.sort(rng.uniform(0, h, (n, 2)), 1)
+            boxes = np.stack([x[:, 0], y[:, 0], x[:, 1] + 4, y[:, 1] + 4], 1).clip(0, [w, h, w, h])
+            self.items.append((h, w, boxes.astype(np.float32), rng.integers(0, 3, n).astype(np.int64)))
+        self.class_names = ["a", "b", "c"]
+        self.category_ids = [1, 2, 3]
+        self.image_ids = [10 * k + 1 for k in range(len(SIZES))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image_path(self, i: int) -> Path:
+        return Path(f"/nonexistent/{i}.jpg")
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return self.items[i][:2]
+
+    def load_image(self, i: int) -> np.ndarray:
+        h, w, boxes, labels = self.items[i]
+        image = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for (x1, y1, x2, y2), label in zip(boxes.astype(int), labels, strict=True):
+            image[y1:y2, x1:x2] = (255 * (label == 0), 255 * (label == 1), 255 * (label == 2))
+        return image
+
+    def annotations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.items[i][2].copy(), self.items[i][3].copy()
+
+
+class EpochIndexSampler(Sampler):
+    """Yields (i, epoch) in a fixed shuffled order: what the training engine's sampler does."""
+
+    def __init__(self, n: int, epoch: int) -> None:
+        self.n, self.epoch = n, epoch
+
+    def __iter__(self):
+        order = np.random.default_rng(self.epoch).permutation(self.n)
+        return iter((int(i), self.epoch) for i in order)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def assert_same(a: tuple, b: tuple) -> None:
+    for x, y in zip(a[:3], b[:3], strict=True):
+        assert torch.equal(x, y)
+    assert a[3] == b[3]
+
+
+def test_sample_types_and_meta() -> None:
+    data = DetectionDataset(TinySource(), 64, train=True, seed=1)
+    image, boxes, labels, meta = data[(3, 0)]
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+    assert boxes.dtype == torch.float32 and boxes.shape == (len(labels), 4) and labels.dtype == torch.int64
+    assert meta["image_id"] == 31 and meta["index"] == 3 and meta["orig_size"] == (150, 260)
+    assert meta["ratio"] == (64 / 260, 64 / 260) and set(meta) == {"image_id", "orig_size", "ratio", "pad", "index"}
+
+
+def test_pure_function_of_seed_epoch_index() -> None:
+    source = TinySource()
+    data = DetectionDataset(source, 64, train=True, seed=5)
+    assert_same(data[(4, 2)], data[(4, 2)])
+    assert_same(data[(4, 2)], DetectionDataset(source, 64, train=True, seed=5)[(4, 2)])
+    data.set_epoch(2)
+    assert_same(data[4], data[(4, 2)])
+    assert not torch.equal(data[(4, 2)][0], data[(4, 3)][0])
+    assert not torch.equal(data[(4, 2)][0], DetectionDataset(source, 64, train=True, seed=6)[(4, 2)][0])
+
+
+def test_workers_do_not_change_batches() -> None:
+    data = DetectionDataset(TinySource(), 64, train=True, seed=3)
+    batches = []
+    for workers in (0, 2):
+        sampler = EpochIndexSampler(len(data), 7)
+        loader = DataLoader(data, batch_size=4, sampler=sampler, num_workers=workers, collate_fn=detection_collate)
+        batches.append(list(loader))
+    assert len(batches[0]) == len(batches[1]) == 2
+    for (im0, t0, m0), (im1, t1, m1) in zip(*batches, strict=True):
+        assert torch.equal(im0, im1) and torch.equal(t0, t1) and m0 == m1
+
+
+def test_close_mosaic_equals_no_mosaic() -> None:
+    source = TinySource()
+    data = DetectionDataset(source, 64, train=True, mosaic=1.0, seed=2)
+    plain = DetectionDataset(source, 64, train=True, mosaic=0.0, seed=2)
+    with_mosaic = data[(1, 0)]
+    data.close_mosaic()
+    assert_same(data[(1, 0)], plain[(1, 0)])
+    assert not torch.equal(with_mosaic[0], plain[(1, 0)][0])
+
+
+def test_val_mode_is_letterbox_only() -> None:
+    source = TinySource()
+    data = DetectionDataset(source, 96, train=False)
+    for i in range(len(source)):
+        image, boxes, labels, meta = data[(i, 9)]
+        expected, eboxes, emeta = letterbox(source.load_image(i), 96, source.annotations(i)[0])
+        assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1))
+        assert np.array_equal(boxes.numpy(), eboxes) and np.array_equal(labels.numpy(), source.annotations(i)[1])
+        assert meta == {**emeta, "image_id": source.image_ids[i], "index": i}
+
+
+def test_train_without_augmentation_is_letterbox() -> None:
+    """scale 0, translate 0, no Mosaic / HSV / flip: the affine of the long-side-resized image is a letterbox."""
+    source = TinySource()
+    data = DetectionDataset(source, 64, train=True, mosaic=0.0, hsv=(0, 0, 0), fliplr=0.0, scale=0.0, translate=0.0)
+    val = DetectionDataset(source, 64, train=False)
+    for i in (0, 2):  # even padding (48 and 64 rows), so both paths put the content at the same place
+        image, boxes, labels, _ = data[i]
+        vimage, vboxes, vlabels, _ = val[i]
+        assert torch.equal(image, vimage) and torch.equal(boxes, vboxes)
+        assert torch.equal(labels, vlabels)
+
+
+def test_collate_builds_targets() -> None:
+    data = DetectionDataset(TinySource(), 64, train=False)
+    batch = [data[i] for i in (0, 2, 1)]  # image 2 has no boxes
+    images, targets, metas = detection_collate(batch)
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8
+    n0, n1 = len(batch[0][2]), len(batch[2][2])
+    assert targets.shape == (n0 + n1, 6) and targets.dtype == torch.float32
+    assert targets[:, 0].tolist() == [0.0] * n0 + [2.0] * n1
+    assert torch.equal(targets[:n0, 1], batch[0][2].float()) and torch.equal(targets[n0:, 2:], batch[2][1])
+    assert [m["index"] for m in metas] == [0, 2, 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), epoch=st.integers(0, 300), index=st.integers(0, 5), degrees=st.sampled_from([0, 30]))
+def test_augmented_boxes_inside_with_positive_area(seed: int, epoch: int, index: int, degrees: int) -> None:
+    data = DetectionDataset(TinySource(), 64, train=True, seed=seed, degrees=degrees, shear=degrees / 3)
+    image, boxes, labels, _ = data[(index, epoch)]
+    assert image.shape == (3, 64, 64) and len(boxes) == len(labels)
+    assert (boxes >= 0).all() and (boxes <= 64).all()
+    assert (boxes[:, 2] - boxes[:, 0] > 2).all() and (boxes[:, 3] - boxes[:, 1] > 2).all()
+    assert set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_bad_arguments_raise_user_error() -> None:
+    with pytest.raises(UserError, match="img_size"):
+        DetectionDataset(TinySource(), 0, train=True)
+    with pytest.raises(UserError, match="mosaic"):
+        DetectionDataset(TinySource(), 64, train=True, mosaic=1.5)
+    with pytest.raises(IndexError):
+        DetectionDataset(TinySource(), 64, train=True)[6]

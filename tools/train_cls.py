@@ -1,0 +1,202 @@
+"""Pretrain a backbone on CUB classification: `python tools/train_cls.py [CONFIG.yaml] [key=value ...] [--debug]`.
+
+Writes to a fresh run directory (`output_dir`, or `output_dir-2`, ...): config.yaml, results.csv, curves.png,
+confusion_matrix.png, per_class_accuracy.csv, last.pt, best.pt (best top-1) and backbone.pt (the best weights'
+backbone, ready for `model.backbone_weights=` of the detector). `train.resume=RUN/last.pt` continues that run in its
+own directory, exactly. Ctrl-C / SIGTERM saves last.pt first. Bad input: one line on stderr, exit code 2.
+Under torchrun (`torchrun --nproc_per_node=N tools/train_cls.py ...`) the processes train with DDP; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbones.checkpoint import atomic_save, load_checkpoint, save_backbone
+from backbones.errors import UserError
+from detect.classify import (
+    TrainingInterrupted,
+    autocast_dtype,
+    build_cls_datasets,
+    build_cls_loaders,
+    build_cls_model,
+    evaluate,
+    make_checkpoint,
+    restore_checkpoint,
+    train_one_epoch,
+)
+from detect.cli import run_tool
+from detect.config import ClsConfig, ClsDataConfig, config_to_dict, load_config
+from detect.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+    prepare_model,
+    unwrap,
+)
+from detect.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
+from detect.runs import ResultsCSV, make_run_dir, save_config
+from detect.seeding import seed_everything
+from detect.viz import plot_confusion_matrix, plot_curves
+
+USAGE = "usage: train_cls.py [CONFIG.yaml] [key=value ...] [--debug]   (e.g. train.epochs=5 model.backbone=resnet18)"
+CURVE_PANELS = [("loss", ["train/loss", "val/loss"]), ("accuracy", ["train/acc", "val/top1", "val/top5"])]
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split argv into an optional config file (the one argument without '=') and key=value overrides."""
+    paths = [arg for arg in argv if "=" not in arg]
+    if len(paths) > 1:
+        raise UserError(f"expected at most one config file, got {', '.join(paths)}; {USAGE}")
+    if paths and paths[0].startswith("-"):
+        raise UserError(f"unknown option {paths[0]}; {USAGE}")
+    return (paths[0] if paths else None), [arg for arg in argv if "=" in arg]
+
+
+def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
+    """The run's config and, with train.resume, the checkpoint (its config is the base, CONFIG and argv on top)."""
+    path, overrides = parse_args(argv)
+    cfg = load_config(ClsConfig, path, overrides)
+    if not cfg.train.resume:
+        return cfg, None
+    ckpt = load_checkpoint(cfg.train.resume)
+    if not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{cfg.train.resume} holds no config; is it a train_cls last.pt?")
+    return load_config(ClsConfig, path, overrides, base=ckpt["config"]), ckpt
+
+
+def prepare_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> Path:
+    """Rank 0 picks the run directory (the checkpoint's own on resume), generates the default data if absent."""
+    run_dir = None
+    if info.is_main:
+        run_dir = Path(cfg.train.resume).parent if ckpt is not None else make_run_dir(cfg.output_dir)
+        save_config(cfg, run_dir)
+        if cfg.data.root == ClsDataConfig.root and not Path(cfg.data.root).exists():
+            from detect.data.synth import make_synth_cub
+
+            print(f"generating the synthetic mini-CUB in {cfg.data.root} ...", flush=True)
+            make_synth_cub(cfg.data.root)
+    barrier()
+    return Path(broadcast_object(str(run_dir)))
+
+
+def record_epoch(run_dir: Path, epoch: int, stats: dict, metrics: dict, best: dict, state: dict[str, Any]) -> dict:
+    """Rank 0: results.csv row, curves, best.pt / backbone.pt / confusion matrix on improvement, then last.pt."""
+    ResultsCSV(run_dir / "results.csv").append(
+        {
+            "epoch": epoch + 1,
+            "lr": stats["lr"],
+            "train/loss": stats["loss"],
+            "train/acc": stats["acc"],
+            "val/loss": metrics["loss"],
+            "val/top1": metrics["top1"],
+            "val/top5": metrics["top5"],
+            "val/mean_class_acc": float(torch.tensor(metrics["per_class_acc"]).nanmean()),
+            "img_s": stats["img_s"],
+        }
+    )
+    plot_curves(run_dir / "results.csv", run_dir / "curves.png", CURVE_PANELS)
+    if metrics["top1"] > best["top1"]:
+        best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch + 1}
+        save_best(run_dir, epoch, metrics, state)
+    state["best"] = best
+    atomic_save(make_checkpoint(**state), run_dir / "last.pt")
+    return best
+
+
+def save_best(run_dir: Path, epoch: int, metrics: dict, state: dict[str, Any]) -> None:
+    """best.pt (the evaluated weights: EMA if on), backbone.pt, confusion_matrix.png, per_class_accuracy.csv."""
+    evaluated = state["ema"].ema if state["ema"] is not None else unwrap(state["model"])
+    names, config = state["class_names"], state["config"]
+    summary = {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"], "epoch": epoch + 1}
+    weights = {k: v.detach().cpu() for k, v in evaluated.state_dict().items()}
+    atomic_save({"model": weights, "arch": config["model"]["backbone"], "class_names": names,
+                 "metrics": {**summary, "per_class_acc": metrics["per_class_acc"]}, "config": config},
+                run_dir / "best.pt")  # fmt: skip
+    save_backbone(run_dir / "backbone.pt", evaluated.backbone, config["model"]["backbone"], {}, summary, config)
+    plot_confusion_matrix(metrics["confusion"], names, run_dir / "confusion_matrix.png")
+    with (run_dir / "per_class_accuracy.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "class", "accuracy", "support"])
+        for label, (name, acc) in enumerate(zip(names, metrics["per_class_acc"], strict=True)):
+            writer.writerow([label, name, f"{acc:.4f}", int(metrics["confusion"][label].sum())])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip().splitlines()[0] + "\n" + USAGE)
+        return 0
+    cfg, ckpt = resolve_config(argv)
+    info = init_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run(cfg, ckpt, info)
+    train_set, val_set = build_cls_datasets(cfg)
+    model = build_cls_model(cfg, train_set.num_classes).to(info.device)
+    optimizer = build_optimizer(
+        cfg.train.optimizer, build_param_groups(model, cfg.train.weight_decay), cfg.train.lr, cfg.train.momentum
+    )
+    ema = ModelEMA(model) if cfg.train.ema else None
+    amp_dtype = autocast_dtype(cfg, info.device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    position, best = (0, 0), {"top1": -1.0, "top5": 0.0, "epoch": 0}
+    if ckpt is not None:
+        position, best = restore_checkpoint(ckpt, model, optimizer, ema, scaler, cfg.train.resume)
+        if info.is_main:
+            ResultsCSV(run_dir / "results.csv").truncate(position[0])
+    model = prepare_model(model, info, cfg.train.sync_bn)
+    train_loader, train_sampler, val_loader = build_cls_loaders(train_set, val_set, cfg, info)
+    iters = -(-len(train_sampler.shard(0)) // train_loader.batch_size)  # ceil: batches per full epoch
+    t = cfg.train
+    lr_fn = functools.partial(lr_at, base_lr=t.lr, schedule=t.scheduler, epochs=t.epochs, warmup_epochs=t.warmup_epochs,
+                              warmup_start=t.warmup_start, lrf=t.lrf, milestones=list(t.milestones),
+                              step_size=t.step_size, gamma=t.gamma)  # fmt: skip
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    state = {"model": model, "optimizer": optimizer, "ema": ema, "scaler": scaler, "best": best,
+             "config": config_to_dict(cfg), "class_names": train_set.class_names}  # fmt: skip
+    if info.is_main:
+        print(f"train_cls: {cfg.model.backbone} on {cfg.data.root} ({len(train_set)} train / {len(val_set)} val, "
+              f"{train_set.num_classes} classes), {t.epochs} epochs on {info.device} x{info.world_size} -> {run_dir}")  # fmt: skip
+    try:
+        for epoch in range(position[0], t.epochs):
+            start = time.perf_counter()
+            train_sampler.set_epoch(epoch, position[1])
+            stats = train_one_epoch(model, train_loader, optimizer, loss_fn, info.device, epoch, lr_fn, iters,
+                                    position[1], ema, scaler, amp_dtype, info.is_main)  # fmt: skip
+            position = (epoch, iters)
+            evaluated = ema.ema if ema is not None else model
+            metrics = evaluate(evaluated, val_loader, info.device, train_set.num_classes, t.label_smoothing, amp_dtype)
+            if info.is_main:
+                best = record_epoch(run_dir, epoch, stats, metrics, best, {**state, "position": (epoch + 1, 0)})
+                print(f"epoch {epoch + 1}/{t.epochs}: train loss {stats['loss']:.4f} acc {stats['acc']:.3f} | "
+                      f"val loss {metrics['loss']:.4f} top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} | "
+                      f"best {best['top1']:.3f} (epoch {best['epoch']}) | {time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
+            position = (epoch + 1, 0)
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, TrainingInterrupted):
+            position = (stop.epoch, stop.batch)
+        if info.is_main:
+            atomic_save(make_checkpoint(**{**state, "best": best, "position": position}), run_dir / "last.pt")
+            print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {position[0] + 1}, batch {position[1]}); "
+                  f"continue with train.resume={run_dir / 'last.pt'}", file=sys.stderr)  # fmt: skip
+        raise
+    finally:
+        cleanup_distributed()
+    if info.is_main:
+        print(f"done: best top-1 {best['top1']:.4f} at epoch {best['epoch']}; backbone: {run_dir / 'backbone.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))

@@ -1,0 +1,102 @@
+"""Evaluate a detector with COCO mAP: `python tools/val_det.py --weights W [--out DIR] [key=value ...] [--debug]`.
+
+The data set, image size and NMS settings come from the checkpoint's config; `key=value` overrides any of them
+(e.g. `data.root=/data/CUB eval.backend=faster eval.max_det=100`). Writes to DIR (default `runs/val/<run name>`,
+never overwriting): `gt.json` (COCO ground truth built from the data set), `predictions.json` (COCO results: the
+data set's own image and category ids, xywh boxes in original-image pixels), `metrics.json` (`coco_stats`, `AP`,
+`AP50`, `per_class_AP`, ...), `pr_curve.png`, `val_predictions.jpg`; prints the 12 COCO numbers and per-class AP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from detect.data.coco import write_coco_json
+
+from backbones.errors import UserError
+from detect.cli import run_tool
+from detect.config import DetConfig, load_config
+from detect.data.build import build_source
+from detect.data.detection import DetectionDataset
+from detect.distributed import DistInfo, select_device
+from detect.engine import evaluate
+from detect.eval import format_table
+from detect.runs import make_run_dir
+from detect.training import build_det_loaders
+from detect.viz import plot_pr_curve, save_gt_vs_pred_grid
+from detect.weights import load_detector
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="val_det.py", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--weights", required=True, help="best.pt / last.pt from train_det.py")
+    parser.add_argument("--out", default=None, help="output folder (default runs/val/<run name>)")
+    args, rest = parser.parse_known_args(argv)
+    unknown = [arg for arg in rest if "=" not in arg]
+    if unknown:
+        raise UserError(f"unexpected arguments {' '.join(unknown)}; usage: val_det.py --weights W [--out D] [k=v ...]")
+    return args, rest
+
+
+def plain(value: object) -> object:
+    """JSON-safe: NaN (a class without ground truth) becomes null, tuples and numpy numbers plain values."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write through a temp file and os.replace (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(plain(data), indent=1))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2 after one line; --help exits 0
+        return int(exc.code or 0)
+    device = select_device(next((o.split("=", 1)[1] for o in overrides if o.startswith("train.device=")), "auto"))
+    model, ckpt = load_detector(args.weights, device)
+    cfg = load_config(DetConfig, None, overrides, base=ckpt["config"])
+    source = build_source(cfg.data, "val")
+    if list(source.class_names) != list(ckpt["class_names"]):
+        raise UserError(f"{args.weights} was trained on classes {ckpt['class_names'][:5]}..., "
+                        f"but {cfg.data.root} has {list(source.class_names)[:5]}...")  # fmt: skip
+    dataset = DetectionDataset(source, cfg.data.img_size, False)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
+    _, _, loader = build_det_loaders(dataset, dataset, cfg, info)
+    out = make_run_dir(args.out or Path("runs/val") / Path(args.weights).resolve().parent.name)
+    write_coco_json(source, out / "gt.json")
+    metrics, predictions, kept = evaluate(model, loader, out / "gt.json", list(source.category_ids), device,
+                                          cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
+                                          cfg.train.bf16, keep_images=8)  # fmt: skip
+    write_json(out / "predictions.json", predictions)
+    saved = {k: v for k, v in metrics.items() if k != "precision"}
+    saved["weights"] = str(args.weights)
+    write_json(out / "metrics.json", saved)
+    plot_pr_curve(metrics["precision"], list(source.class_names), out / "pr_curve.png")
+    if kept:
+        images = [source.load_image(i) for i, _ in kept]
+        gts = [source.annotations(i) for i, _ in kept]
+        save_gt_vs_pred_grid(images, gts, [d for _, d in kept], list(source.class_names), out / "val_predictions.jpg")
+    print(f"val_det: {args.weights} on {len(source)} images of {cfg.data.root} ({cfg.data.format}, "
+          f"{cfg.data.img_size} px, conf {cfg.eval.conf}, IoU {cfg.eval.iou}, max_det {cfg.eval.max_det}; "
+          f"COCO maxDets {metrics['max_dets']}, backend {metrics['backend']}, "
+          f"{metrics['time_per_image_ms']:.1f} ms/image)")  # fmt: skip
+    print(format_table(metrics, list(source.class_names)))
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
