@@ -17,8 +17,6 @@ from torch import nn
 
 from backbones.errors import UserError
 
-BACKBONE_KEYS = ("arch", "kwargs", "state_dict", "metrics", "config")
-
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """Writes `obj` with `torch.save` so that `path` is always either the old or the new complete file.
@@ -81,8 +79,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(
             f"refused to load checkpoint {path}: it holds objects other than tensors and plain data ({first_line})"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # a truncated or foreign file fails in many ways (zip reader, unpickler, ...)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {detail}") from e
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj

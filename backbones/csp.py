@@ -14,7 +14,7 @@ from torch import nn
 
 from backbones.checkpoint import load_backbone_weights
 from backbones.errors import UserError
-from backbones.layers import C2f, SPPF, ConvBNAct
+from backbones.layers import SPPF, C2f, ConvBNAct
 from backbones.registry import register_backbone
 
 # scale -> (depth multiple, width multiple, max channels), YOLOv8's values.

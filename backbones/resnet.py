@@ -76,8 +76,8 @@ def build_resnet(depth: int, weights: str | None = None) -> ResNetBackbone:
     if weights is not None:
         arch = f"resnet{depth}"
         loaded = read_weights(weights, arch, torchvision_model=arch)
-        if not is_backbone_checkpoint(loaded):
-            loaded = {k: v for k, v in loaded.items() if not k.startswith("fc.")}  # torchvision's classifier is not part of a backbone
+        if not is_backbone_checkpoint(loaded):  # a torchvision state dict: its classifier is not ours
+            loaded = {k: v for k, v in loaded.items() if not k.startswith("fc.")}
         load_backbone_weights(model, loaded, arch=arch, source_name=str(weights))
     return model
 

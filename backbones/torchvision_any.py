@@ -68,14 +68,22 @@ def map_info(shape: tuple[int, ...], size: tuple[int, int]) -> MapInfo | None:
     """
     if len(shape) != 4:
         return None
+    best: tuple[float, MapInfo] | None = None
     for channels_last, (h, w, c) in ((False, (shape[2], shape[3], shape[1])), (True, (shape[1], shape[2], shape[3]))):
         if h <= 0 or w <= h:
             continue
         estimate = math.log2((size[1] - size[0]) / (w - h))
         stride = 2 ** round(estimate)
-        if abs(estimate - round(estimate)) < 0.25 and abs(h - size[0] / stride) <= 2 + 0.5 * size[0] / stride:
-            return MapInfo(stride, c, channels_last)
-    return None
+        misfit = [abs(got - full / stride) for full, got in zip(size, (h, w), strict=True)]
+        if abs(estimate - round(estimate)) >= 0.25 or any(
+            m > 3 + 0.1 * full / stride for m, full in zip(misfit, size, strict=True)
+        ):
+            continue
+        # Both layouts may fit by chance (a channels-last map whose C looks like a width): keep the closer fit.
+        score = abs(estimate - round(estimate)) + misfit[0] * stride / size[0]
+        if best is None or score < best[0]:
+            best = (score, MapInfo(stride, c, channels_last))
+    return None if best is None else best[1]
 
 
 def probe_maps(model: nn.Module, order: list[str], size: tuple[int, int]) -> dict[str, MapInfo]:
@@ -106,17 +114,18 @@ def choose_taps(order: list[str], infos: dict[str, MapInfo]) -> tuple[dict[int, 
     Returns:
         ({stride: node}, depth), or None when no depth reaches strides 8, 16 and 32 in order.
     """
+    position = {node: i for i, node in enumerate(order)}
     max_depth = max(len(n.split(".")) for n in order)
     for depth in range(1, max_depth + 1):
         last: dict[str, str] = {}
         for node in order:
             last[block_prefix(node, depth)] = node
         taps: dict[int, str] = {}
-        for node in sorted(set(last.values()), key=order.index):
+        for node in sorted(set(last.values()), key=position.__getitem__):
             if node in infos:
                 taps[infos[node].stride] = node
         if all(s in taps for s in TARGET_STRIDES):
-            positions = [order.index(taps[s]) for s in TARGET_STRIDES]
+            positions = [position[taps[s]] for s in TARGET_STRIDES]
             if positions == sorted(positions):
                 return {s: taps[s] for s in TARGET_STRIDES}, depth
     return None
@@ -167,6 +176,7 @@ class TorchvisionBackbone(nn.Module):
         self.strides: tuple[int, int, int] = TARGET_STRIDES
         self.channels_last: tuple[bool, bool, bool] = tuple(infos[n].channels_last for n in self.return_nodes)
         self._unit_strides = self._block_strides(order, infos)
+        self.train()  # a fresh module trains, like any other; the probe ran in eval mode
 
     def _block_strides(self, order: list[str], infos: dict[str, MapInfo]) -> dict[str, int]:
         """Stride of each block output at the chosen depth (for `stage_modules`)."""
@@ -247,7 +257,7 @@ def build_torchvision_backbone(name: str, weights: str | None = None, **model_kw
         raise
     except Exception as e:  # tracing failures come as many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"backbone {arch} cannot be traced by torch.fx: {type(e).__name__}: {first}") from e
+        raise UserError(f"backbone {arch} cannot be traced and probed by torch.fx: {type(e).__name__}: {first}") from e
     if loaded is not None:
         if not is_backbone_checkpoint(loaded) and not any(k.startswith("body.") for k in loaded):
             # A torchvision state dict: keep the keys the traced body still uses (the classifier head is gone).

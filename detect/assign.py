@@ -25,7 +25,7 @@ class TaskAlignedAssigner(nn.Module):
     the anchors whose centre lies strictly inside it. An anchor claimed by several ground truths goes to the one it
     overlaps most (highest CIoU over all ground truths containing it). The soft class target of a positive anchor is
     ``t / max_t * max_u`` of its ground truth (maxima over that ground truth's positives), so the best-aligned anchor
-    of each object gets a target equal to its best IoU (TOOD, Eq. 9-10).
+    of each object gets a target equal to its best IoU (TOOD's normalised alignment target).
 
     The module is stateless: all shapes are read from the inputs at every call.
 
@@ -137,7 +137,7 @@ class TaskAlignedAssigner(nn.Module):
             gt_bboxes = cxcywh2xyxy(torch.cat((centre_size[..., :2], widened), dim=-1))
         x, y = points[:, 0], points[:, 1]  # [A] each
         x1, y1, x2, y2 = (gt_bboxes[..., i : i + 1] for i in range(4))  # [B, M, 1] each
-        eps = 1e-9
+        eps = 1e-9  # an anchor centre on an edge is outside
         return (x - x1 > eps) & (y - y1 > eps) & (x2 - x > eps) & (y2 - y > eps)
 
     def _pair_metrics(

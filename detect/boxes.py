@@ -6,7 +6,8 @@ Formats used in plugdet (all in pixels unless said otherwise):
 - ``xywh``: ``(x, y, w, h)`` with ``(x, y)`` the top-left corner (COCO's ``bbox``).
 - ``cxcywh``: ``(cx, cy, w, h)`` with ``(cx, cy)`` the centre.
 
-Every function works on any leading shape ``[..., 4]`` and keeps the dtype and device of its input.
+Conversions and elementwise functions accept any leading shape ``[..., 4]``; all keep the dtype and device of their
+input.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ held back (`deferred_interrupts`), so an interrupt leaves model, optimizer, EMA 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -28,11 +29,11 @@ from backbones import build_backbone
 from backbones.classifier import Classifier
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
-from detect.cli import deferred_interrupts
+from detect.cli import check_interrupt, deferred_interrupts
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
 from detect.distributed import DistInfo, all_reduce_sum, unwrap
-from detect.optim import ModelEMA
+from detect.optim import ModelEMA, lr_at
 from detect.seeding import DistributedEpochSampler, rng_state, set_rng_state
 
 
@@ -42,12 +43,14 @@ class TrainingInterrupted(KeyboardInterrupt):
     Attributes:
         epoch: the epoch in progress (0-based).
         batch: batches of that epoch completed (the next one to run on resume).
+        sums: this process's running [loss * n, correct, n] of the epoch so far (for its results row).
     """
 
-    def __init__(self, epoch: int, batch: int) -> None:
+    def __init__(self, epoch: int, batch: int, sums: list[float]) -> None:
         super().__init__(f"interrupted at epoch {epoch + 1}, batch {batch}")
         self.epoch = epoch
         self.batch = batch
+        self.sums = sums
 
 
 class SeededSamples(Dataset):
@@ -135,6 +138,23 @@ def build_cls_model(cfg: DictConfig, num_classes: int) -> Classifier:
     return model
 
 
+def build_lr_schedule(cfg: DictConfig) -> Callable[[float], float]:
+    """Learning rate as a function of the fractional epoch, from `cfg.train` (see `detect.optim.lr_at`)."""
+    t = cfg.train
+    return functools.partial(
+        lr_at,
+        base_lr=t.lr,
+        schedule=t.scheduler,
+        epochs=t.epochs,
+        warmup_epochs=t.warmup_epochs,
+        warmup_start=t.warmup_start,
+        lrf=t.lrf,
+        milestones=tuple(t.milestones),
+        step_size=t.step_size,
+        gamma=t.gamma,
+    )
+
+
 def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     """Mixed precision: bfloat16 with `train.bf16` (CPU or CUDA), float16 with `train.amp` on CUDA, else None."""
     if cfg.train.bf16:
@@ -187,6 +207,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
     show_progress: bool = True,
+    start_sums: list[float] | None = None,
 ) -> dict[str, float]:
     """One epoch of supervised training, from batch `start_batch` (the loader must already skip the earlier ones).
 
@@ -203,9 +224,10 @@ def train_one_epoch(
         scaler: GradScaler for float16 autocast.
         amp_dtype: autocast dtype or None.
         show_progress: tqdm bar (loss, accuracy, img/s, ETA).
+        start_sums: [loss * n, correct, n] of the batches before `start_batch` (from `TrainingInterrupted.sums`).
 
     Returns:
-        {"loss", "acc", "img_s", "lr"} over this process's batches of this call (all processes under DDP).
+        {"loss", "acc", "lr" (of the last step)} over the epoch's batches of all processes, and "img_s" (this call).
 
     Raises:
         TrainingInterrupted: Ctrl-C / SIGTERM, after the step in progress, with the position reached.
@@ -213,11 +235,13 @@ def train_one_epoch(
     """
     model.train()
     keep_frozen_bn_eval(model)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-    done, lr, start = start_batch, lr_fn(epoch + start_batch / iters_per_epoch), time.perf_counter()
+    sums = torch.tensor(start_sums or [0.0, 0.0, 0.0], dtype=torch.float64)  # loss * n, correct, n
+    done, seen, start = start_batch, 0, time.perf_counter()
+    lr = lr_fn(epoch + max(start_batch - 1, 0) / iters_per_epoch)
     bar = tqdm(total=iters_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}", disable=not show_progress)
     try:
         for batch_index, (images, labels) in enumerate(loader, start=start_batch):
+            check_interrupt()  # a signal held back while the batch loaded: stop before the step
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             lr = lr_fn(epoch + batch_index / iters_per_epoch)
@@ -232,22 +256,22 @@ def train_one_epoch(
                     )
                 if ema is not None:
                     ema.update(model)
-                done = batch_index + 1
-            n = labels.numel()
-            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
-            img_s = sums[2].item() / max(time.perf_counter() - start, 1e-9)
+                n, correct = labels.numel(), (logits.argmax(1) == labels).sum().item()
+                sums += torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
+                done, seen = batch_index + 1, seen + n
+            img_s = seen / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", img_s=f"{img_s:.1f}")
             bar.update(1)
     except TrainingInterrupted:
         raise
     except KeyboardInterrupt:
-        raise TrainingInterrupted(epoch, done) from None
+        raise TrainingInterrupted(epoch, done, sums.tolist()) from None
     finally:
         bar.close()
-    elapsed = time.perf_counter() - start
+    img_s = seen / max(time.perf_counter() - start, 1e-9)
     all_reduce_sum(sums)
     n = max(sums[2].item(), 1.0)
-    return {"loss": sums[0].item() / n, "acc": sums[1].item() / n, "img_s": sums[2].item() / elapsed, "lr": lr}
+    return {"loss": sums[0].item() / n, "acc": sums[1].item() / n, "img_s": img_s, "lr": lr}
 
 
 @torch.no_grad()
@@ -280,6 +304,7 @@ def evaluate(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-k correct, n
     k = min(5, num_classes)
     for images, labels in tqdm(loader, desc="val", leave=False, disable=not show_progress):
+        check_interrupt()
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -319,11 +344,13 @@ def make_checkpoint(
     best: dict[str, Any],
     config: dict[str, Any],
     class_names: list[str],
+    epoch_sums: list[float] | None = None,
 ) -> dict[str, Any]:
     """Everything a resume needs (data only, loads with weights_only).
 
     Args:
         position: (epoch in progress, batches of it done); (E, 0) at the boundary after epoch E - 1.
+        epoch_sums: running [loss * n, correct, n] of the epoch in progress (mid-epoch checkpoints).
         best: {"top1", "epoch"} of the best evaluation so far.
         config: the resolved config as a plain dict.
     """
@@ -334,6 +361,7 @@ def make_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": position[0],
         "batch": position[1],
+        "epoch_sums": list(epoch_sums) if epoch_sums else None,
         "best": dict(best),
         "rng": rng_state(),
         "config": config,
@@ -349,11 +377,11 @@ def restore_checkpoint(
     ema: ModelEMA | None,
     scaler: torch.amp.GradScaler | None,
     path: str,
-) -> tuple[tuple[int, int], dict[str, Any]]:
+) -> tuple[tuple[int, int], dict[str, Any], list[float] | None]:
     """Load a `make_checkpoint` dict into the training objects and the global RNGs.
 
     Returns:
-        (position (epoch, batch), best) to continue from.
+        (position (epoch, batch), best, epoch_sums) to continue from.
 
     Raises:
         UserError: the checkpoint misses a part or does not fit the model (names the file).
@@ -373,4 +401,4 @@ def restore_checkpoint(
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    return (int(ckpt["epoch"]), int(ckpt["batch"])), dict(ckpt["best"])
+    return (int(ckpt["epoch"]), int(ckpt["batch"])), dict(ckpt["best"]), ckpt.get("epoch_sums")

@@ -4,8 +4,9 @@
 `error: <one line>` on stderr and exits 2 (a traceback only with `--debug`); Ctrl-C exits 130 and SIGTERM 143, after
 the tool has saved what it had (training catches `KeyboardInterrupt`, writes `last.pt`, and re-raises).
 
-`deferred_interrupts()` holds Ctrl-C / SIGTERM back until a block ends, so a training step (forward, backward,
-optimizer step, EMA update) is never cut in half and a checkpoint written after the interrupt is consistent.
+`deferred_interrupts()` holds Ctrl-C / SIGTERM back until the block ends or the code reaches `check_interrupt()`, so
+a training step (forward, backward, optimizer step, EMA update) or a checkpoint write is never cut in half and the
+`last.pt` written after the interrupt is consistent. Pressing Ctrl-C twice stops at once.
 """
 
 from __future__ import annotations
@@ -23,13 +24,27 @@ from omegaconf.errors import OmegaConfBaseException
 from backbones.errors import UserError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_received: list[int] = []  # signals seen by our handlers, latest last (SIGTERM -> exit 143)
+_received: list[int] = []  # signals turned into KeyboardInterrupt, latest last (SIGTERM -> exit 143)
+_pending: list[int] = []  # signals recorded inside `deferred_interrupts`, not raised yet
+_depth = [0]  # nesting of `deferred_interrupts`
+
+
+def _name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     """Signal handler: SIGINT and SIGTERM both become KeyboardInterrupt, so one code path saves `last.pt`."""
     _received.append(signum)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_name(signum))
+
+
+def _record_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Signal handler inside `deferred_interrupts`: remember the first signal; a second one stops at once."""
+    if _pending:
+        _received.append(signum)
+        raise KeyboardInterrupt(_name(signum))
+    _pending.append(signum)
 
 
 def install_signal_handlers() -> dict[int, object]:
@@ -42,28 +57,38 @@ def install_signal_handlers() -> dict[int, object]:
     return previous
 
 
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt here if a Ctrl-C / SIGTERM was held back by `deferred_interrupts` (a safe point)."""
+    if _pending:
+        signum = _pending.pop()
+        _pending.clear()
+        _received.append(signum)
+        raise KeyboardInterrupt(_name(signum))
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Delay SIGINT / SIGTERM until the block ends, then raise KeyboardInterrupt (outside the main thread: no-op)."""
+    """Hold Ctrl-C / SIGTERM back inside the block: they raise KeyboardInterrupt at its end or at a
+    `check_interrupt()` call, never in the middle of a step or a file write. A second signal raises at once.
+
+    Blocks nest (a training loop, and each step inside it). Outside the main thread this is a no-op.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending: list[int] = []
+    if _depth[0] == 0:
+        _pending.clear()
     previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
-
-    def record(signum: int, frame: FrameType | None) -> None:
-        pending.append(signum)
-
     for signum in _SIGNALS:
-        signal.signal(signum, record)
+        signal.signal(signum, _record_interrupt)
+    _depth[0] += 1
     try:
         yield
     finally:
+        _depth[0] -= 1
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if pending:
-        _received.append(pending[-1])
-        raise KeyboardInterrupt(signal.Signals(pending[-1]).name)
+    check_interrupt()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -92,6 +117,7 @@ def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
     _received.clear()
+    _pending.clear()
     previous = install_signal_handlers()
     try:
         code = main(argv)

@@ -8,6 +8,7 @@ process case, so training code calls the same functions either way. Only rank 0 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +121,7 @@ def prepare_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn
     Args:
         model: the model (already holding its final requires_grad flags).
         info: from `init_distributed`.
-        sync_bn: SyncBatchNorm across processes (only when distributed).
+        sync_bn: SyncBatchNorm across processes (only when distributed on CUDA; a warning on CPU).
 
     Returns:
         The model to train: the module itself, or a DistributedDataParallel wrapper (see `unwrap`).
@@ -128,8 +129,10 @@ def prepare_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn
     model = model.to(info.device)
     if not info.distributed:
         return model
-    if sync_bn:
+    if sync_bn and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif sync_bn and info.is_main:
+        print("warning: sync_bn needs CUDA (no CPU SyncBatchNorm); keeping per-process BatchNorm", file=sys.stderr)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from backbones.freeze import keep_frozen_bn_eval
 from torch import nn
 from tqdm import tqdm
 
 from backbones.errors import UserError
+from backbones.freeze import keep_frozen_bn_eval
 from detect.classify import TrainingInterrupted
 from detect.cli import deferred_interrupts
-from detect.distributed import all_reduce_sum, get_world_size, is_main_process
+from detect.distributed import all_reduce_sum, get_world_size, is_main_process, unwrap
 from detect.eval import coco_evaluate, predictions_to_coco
 from detect.optim import ModelEMA, set_group_values, warmup_accumulate, warmup_values, yolo_lr_factor
 from detect.postprocess import postprocess
@@ -96,6 +96,18 @@ def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch:
     )
 
 
+def pending_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients accumulated since the last optimizer step (empty right after a step), by parameter name."""
+    return {name: p.grad.detach().cpu().clone() for name, p in unwrap(model).named_parameters() if p.grad is not None}
+
+
+def restore_gradients(model: nn.Module, gradients: Mapping[str, torch.Tensor]) -> None:
+    """Put `pending_gradients` back, so a resumed run continues the interrupted accumulation exactly."""
+    params = dict(unwrap(model).named_parameters())
+    for name, grad in gradients.items():
+        params[name].grad = grad.to(params[name].device, params[name].dtype).clone()
+
+
 def _optimizer_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float
 ) -> None:
@@ -128,6 +140,7 @@ def train_one_epoch(
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float = 10.0,
+    start_sums: list[float] | None = None,
 ) -> dict[str, float]:
     """One epoch of detection training.
 
@@ -138,17 +151,24 @@ def train_one_epoch(
         optimizer, ema, schedule: see `Schedule`; `state.last_step` is updated in place.
         epoch: 0-based epoch; start_batch: batches of this epoch already done (resume).
         device, amp, bf16, channels_last, scaler, grad_clip: precision and step options.
+        start_sums: [box, cls, dfl, batches] summed over the `start_batch` batches done before an interruption, so
+            a resumed epoch reports the same means as an uninterrupted one.
 
     Returns:
-        Mean "box", "cls", "dfl" over the epoch's batches (per batch, averaged over processes), "img_per_s",
-        "instances" and the last "lr" of each group (`lr/pg0`, ...).
+        Mean "box", "cls", "dfl" over the epoch's batches (per batch, averaged over processes), "img_per_s" and the
+        last lr of each group (`lr/pg0`, ...).
+
+    Raises:
+        TrainingInterrupted: Ctrl-C / SIGTERM, between two steps, with the batches of this epoch done (the resume
+            point) and their loss sums; gradients not yet stepped stay on the parameters (`pending_gradients`).
     """
     model.train()
     keep_frozen_bn_eval(model)
     iters_per_epoch = start_batch + len(loader)
     world = get_world_size()
-    sums = torch.zeros(3, device=device)
-    seen, images_seen, t0 = 0, 0, time.perf_counter()
+    before = torch.tensor(start_sums if start_sums is not None else [0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    history: list[torch.Tensor] = []  # [3] loss parts of each batch of this call
+    images_seen, t0 = 0, time.perf_counter()
     bar = tqdm(
         loader,
         total=iters_per_epoch,
@@ -157,13 +177,13 @@ def train_one_epoch(
         desc=f"epoch {epoch + 1}/{schedule.epochs}",
         leave=False,
     )
-    batch_index = start_batch - 1
+    completed = start_batch  # batches of this epoch whose step (forward, backward, maybe optimizer) is done
     try:
         for batch_index, (images, targets, _) in enumerate(bar, start=start_batch):
             iteration = epoch * iters_per_epoch + batch_index
             accumulate = schedule.apply(optimizer, epoch, iteration)
             last_in_epoch = batch_index == iters_per_epoch - 1
-            with deferred_interrupts():
+            with deferred_interrupts():  # Ctrl-C / SIGTERM wait for the step to finish: state stays consistent
                 inputs = to_input(images, device, channels_last)
                 targets = targets.to(device)
                 with autocast(device, amp, bf16):
@@ -178,25 +198,22 @@ def train_one_epoch(
                     if ema is not None:
                         ema.update(model)
                     state.last_step = iteration
-            sums += torch.stack([parts["box"].detach(), parts["cls"].detach(), parts["dfl"].detach()])
-            seen += 1
+                history.append(torch.stack([parts["box"], parts["cls"], parts["dfl"]]).detach().double().cpu())
+                completed = batch_index + 1
             images_seen += images.shape[0]
+            mean = (before[:3] + sum(history)) / (before[3] + len(history))
             rate = images_seen * world / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(
-                box=f"{sums[0] / seen:.3f}",
-                cls=f"{sums[1] / seen:.3f}",
-                dfl=f"{sums[2] / seen:.3f}",
-                inst=int(targets.shape[0]),
-                img_s=f"{rate:.1f}",
-            )
+            bar.set_postfix(box=f"{mean[0]:.3f}", cls=f"{mean[1]:.3f}", dfl=f"{mean[2]:.3f}",
+                            inst=int(targets.shape[0]), img_s=f"{rate:.1f}")  # fmt: skip
     except KeyboardInterrupt:
-        # Batches after the last optimizer step only left gradients, which are not saved: redo them on resume.
-        done = max(state.last_step - epoch * iters_per_epoch + 1, 0)
-        raise TrainingInterrupted(epoch, done) from None
+        # Gradients accumulated since the last optimizer step travel in last.pt (`pending_gradients`).
+        sums = before + torch.cat((sum(history, torch.zeros(3, dtype=torch.float64)), torch.tensor([len(history)])))
+        raise TrainingInterrupted(epoch, completed, sums.tolist()) from None
     finally:
         bar.close()
+    sums = before + torch.cat((sum(history, torch.zeros(3, dtype=torch.float64)), torch.tensor([len(history)])))
     all_reduce_sum(sums)
-    means = (sums / max(seen * world, 1)).tolist()
+    means = (sums[:3] / sums[3].clamp(min=1)).tolist()
     result = {
         "box": means[0],
         "cls": means[1],

@@ -4,15 +4,16 @@ The numbers are COCO's (Lin et al., "Microsoft COCO", 2014; the `cocoapi` evalua
 threshold t in {0.50, 0.55, ..., 0.95}, area range and detection cap, detections sorted by score are greedily matched
 to unmatched ground truth with IoU >= t; precision is made monotone from the right and sampled at the 101 recall
 thresholds 0, 0.01, ..., 1 (a threshold above the highest recall reached scores 0). AP is the mean of those samples
-over thresholds, IoUs and classes with ground truth. AR is the highest recall reached, averaged the same way.
+over recall thresholds, IoU thresholds and classes with ground truth. AR: the highest recall reached, averaged alike.
 
 Detection caps (`max_dets`): COCOeval keeps at most `max_dets[-1]` detections per image and class (highest scores
 first), 100 by default. Our validation NMS keeps up to 300 per image (DESIGN §5), so with the default caps a class
 holding more than 100 of an image's detections loses its lowest-scored ones. `max_dets=(1, 10, 300)` evaluates all
-300 instead (Ultralytics' validator, too, scores with COCO's 100): AP can only go up or stay equal, and AR is then
-reported as AR1/AR10/AR300. The 12 numbers are computed here from COCOeval's accumulated arrays with AP and the area
-rows at `max_dets[-1]`, which is exactly pycocotools' `stats` for the default caps (pycocotools' own `summarize`
-hard-codes 100 for the first number and returns -1 there for other caps).
+300 instead; AR is then reported as AR1/AR10/AR300, and AP usually rises a little (recall gained at low scores) but
+may also fall (the extra false positives rank above other images' true positives). Ultralytics' COCO json check
+keeps the default 100; its built-in mAP counts all 300. The 12 numbers are computed here from COCOeval's accumulated
+arrays with AP and the area rows at `max_dets[-1]`: exactly pycocotools' `stats` for the default caps (pycocotools'
+own `summarize` hard-codes 100 for the first number and returns -1 there for other caps).
 
 -1 means "not measurable": an area range (or class) with no ground truth. Per-class AP of a class without ground truth
 is NaN and such classes do not count in the mean.
@@ -106,7 +107,13 @@ def _load_gt_dict(gt: str | os.PathLike | Mapping[str, Any]) -> dict:
     missing = [key for key in ("images", "annotations", "categories") if key not in data]
     if missing:
         raise UserError(f"COCO ground truth lacks key(s) {missing}: {where}")
-    data["annotations"] = [dict(ann) for ann in data["annotations"]]
+    anns = [dict(ann) for ann in data["annotations"]]
+    for i, ann in enumerate(anns):
+        lacking = [key for key in ("id", "image_id", "category_id", "bbox") if key not in ann]
+        if lacking:
+            raise UserError(f"COCO ground-truth annotation {i} lacks {lacking}: {where}")
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))  # area ranges read it
+    data["annotations"] = anns
     return data
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from backbones.layers import ConvBNAct
 from detect.boxes import dist2bbox, make_anchors
@@ -43,9 +44,7 @@ class DetectHead(nn.Module):
         reg_max: number of distance bins per box side; distances cover [0, reg_max - 1] grid cells.
     """
 
-    def __init__(
-        self, num_classes: int, in_channels: Sequence[int], strides: Sequence[int], reg_max: int = 16
-    ) -> None:
+    def __init__(self, num_classes: int, in_channels: Sequence[int], strides: Sequence[int], reg_max: int = 16) -> None:
         super().__init__()
         if len(in_channels) != len(strides):
             raise ValueError(f"DetectHead: {len(in_channels)} levels of channels but {len(strides)} strides")
@@ -121,7 +120,10 @@ class DetectHead(nn.Module):
         return self._anchor_cache[1], self._anchor_cache[2]
 
     def decode(self, level_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Boxes and scores of every anchor, computed in float32 whatever the input dtype.
+        """Boxes and scores of every anchor, computed in float32 whatever the input dtype or autocast state.
+
+        The DFL expectation is a 1x1 convolution of the bin probabilities with the bin values, which sums in the
+        same order as YOLOv8 does, so imported Ultralytics weights decode to the same boxes to the last few ulps.
 
         Args:
             level_outputs: per-level [B, 4 * reg_max + C, H_l, W_l], as returned by `forward`.
@@ -130,14 +132,17 @@ class DetectHead(nn.Module):
             [B, A, 4 + C]: xyxy boxes in input pixels, then sigmoid class scores; A = sum of H_l * W_l, anchors level
             by level and row-major inside a level (the order of `make_anchors`).
         """
-        batch = level_outputs[0].shape[0]
+        batch, reg_max = level_outputs[0].shape[0], self.reg_max
         shapes = [(int(o.shape[2]), int(o.shape[3])) for o in level_outputs]
-        flat = torch.cat([o.float().flatten(2) for o in level_outputs], dim=2)  # [B, 4R + C, A]
-        flat = flat.transpose(1, 2)  # [B, A, 4R + C]
-        num_anchors = flat.shape[1]
-        bins = flat[..., : 4 * self.reg_max].reshape(batch, num_anchors, 4, self.reg_max)  # [B, A, 4, R]
-        distance = bins.softmax(dim=-1) @ self.dfl_bins.float()  # [B, A, 4] ltrb in grid units
-        points, stride = self.anchors(shapes, flat.device, flat.dtype)  # [A, 2], [A, 1]
-        boxes = dist2bbox(distance, points) * stride  # [B, A, 4] xyxy pixels
-        scores = flat[..., 4 * self.reg_max :].sigmoid()  # [B, A, C]
-        return torch.cat((boxes, scores), dim=-1)
+        device = level_outputs[0].device
+        with torch.autocast(device.type, enabled=False):
+            flat = torch.cat([o.float().flatten(2) for o in level_outputs], dim=2)  # [B, 4R + C, A]
+            num_anchors = flat.shape[2]
+            box_logits, cls_logits = flat.split((4 * reg_max, self.num_classes), dim=1)
+            probs = box_logits.view(batch, 4, reg_max, num_anchors).transpose(1, 2).softmax(dim=1)  # [B, R, 4, A]
+            bins = self.dfl_bins.float().view(1, reg_max, 1, 1)
+            distance = F.conv2d(probs, bins).view(batch, 4, num_anchors).transpose(1, 2)  # [B, A, 4] ltrb, grid units
+            points, stride = self.anchors(shapes, device, torch.float32)  # [A, 2], [A, 1]
+            boxes = dist2bbox(distance, points) * stride  # [B, A, 4] xyxy pixels
+            scores = cls_logits.transpose(1, 2).sigmoid()  # [B, A, C]
+            return torch.cat((boxes, scores), dim=-1)

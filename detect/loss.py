@@ -130,11 +130,14 @@ class DetectionLoss:
             targets: ``[N, 6]`` rows ``(image_index, class_id, x1, y1, x2, y2)`` in network-input pixels.
 
         Returns:
-            total: scalar ``(box + cls + dfl) * B``, differentiable.
+            total: scalar ``(box + cls + dfl) * B``, differentiable, float32 (the loss runs in float32).
             parts: ``{"box", "cls", "dfl"}`` detached scalars (gains applied, not multiplied by B).
         """
         box_logits, cls_logits, anchors, stride = self._flatten(level_outputs)
         batch = cls_logits.shape[0]
+        if targets.shape[0] and not ((targets[:, 1] >= 0) & (targets[:, 1] < self.num_classes)).all():
+            bad = targets[:, 1][(targets[:, 1] < 0) | (targets[:, 1] >= self.num_classes)].unique().tolist()
+            raise UserError(f"targets: class ids {bad} out of range [0, {self.num_classes})")
         gt_labels, gt_boxes, mask_gt = pad_targets(targets.to(cls_logits.device, torch.float32), batch)
 
         bins = torch.arange(self.reg_max, dtype=box_logits.dtype, device=box_logits.device)
@@ -183,7 +186,8 @@ class DetectionLoss:
                     f"loss: head level {level} has shape {tuple(out.shape)}, expected [B, {channels}, H, W] "
                     f"(4 * reg_max {self.reg_max} + num_classes {self.num_classes})"
                 )
-        flat = torch.cat([out.flatten(2) for out in level_outputs], dim=2)  # [B, 4R + C, A]
+        # float32 whatever the head's dtype (AMP): the assigner's CIoU^6 and the sums need the range
+        flat = torch.cat([out.flatten(2) for out in level_outputs], dim=2).float()  # [B, 4R + C, A]
         box_logits, cls_logits = flat.split((4 * self.reg_max, self.num_classes), dim=1)
         box_logits = box_logits.permute(0, 2, 1).contiguous()  # [B, A, 4R]
         cls_logits = cls_logits.permute(0, 2, 1).contiguous()  # [B, A, C]

@@ -77,20 +77,38 @@ class Detector(nn.Module):
     def fuse(self) -> Detector:
         """Fold each BatchNorm into the convolution before it, for inference; switches to eval mode.
 
-        Covers every module with a `conv` (Conv2d) and a `bn` (BatchNorm2d) child — `ConvBNAct` everywhere in
-        CSP-Darknet, the neck and the head. Other backbones keep their BatchNorms (still correct, just not faster).
+        Folds the pairs `conv`/`bn` (`ConvBNAct`: CSP-Darknet, neck, head), `convK`/`bnK` (torchvision ResNets) and a
+        Conv2d directly followed by a BatchNorm2d inside an `nn.Sequential` (torchvision's conv-norm-activation
+        blocks, VGG-BN, ResNet downsample). A BatchNorm in any other place stays (still correct, just not faster).
 
         Returns:
             self.
         """
         self.eval()
         for module in self.modules():
-            conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                module.conv = fuse_conv_bn_eval(conv, bn)
-                module.bn = nn.Identity()
+            for conv_name, bn_name in _conv_bn_pairs(module):
+                conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
         self.fused = True
         return self
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Names of the (Conv2d, BatchNorm2d) children of `module` where the BatchNorm normalises that conv's output."""
+    children = dict(module.named_children())
+    if isinstance(module, nn.Sequential):
+        names = list(children)
+        candidates = list(zip(names, names[1:], strict=False))
+    else:
+        candidates = [(name, "bn" + name[len("conv") :]) for name in children if name.startswith("conv")]
+    return [
+        (conv, bn)
+        for conv, bn in candidates
+        if isinstance(children.get(conv), nn.Conv2d)
+        and isinstance(children.get(bn), nn.BatchNorm2d)
+        and children[bn].num_features == children[conv].out_channels
+    ]
 
 
 def build_detector(

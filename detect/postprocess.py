@@ -15,7 +15,7 @@ __all__ = ["postprocess"]
 
 
 def _candidates(preds: Tensor, conf_thres: float, multi_label: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(image, anchor, class, score) of every candidate above ``conf_thres`` (strictly), in image-then-anchor order.
+    """(image, anchor, class, score) of each candidate above ``conf_thres`` (strictly), by image, anchor, class.
 
     Args:
         preds: ``[B, A, 4 + C]``.
@@ -34,19 +34,26 @@ def _candidates(preds: Tensor, conf_thres: float, multi_label: bool) -> tuple[Te
     return image, anchor, best_label[image, anchor], best[image, anchor]
 
 
-def _rank_in_image(image: Tensor, score: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """Order candidates by image, then by decreasing score, and give each its rank within its image.
+def _best_per_image(image: Tensor, score: Tensor, batch: int, limit: int) -> Tensor:
+    """Indices of at most ``limit`` best-scoring candidates of each image.
+
+    Args:
+        image: ``[K]`` image index of each candidate, non-decreasing (as ``_candidates`` returns them).
+        score: ``[K]`` scores.
+        batch: number of images B.
+        limit: most candidates kept per image.
 
     Returns:
-        order: ``[K]`` permutation of the candidates.
-        rank: ``[K]`` rank of ``order[k]`` within its image (0 = best score).
+        ``[K']`` indices into the candidates, still grouped by image.
     """
-    by_score = score.argsort(descending=True, stable=True)
-    order = by_score[image[by_score].argsort(stable=True)]  # [K] grouped by image, best first inside
-    counts = torch.bincount(image, minlength=batch)  # [B]
-    first = torch.cumsum(counts, 0) - counts  # [B]
-    rank = torch.arange(order.numel(), device=order.device) - first[image[order]]
-    return order, rank
+    keep, start = [], 0
+    for count in torch.bincount(image, minlength=batch).tolist():
+        if count > limit:
+            keep.append(score[start : start + count].topk(limit).indices + start)
+        else:
+            keep.append(torch.arange(start, start + count, device=score.device))
+        start += count
+    return torch.cat(keep)
 
 
 def postprocess(
@@ -87,14 +94,15 @@ def postprocess(
     num_classes = channels - 4
 
     image, anchor, label, score = _candidates(preds, conf_thres, multi_label)
-    order, rank = _rank_in_image(image, score, batch)
-    order = order[rank < max_nms]  # [K'] at most max_nms per image
-    image, anchor, label, score = image[order], anchor[order], label[order], score[order]
+    if score.numel() > max_nms:  # some image may hold more than max_nms candidates
+        keep = _best_per_image(image, score, batch, max_nms)  # [K']
+        image, anchor, label, score = image[keep], anchor[keep], label[keep], score[keep]
     boxes = preds[image, anchor, :4]  # [K', 4]
     keep = batched_nms(boxes.float(), score.float(), image * num_classes + label, iou_thres)  # by decreasing score
 
     image = image[keep]
-    keep = keep[image.argsort(stable=True)]  # [K''] grouped by image, decreasing score inside
+    if batch > 1:
+        keep = keep[image.argsort(stable=True)]  # [K''] grouped by image, decreasing score inside
     counts = torch.bincount(image, minlength=batch).tolist()
     results = []
     for index, kept in enumerate(keep.split(counts)):

@@ -8,17 +8,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import cv2
 import torch
-from backbones.freeze import freeze_stages
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
 from backbones.errors import UserError
+from backbones.freeze import freeze_stages
 from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
 from detect.distributed import DistInfo, unwrap
-from detect.engine import Schedule
+from detect.engine import Schedule, pending_gradients, restore_gradients
 from detect.loss import DetectionLoss
 from detect.model import Detector, build_detector
 from detect.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
@@ -41,6 +42,12 @@ def build_det_datasets(cfg: DictConfig) -> tuple[DetectionDataset, DetectionData
     return train, val
 
 
+def quiet_worker(worker_id: int) -> None:
+    """A loader worker uses one thread for OpenCV and torch: on a few cores, threads inside workers only compete."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def build_det_loaders(
     train: DetectionDataset, val: DetectionDataset, cfg: DictConfig, info: DistInfo
 ) -> tuple[DataLoader, DistributedEpochSampler, DataLoader]:
@@ -56,7 +63,7 @@ def build_det_loaders(
     sampler = DistributedEpochSampler(len(train), world, info.rank, cfg.seed, True, batch, True)
     workers = cfg.train.workers
     common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
-              "persistent_workers": workers > 0}  # fmt: skip
+              "persistent_workers": workers > 0, "worker_init_fn": quiet_worker}  # fmt: skip
     train_loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=False, **common)
     val_loader = DataLoader(val, batch_size=batch * 2, shuffle=False, **common)
     return train_loader, sampler, val_loader
@@ -67,9 +74,10 @@ def detector_arch(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     return {"scale": cfg.model.scale, "num_classes": int(num_classes), "backbone": cfg.model.backbone, "reg_max": 16}
 
 
-def build_det_model(cfg: DictConfig, num_classes: int) -> Detector:
-    """The detector, its backbone weights (e.g. train_cls's backbone.pt) and frozen stages."""
-    model = build_detector(cfg.model.scale, num_classes, cfg.model.backbone, cfg.model.backbone_weights)
+def build_det_model(cfg: DictConfig, num_classes: int, load_backbone: bool = True) -> Detector:
+    """The detector, its backbone weights (e.g. train_cls's backbone.pt; not when resuming) and frozen stages."""
+    weights = cfg.model.backbone_weights if load_backbone else None
+    model = build_detector(cfg.model.scale, num_classes, cfg.model.backbone, weights)
     if cfg.train.freeze_stages:
         count = freeze_stages(model.backbone, cfg.train.freeze_stages)
         logger.info("froze %d backbone tensors (train.freeze_stages=%d)", count, cfg.train.freeze_stages)
@@ -107,8 +115,13 @@ def training_state(
     position: tuple[int, int],
     last_step: int,
     best: dict[str, Any],
+    partial_sums: list[float] | None = None,
 ) -> dict[str, Any]:
-    """What a resume needs beyond the inference weights (stored as last.pt's `train_state`)."""
+    """What a resume needs beyond the inference weights (stored as last.pt's `train_state`).
+
+    `position` is (epoch, batches of it folded into an optimizer step); `partial_sums` the loss sums of those
+    batches (an interrupted epoch), so the resumed epoch's results row equals an uninterrupted one.
+    """
     return {
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -118,6 +131,8 @@ def training_state(
         "batch": position[1],
         "last_step": last_step,
         "best": dict(best),
+        "partial_sums": list(partial_sums) if partial_sums is not None else None,
+        "gradients": pending_gradients(model),
         "rng": rng_state(),
     }
 
@@ -129,8 +144,12 @@ def restore_training_state(
     ema: ModelEMA | None,
     scaler: torch.amp.GradScaler | None,
     path: str,
-) -> tuple[tuple[int, int], int, dict[str, Any]]:
-    """Load `training_state` into the training objects and the global RNGs; returns (position, last_step, best)."""
+) -> tuple[tuple[int, int], int, dict[str, Any], list[float] | None]:
+    """Load `training_state` into the training objects and the global RNGs.
+
+    Returns:
+        (position, last_step, best, partial_sums) to continue from.
+    """
     try:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -142,5 +161,7 @@ def restore_training_state(
         raise UserError(f"cannot resume from {path}: {str(exc).strip().splitlines()[0]}") from None
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
+    restore_gradients(model, state.get("gradients") or {})
     set_rng_state(state["rng"])
-    return (int(state["epoch"]), int(state["batch"])), int(state["last_step"]), dict(state["best"])
+    position = (int(state["epoch"]), int(state["batch"]))
+    return position, int(state["last_step"]), dict(state["best"]), state.get("partial_sums")

@@ -40,6 +40,15 @@ def test_parameter_counts_equal_ultralytics(scale: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == ULTRALYTICS_BACKBONE_PARAMS[scale]
 
 
+def test_parameter_counts_equal_live_ultralytics() -> None:
+    """The constants above, recounted from Ultralytics' own models built from yaml (no download)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    tasks = pytest.importorskip("ultralytics.nn.tasks")
+    for scale, expected in ULTRALYTICS_BACKBONE_PARAMS.items():
+        reference = tasks.DetectionModel(f"yolov8{scale}.yaml", nc=80, verbose=False)
+        assert sum(p.numel() for p in reference.model[:10].parameters()) == expected
+
+
 def test_structure_names_and_outputs() -> None:
     model = CSPDarknet(*CSP_SCALES["n"])
     assert [name for name, _ in model.named_children()] == ["stem", "stages"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ class EpochIndexSampler(Sampler):
     def __init__(self, n: int, epoch: int) -> None:
         self.n, self.epoch = n, epoch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         order = np.random.default_rng(self.epoch).permutation(self.n)
         return iter((int(i), self.epoch) for i in order)
 
@@ -116,6 +117,19 @@ def test_close_mosaic_equals_no_mosaic() -> None:
     assert not torch.equal(with_mosaic[0], plain[(1, 0)][0])
 
 
+def test_close_mosaic_reaches_persistent_workers() -> None:
+    source = TinySource()
+    data = DetectionDataset(source, 64, train=True, mosaic=1.0, seed=4)
+    plain = DetectionDataset(source, 64, train=True, mosaic=0.0, seed=4)
+    loader = DataLoader(data, batch_size=6, num_workers=1, persistent_workers=True, collate_fn=detection_collate)
+    first = next(iter(loader))
+    data.close_mosaic()
+    second = next(iter(loader))  # same worker process, which got its copy of the data set before the call
+    expected = detection_collate([plain[i] for i in range(6)])
+    assert not torch.equal(first[0], expected[0])
+    assert torch.equal(second[0], expected[0]) and torch.equal(second[1], expected[1])
+
+
 def test_val_mode_is_letterbox_only() -> None:
     source = TinySource()
     data = DetectionDataset(source, 96, train=False)
@@ -169,3 +183,24 @@ def test_bad_arguments_raise_user_error() -> None:
         DetectionDataset(TinySource(), 64, train=True, mosaic=1.5)
     with pytest.raises(IndexError):
         DetectionDataset(TinySource(), 64, train=True)[6]
+
+
+def test_cub_detection_through_both_modes(synth_cub_root: Path) -> None:
+    from detect.boxes import scale_boxes_to_original
+    from detect.data.cub import CubDetection
+
+    source = CubDetection(synth_cub_root, split="train", labels="species")
+    train = DetectionDataset(source, 64, train=True, seed=0)
+    val = DetectionDataset(CubDetection(synth_cub_root, split="test", labels="species"), 64, train=False)
+    images, targets, metas = detection_collate([train[(i, 1)] for i in range(len(train))])
+    assert images.shape == (len(source), 3, 64, 64) and targets.shape[1] == 6 and len(targets) >= 1
+    assert (targets[:, 2:] >= 0).all() and (targets[:, 2:] <= 64).all()
+    assert set(targets[:, 1].long().tolist()) <= set(range(len(source.class_names)))
+    assert [m["image_id"] for m in metas] == source.image_ids
+    assert_same(train[(5, 1)], train[(5, 1)])
+    for i in range(len(val)):
+        _, boxes, labels, meta = val[i]
+        expected_boxes, expected_labels = val.source.annotations(i)
+        back = scale_boxes_to_original(boxes.double(), meta["ratio"], meta["pad"], meta["orig_size"])
+        np.testing.assert_allclose(back.numpy(), expected_boxes, atol=1e-3)
+        assert np.array_equal(labels.numpy(), expected_labels) and meta["orig_size"] == val.source.image_size(i)

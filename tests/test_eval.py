@@ -187,10 +187,20 @@ def test_bad_input_is_a_user_error(tmp_path):
         coco_evaluate(tmp_path / "bad.json", [])
     with pytest.raises(UserError, match="lacks key"):
         coco_evaluate({"images": []}, [])
+    with pytest.raises(UserError, match=r"annotation 0 lacks \['bbox'\]"):
+        coco_evaluate({**gt, "annotations": [{"id": 1, "image_id": 1, "category_id": 1}]}, [])
     with pytest.raises(UserError, match="unknown eval backend"):
         coco_evaluate(gt, [], backend="nope")
     with pytest.raises(UserError, match="max_dets"):
         coco_evaluate(gt, [], max_dets=(10, 1, 100))
+
+
+def test_missing_area_is_computed_from_the_box():
+    gt = make_gt([(1, 1, [0, 0, 20, 20])])
+    del gt["annotations"][0]["area"]
+    m = coco_evaluate(gt, [det(1, 1, [0, 0, 20, 20], 0.9)])
+    assert m["APs"] == pytest.approx(1.0, abs=EXACT) and m["APl"] == -1
+    assert "area" not in gt["annotations"][0]  # the caller's dict is left alone
 
 
 def test_json_path_input(tmp_path):

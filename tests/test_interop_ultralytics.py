@@ -25,6 +25,8 @@ from detect.interop.ultralytics import (  # noqa: E402
 )
 
 SCALES = ["n", "s", "m", "l", "x"]
+# l and x take most of this file's time on a busy machine: marked slow (they still run in `make test`).
+PARITY_SCALES = ["n", "s", "m", pytest.param("l", marks=pytest.mark.slow), pytest.param("x", marks=pytest.mark.slow)]
 
 
 def _ultralytics_model(scale: str, num_classes: int = 80, seed: int = 0) -> torch.nn.Module:
@@ -60,7 +62,7 @@ def _max_diffs(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, floa
     ).abs().max().item()
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", PARITY_SCALES)
 @torch.no_grad()
 def test_eval_outputs_equal_ultralytics(scale: str) -> None:
     theirs = _ultralytics_model(scale)
@@ -122,13 +124,15 @@ def test_checkpoint_file_yolo_object_and_nc(tmp_path: Path) -> None:
     from_file = from_ultralytics(path)
     from_memory = from_ultralytics(half)
     assert from_file.num_classes == 3
+    trainable = {name for name, p in from_file.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in from_file.named_parameters()} - {"head.dfl_bins"}
     images = torch.rand(1, 3, 64, 64)
     assert torch.equal(from_file(images), from_memory(images))
 
     from ultralytics import YOLO
 
-    wrapped = YOLO("yolov8s.yaml", verbose=False)  # built from the yaml; nothing downloaded
-    assert from_ultralytics(wrapped).backbone.stem.conv.out_channels == 32
+    wrapped = YOLO("yolov8n.yaml", verbose=False)  # built from the yaml; nothing downloaded
+    assert from_ultralytics(wrapped).backbone.stem.conv.out_channels == 16
 
 
 def test_unsafe_pickle_needs_explicit_trust(tmp_path: Path) -> None:

@@ -73,6 +73,8 @@ def test_unsorted_targets_and_wrong_channels() -> None:
     assert parts == sorted_parts
     with pytest.raises(UserError, match="expected \\[B, 68, H, W\\]"):
         DetectionLoss(NUM_CLASSES + 1, STRIDES)(levels, targets)
+    with pytest.raises(UserError, match="class ids \\[3.0\\] out of range"):
+        loss(levels, torch.tensor([[0, 3, 10, 10, 60, 70]], dtype=torch.float))
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,21 @@ def test_fuse_keeps_outputs_and_refuses_training() -> None:
         model.train()
 
 
+@pytest.mark.parametrize("name", ["resnet18", "tv:mobilenet_v3_small"])
+@torch.no_grad()
+def test_fuse_other_backbones(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_detector("n", num_classes=2, backbone=name)
+    _randomise_batchnorm(model)
+    model.eval()
+    images = torch.rand(1, 3, 64, 64)
+    reference = model(images)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    out = model.fuse()(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # conv-bn pairs of every kind
+    torch.testing.assert_close(out, reference, atol=1e-3, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_channels_last_and_bf16_autocast_options() -> None:
     torch.manual_seed(0)

@@ -136,3 +136,56 @@ def test_pipeline_boxes_enclose_their_rectangles(index: int) -> None:
                 # only boxes YOLOv8's filter dropped leave colour behind: cut by the border or thinner than 2 px
                 touches_border = x == 0 or y == 0 or x + w == size or y + h == size
                 assert touches_border or min(w, h) <= 3, (epoch, label, (x, y, w, h))
+
+
+class UltralyticsLikeData:
+    """The few members Ultralytics' Mosaic reads from its data set, over long-side-S images of RectSource."""
+
+    cache = "ram"  # no buffer: partners drawn with random.randint over the whole set, as ours
+
+    def __init__(self, size: int) -> None:
+        from detect.data.transforms import resize_long_side
+
+        source = RectSource()
+        self.items = []
+        for k in range(len(source)):
+            image, boxes = resize_long_side(source.load_image(k), size, source.annotations(k)[0])
+            self.items.append((image, boxes, source.annotations(k)[1]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get_image_and_label(self, i: int) -> dict:
+        from ultralytics.utils.instance import Instances
+
+        image, boxes, labels = self.items[i]
+        return {
+            "img": image.copy(),
+            "cls": labels.reshape(-1, 1).astype(np.float32),
+            "instances": Instances(boxes.copy(), bbox_format="xyxy", normalized=False),
+            "im_file": f"{i}.png",
+            "ori_shape": image.shape[:2],
+            "resized_shape": image.shape[:2],
+        }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mosaic4_matches_ultralytics(seed: int) -> None:
+    import random
+
+    from ultralytics.data.augment import Mosaic
+
+    size = 96
+    data = UltralyticsLikeData(size)
+    random.seed(seed)
+    primary = random.randrange(len(data))
+    theirs = Mosaic(data, imgsz=size, p=1.0)(data.get_image_and_label(primary))
+    random.seed(seed)
+    random.randrange(len(data)), random.uniform(0, 1)  # primary, then Mosaic's probability draw
+    partners = [random.randint(0, len(data) - 1) for _ in range(3)]
+    yc, xc = int(random.uniform(size / 2, 1.5 * size)), int(random.uniform(size / 2, 1.5 * size))
+    canvas, boxes, labels = mosaic4([data.items[k] for k in (primary, *partners)], size, (xc, yc))
+    assert np.array_equal(canvas, theirs["img"])
+    theirs["instances"].convert_bbox(format="xyxy")
+    np.testing.assert_allclose(boxes, theirs["instances"].bboxes, atol=1e-4)
+    np.testing.assert_array_equal(labels, theirs["cls"].reshape(-1))

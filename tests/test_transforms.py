@@ -214,3 +214,62 @@ def test_cls_train_pipeline_is_seedable(rrc: bool) -> None:
     assert a.shape == (3, 48, 48) and torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(UserError):
         build_cls_transforms(True, 64, 48)
+
+
+# --- parity with Ultralytics (numbers, same random draws) -------------------------------------------------------------
+
+
+class PyRandomShim:
+    """Feeds our `rng.uniform` calls from Python's `random`, in the order Ultralytics draws them."""
+
+    def uniform(self, low: float, high: float, size: int | None = None) -> float | np.ndarray:
+        import random
+
+        if size is None:
+            return random.uniform(low, high)
+        return np.array([random.uniform(low, high) for _ in range(size)])
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size"), [(375, 500, 256), (500, 333, 256), (97, 61, 64), (64, 64, 64), (30, 40, 96)]
+)
+def test_letterbox_matches_ultralytics(h: int, w: int, size: int) -> None:
+    from ultralytics.data.augment import LetterBox
+
+    image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    theirs = LetterBox(new_shape=(size, size), auto=False)(image=image.copy())
+    assert np.array_equal(letterbox(image, size)[0], theirs)
+
+
+def test_hsv_matches_ultralytics() -> None:
+    from ultralytics.data.augment import RandomHSV
+
+    image = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    for seed in range(5):
+        np.random.seed(seed)
+        theirs = RandomHSV(0.015, 0.7, 0.4)({"img": np.ascontiguousarray(image[..., ::-1])})["img"][..., ::-1]
+        ours = random_hsv(image, (0.015, 0.7, 0.4), np.random.RandomState(seed))
+        assert np.array_equal(ours, theirs)
+
+
+def test_affine_matrix_boxes_and_filter_match_ultralytics() -> None:
+    import random
+
+    from ultralytics.data.augment import RandomPerspective
+
+    theirs = RandomPerspective(degrees=10.0, translate=0.1, scale=0.5, shear=5.0, size=(96, 96))
+    canvas = np.zeros((192, 160, 3), dtype=np.uint8)
+    boxes = np.array([[10, 20, 60, 90], [100, 5, 150, 180], [0, 0, 160, 192]], dtype=np.float32)
+    for seed in range(5):
+        random.seed(seed)
+        m_theirs, s_theirs = theirs._compute_affine_matrix(canvas, (96, 96))
+        random.seed(seed)
+        random.uniform(0, 0), random.uniform(0, 0)  # Ultralytics draws the two perspective terms first
+        m_ours, s_ours = affine_matrix((192, 160), 96, PyRandomShim(), 0.5, 0.1, 10.0, 5.0)
+        np.testing.assert_allclose(m_ours, m_theirs, rtol=1e-5, atol=1e-4)
+        assert s_ours == pytest.approx(s_theirs)
+        warped = warp_boxes(boxes, m_ours)
+        np.testing.assert_allclose(warped, theirs.apply_bboxes(boxes, m_theirs), rtol=1e-5, atol=1e-3)
+        clipped = warped.clip(0, 96)
+        expected = RandomPerspective.box_candidates(box1=(boxes * s_ours).T, box2=clipped.T, area_thr=0.1)
+        np.testing.assert_array_equal(box_candidates(boxes * s_ours, clipped), expected)

@@ -10,7 +10,6 @@ Under torchrun (`torchrun --nproc_per_node=N tools/train_cls.py ...`) the proces
 from __future__ import annotations
 
 import csv
-import functools
 import sys
 import time
 from pathlib import Path
@@ -27,12 +26,13 @@ from detect.classify import (
     build_cls_datasets,
     build_cls_loaders,
     build_cls_model,
+    build_lr_schedule,
     evaluate,
     make_checkpoint,
     restore_checkpoint,
     train_one_epoch,
 )
-from detect.cli import run_tool
+from detect.cli import check_interrupt, deferred_interrupts, run_tool
 from detect.config import ClsConfig, ClsDataConfig, config_to_dict, load_config
 from detect.distributed import (
     DistInfo,
@@ -43,7 +43,7 @@ from detect.distributed import (
     prepare_model,
     unwrap,
 )
-from detect.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
+from detect.optim import ModelEMA, build_optimizer, build_param_groups
 from detect.runs import ResultsCSV, make_run_dir, save_config
 from detect.seeding import seed_everything
 from detect.viz import plot_confusion_matrix, plot_curves
@@ -108,8 +108,7 @@ def record_epoch(run_dir: Path, epoch: int, stats: dict, metrics: dict, best: di
     if metrics["top1"] > best["top1"]:
         best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch + 1}
         save_best(run_dir, epoch, metrics, state)
-    state["best"] = best
-    atomic_save(make_checkpoint(**state), run_dir / "last.pt")
+    atomic_save(make_checkpoint(**{**state, "best": best}, position=(epoch + 1, 0)), run_dir / "last.pt")
     return best
 
 
@@ -131,71 +130,90 @@ def save_best(run_dir: Path, epoch: int, metrics: dict, state: dict[str, Any]) -
             writer.writerow([label, name, f"{acc:.4f}", int(metrics["confusion"][label].sum())])
 
 
+def log_epoch(epoch: int, epochs: int, stats: dict, metrics: dict, best: dict, seconds: float) -> None:
+    """One summary line per epoch (the progress bar shows the steps)."""
+    print(
+        f"epoch {epoch + 1}/{epochs}: train loss {stats['loss']:.4f} acc {stats['acc']:.3f} | val loss "
+        f"{metrics['loss']:.4f} top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} | best {best['top1']:.3f} "
+        f"(epoch {best['epoch']}) | {seconds:.1f}s",
+        flush=True,
+    )
+
+
+def save_interrupted(run_dir: Path, state: dict[str, Any], position: tuple[int, int], sums: list | None) -> None:
+    """Rank 0 after Ctrl-C / SIGTERM: last.pt at the position reached, and how to continue."""
+    atomic_save(make_checkpoint(**state, position=position, epoch_sums=sums), run_dir / "last.pt")
+    print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {position[0] + 1}, batch {position[1]}); "
+          f"continue with train.resume={run_dir / 'last.pt'}", file=sys.stderr)  # fmt: skip
+
+
+def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
+    """The run, linearly: seed, run dir, data, model, optimizer, (resume), epochs of train + evaluate + record."""
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run(cfg, ckpt, info)
+    train_set, val_set = build_cls_datasets(cfg)
+    model = build_cls_model(cfg, train_set.num_classes).to(info.device)
+    optimizer = build_optimizer(t.optimizer, build_param_groups(model, t.weight_decay), t.lr, t.momentum)
+    ema = ModelEMA(model) if t.ema else None
+    amp_dtype = autocast_dtype(cfg, info.device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    position, best, sums = (0, 0), {"top1": -1.0, "top5": 0.0, "epoch": 0}, None
+    if ckpt is not None:
+        position, best, sums = restore_checkpoint(ckpt, model, optimizer, ema, scaler, t.resume)
+        if info.is_main:
+            ResultsCSV(run_dir / "results.csv").truncate(position[0])
+    model = prepare_model(model, info, t.sync_bn)
+    train_loader, train_sampler, val_loader = build_cls_loaders(train_set, val_set, cfg, info)
+    iters = -(-len(train_sampler.shard(0)) // train_loader.batch_size)  # ceil: batches per full epoch
+    lr_fn, loss_fn = build_lr_schedule(cfg), nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    state = {"model": model, "optimizer": optimizer, "ema": ema, "scaler": scaler, "best": best,
+             "config": config_to_dict(cfg), "class_names": train_set.class_names}  # fmt: skip
+    if info.is_main:
+        print(f"train_cls: {cfg.model.backbone}, {len(train_set)} train / {len(val_set)} val images, "
+              f"{train_set.num_classes} classes, {info.device} x{info.world_size} -> {run_dir}")  # fmt: skip
+    try:
+        with deferred_interrupts():  # Ctrl-C / SIGTERM act at safe points: after a step, a val batch, an epoch
+            for epoch in range(position[0], t.epochs):
+                start = time.perf_counter()
+                train_sampler.set_epoch(epoch, position[1])
+                stats = train_one_epoch(model, train_loader, optimizer, loss_fn, info.device, epoch, lr_fn, iters,
+                                        position[1], ema, scaler, amp_dtype, info.is_main, sums)  # fmt: skip
+                position, sums = (epoch, iters), None
+                evaluated = ema.ema if ema is not None else model
+                metrics = evaluate(
+                    evaluated, val_loader, info.device, train_set.num_classes, t.label_smoothing, amp_dtype
+                )
+                if info.is_main:
+                    state["best"] = best = record_epoch(run_dir, epoch, stats, metrics, best, state)
+                    log_epoch(epoch, t.epochs, stats, metrics, best, time.perf_counter() - start)
+                position = (epoch + 1, 0)
+                check_interrupt()
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, TrainingInterrupted):
+            position, sums = (stop.epoch, stop.batch), stop.sums
+        if info.is_main:
+            save_interrupted(run_dir, state, position, sums)
+        raise
+    if info.is_main:
+        print(f"done: best top-1 {best['top1']:.4f} at epoch {best['epoch']}; backbone: {run_dir / 'backbone.pt'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`tools/train_cls.py [CONFIG] [key=value ...]`; returns the exit code (errors are raised for `run_tool`)."""
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
         print(__doc__.strip().splitlines()[0] + "\n" + USAGE)
         return 0
     cfg, ckpt = resolve_config(argv)
     info = init_distributed(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
-    run_dir = prepare_run(cfg, ckpt, info)
-    train_set, val_set = build_cls_datasets(cfg)
-    model = build_cls_model(cfg, train_set.num_classes).to(info.device)
-    optimizer = build_optimizer(
-        cfg.train.optimizer, build_param_groups(model, cfg.train.weight_decay), cfg.train.lr, cfg.train.momentum
-    )
-    ema = ModelEMA(model) if cfg.train.ema else None
-    amp_dtype = autocast_dtype(cfg, info.device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    position, best = (0, 0), {"top1": -1.0, "top5": 0.0, "epoch": 0}
-    if ckpt is not None:
-        position, best = restore_checkpoint(ckpt, model, optimizer, ema, scaler, cfg.train.resume)
-        if info.is_main:
-            ResultsCSV(run_dir / "results.csv").truncate(position[0])
-    model = prepare_model(model, info, cfg.train.sync_bn)
-    train_loader, train_sampler, val_loader = build_cls_loaders(train_set, val_set, cfg, info)
-    iters = -(-len(train_sampler.shard(0)) // train_loader.batch_size)  # ceil: batches per full epoch
-    t = cfg.train
-    lr_fn = functools.partial(lr_at, base_lr=t.lr, schedule=t.scheduler, epochs=t.epochs, warmup_epochs=t.warmup_epochs,
-                              warmup_start=t.warmup_start, lrf=t.lrf, milestones=list(t.milestones),
-                              step_size=t.step_size, gamma=t.gamma)  # fmt: skip
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    state = {"model": model, "optimizer": optimizer, "ema": ema, "scaler": scaler, "best": best,
-             "config": config_to_dict(cfg), "class_names": train_set.class_names}  # fmt: skip
-    if info.is_main:
-        print(f"train_cls: {cfg.model.backbone} on {cfg.data.root} ({len(train_set)} train / {len(val_set)} val, "
-              f"{train_set.num_classes} classes), {t.epochs} epochs on {info.device} x{info.world_size} -> {run_dir}")  # fmt: skip
     try:
-        for epoch in range(position[0], t.epochs):
-            start = time.perf_counter()
-            train_sampler.set_epoch(epoch, position[1])
-            stats = train_one_epoch(model, train_loader, optimizer, loss_fn, info.device, epoch, lr_fn, iters,
-                                    position[1], ema, scaler, amp_dtype, info.is_main)  # fmt: skip
-            position = (epoch, iters)
-            evaluated = ema.ema if ema is not None else model
-            metrics = evaluate(evaluated, val_loader, info.device, train_set.num_classes, t.label_smoothing, amp_dtype)
-            if info.is_main:
-                best = record_epoch(run_dir, epoch, stats, metrics, best, {**state, "position": (epoch + 1, 0)})
-                print(f"epoch {epoch + 1}/{t.epochs}: train loss {stats['loss']:.4f} acc {stats['acc']:.3f} | "
-                      f"val loss {metrics['loss']:.4f} top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} | "
-                      f"best {best['top1']:.3f} (epoch {best['epoch']}) | {time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
-            position = (epoch + 1, 0)
-    except KeyboardInterrupt as stop:
-        if isinstance(stop, TrainingInterrupted):
-            position = (stop.epoch, stop.batch)
-        if info.is_main:
-            atomic_save(make_checkpoint(**{**state, "best": best, "position": position}), run_dir / "last.pt")
-            print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {position[0] + 1}, batch {position[1]}); "
-                  f"continue with train.resume={run_dir / 'last.pt'}", file=sys.stderr)  # fmt: skip
-        raise
+        return train(cfg, ckpt, info)
     finally:
         cleanup_distributed()
-    if info.is_main:
-        print(f"done: best top-1 {best['top1']:.4f} at epoch {best['epoch']}; backbone: {run_dir / 'backbone.pt'}")
-    return 0
 
 
 if __name__ == "__main__":

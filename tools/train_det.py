@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from detect.data.coco import write_coco_json
 
 from backbones.checkpoint import atomic_save
 from backbones.errors import UserError
 from detect.classify import TrainingInterrupted
 from detect.cli import run_tool
 from detect.config import DetConfig, DetDataConfig, config_to_dict, load_config
+from detect.data.coco import write_coco_json
 from detect.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed, prepare_model
 from detect.engine import StepState, evaluate, nan_to_zero, train_one_epoch
 from detect.optim import ModelEMA
@@ -61,7 +61,9 @@ def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
     """The config (CONFIG, default configs/det/default.yaml) and, with train.resume, the last.pt whose config is
     the base (CONFIG and overrides on top)."""
     path, overrides = parse_args(argv)
-    path = path or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
+    resuming = any(arg.startswith("train.resume=") and arg != "train.resume=null" for arg in overrides)
+    if path is None and not resuming and DEFAULT_CONFIG.is_file():
+        path = str(DEFAULT_CONFIG)
     cfg = load_config(DetConfig, path, overrides)
     if not cfg.train.resume:
         return cfg, None
@@ -125,15 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     gt_path = run_dir / "val_gt.json"
     if info.is_main and not gt_path.exists():
         write_coco_json(val_set.source, gt_path)
-    model = build_det_model(cfg, num_classes).to(info.device)
+    model = build_det_model(cfg, num_classes, load_backbone=ckpt is None).to(info.device)
     criterion = build_det_criterion(cfg, model)
     optimizer = build_det_optimizer(cfg, model)
     ema = ModelEMA(model) if t.ema else None
     scaler = torch.amp.GradScaler("cuda") if info.device.type == "cuda" and t.amp and not t.bf16 else None
-    position, step, best = (0, 0), StepState(), {"AP": -1.0, "epoch": 0}
+    position, step, best, partial_sums = (0, 0), StepState(), {"AP": -1.0, "epoch": 0}, None
     if ckpt is not None:
-        position, step.last_step, best = restore_training_state(ckpt["train_state"], model, optimizer, ema, scaler,
-                                                                cfg.train.resume)  # fmt: skip
+        position, step.last_step, best, partial_sums = restore_training_state(
+            ckpt["train_state"], model, optimizer, ema, scaler, cfg.train.resume
+        )
         if info.is_main:
             ResultsCSV(run_dir / "results.csv").truncate(position[0])
     model = prepare_model(model, info, t.sync_bn)
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint(metrics: dict, epoch: int, with_state: bool) -> dict:
         evaluated = ema.ema if ema is not None else model
-        state = training_state(model, optimizer, ema, scaler, position, step.last_step, best) if with_state else None
+        state = training_state(model, optimizer, ema, scaler, position, step.last_step, best, partial_sums)
+        state = state if with_state else None
         return detector_checkpoint(evaluated, arch, names, cat_ids, config, metrics, epoch, state)
 
     if info.is_main:
@@ -160,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 train_set.close_mosaic()  # explicit: YOLOv8's last epochs see plain images
             sampler.set_epoch(epoch, position[1])
             stats = train_one_epoch(model, criterion, train_loader, optimizer, ema, schedule, step, epoch, info.device,
-                                    position[1], t.amp, t.bf16, t.channels_last, scaler, t.grad_clip)  # fmt: skip
-            position = (epoch + 1, 0)
+                                    position[1], t.amp, t.bf16, t.channels_last, scaler, t.grad_clip,
+                                    partial_sums)  # fmt: skip
+            position, partial_sums = (epoch + 1, 0), None
             last = epoch + 1 == t.epochs
             metrics: dict[str, Any] = {}
             if info.is_main and ((epoch + 1) % cfg.eval.interval == 0 or last):
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)  # fmt: skip
     except KeyboardInterrupt as stop:
         if isinstance(stop, TrainingInterrupted):
-            position = (stop.epoch, stop.batch)
+            position, partial_sums = (stop.epoch, stop.batch), stop.sums
         if info.is_main:
             atomic_save(checkpoint({}, position[0], True), run_dir / "last.pt")
             print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {position[0] + 1}, batch {position[1]}); "

@@ -15,12 +15,11 @@ import math
 import sys
 from pathlib import Path
 
-from detect.data.coco import write_coco_json
-
 from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.config import DetConfig, load_config
 from detect.data.build import build_source
+from detect.data.coco import write_coco_json
 from detect.data.detection import DetectionDataset
 from detect.distributed import DistInfo, select_device
 from detect.engine import evaluate

@@ -1,0 +1,45 @@
+"""Shared test set-up: offline environment variables and a tiny synthetic mini-CUB.
+
+The environment variables are set at import time, before any test module imports albumentations, Ultralytics or
+matplotlib, so that nothing reaches the network and no settings land in the home folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_TMP = Path(tempfile.gettempdir())
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_CONFIG_DIR"] = str(_TMP / "plugdet-yolo-config")
+os.environ["MPLCONFIGDIR"] = str(_TMP / "plugdet-mpl-config")
+
+SYNTH_SPECIES = 4
+SYNTH_PER_SPECIES = 6  # 3 train + 3 test per species
+SYNTH_WIDTH = (96, 128)
+SYNTH_HEIGHT = (72, 96)
+
+
+@pytest.fixture(scope="session")
+def synth_cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding a tiny synthetic `CUB_200_2011/` (4 species x 6 images of 96-128 x 72-96 px, seed 0).
+
+    The folder is the data root the configs expect (`data.root=<it>`); `find_cub_root` accepts it. 12 train and
+    12 test images; treat it as read-only, it is shared by the whole session.
+    """
+    from detect.data.synth import make_synth_cub
+
+    out = tmp_path_factory.mktemp("synth_cub")
+    make_synth_cub(
+        out,
+        num_species=SYNTH_SPECIES,
+        images_per_species=SYNTH_PER_SPECIES,
+        seed=0,
+        width_range=SYNTH_WIDTH,
+        height_range=SYNTH_HEIGHT,
+    )
+    return out
