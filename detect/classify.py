@@ -115,13 +115,15 @@ def build_cls_loaders(
     return train_loader, train_sampler, val_loader
 
 
-def build_cls_model(cfg: DictConfig, num_classes: int) -> Classifier:
+def build_cls_model(cfg: DictConfig, num_classes: int, load_weights: bool = True) -> Classifier:
     """`Classifier(build_backbone(...))` with optional backbone weights and the finetune mode of `cfg.train`.
 
     finetune: "all" trains everything; "freeze" freezes the first `train.freeze_stages` stages (-1 = the whole
-    backbone; frozen BatchNorm stays in eval mode); "classifier" trains only the linear head.
+    backbone; frozen BatchNorm stays in eval mode); "classifier" trains only the linear head. `load_weights=False`
+    skips `model.backbone_weights` (a resume overwrites every weight anyway).
     """
-    kwargs = {"weights": cfg.model.backbone_weights} if cfg.model.backbone_weights else {}
+    weights = cfg.model.backbone_weights if load_weights else None
+    kwargs = {"weights": weights} if weights else {}
     backbone = build_backbone(cfg.model.backbone, **kwargs)
     model = Classifier(backbone, num_classes, dropout=cfg.model.dropout)
     mode, stages = cfg.train.finetune, cfg.train.freeze_stages

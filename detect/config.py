@@ -40,8 +40,8 @@ def _at_least(default: Any, low: float) -> Any:
 @dataclass
 class ClsDataConfig:
     root: str = "data/synth_cub"  # folder holding CUB_200_2011/ (or that folder); the default is generated if absent
-    img_size: int = _at_least(128, 8)  # network input side (train crop, val centre crop)
-    resize_size: int = _at_least(146, 8)  # shorter side (val) / square side (train) before cropping
+    img_size: int = _at_least(96, 8)  # network input side (train crop, val centre crop)
+    resize_size: int = _at_least(110, 8)  # shorter side (val) / square side (train) before cropping
     random_resized_crop: bool = False  # RandomResizedCrop(img_size) instead of Resize + RandomCrop
 
 
@@ -54,13 +54,13 @@ class ClsModelConfig:
 
 @dataclass
 class ClsTrainConfig:
-    epochs: int = _at_least(16, 1)
+    epochs: int = _at_least(12, 1)
     batch_size: int = _at_least(32, 1)  # total over all processes
-    lr: float = _at_least(0.02, 0.0)
+    lr: float = _at_least(0.002, 0.0)
     lrf: float = _at_least(0.01, 0.0)  # final lr = lr * lrf (cosine, linear)
-    optimizer: str = _choice("sgd", "adamw")
+    optimizer: str = _choice("adamw", "sgd")
     momentum: float = _at_least(0.9, 0.0)  # SGD momentum (nesterov) or AdamW beta1
-    weight_decay: float = _at_least(5e-4, 0.0)  # not applied to norm weights and biases
+    weight_decay: float = _at_least(0.05, 0.0)  # not applied to norm weights and biases
     scheduler: str = _choice("cosine", "step", "multistep", "linear")
     milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr *= gamma
     step_size: int = _at_least(30, 1)  # step: lr *= gamma every step_size epochs
@@ -185,6 +185,7 @@ def _section(schema: type, dotted: str) -> tuple[type, str]:
 
 
 def _is_section(f: dataclasses.Field) -> bool:
+    """A field whose default is a dataclass instance built by its factory: a section such as `train`."""
     return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
 
 
@@ -192,13 +193,20 @@ def _field_type(f: dataclasses.Field) -> type:
     return f.default_factory  # sections are built by their own class
 
 
-def _valid_keys(schema: type, dotted: str) -> str:
-    cls, name = _section(schema, dotted)
+def _valid_keys_of(cls: type, prefix: str) -> str:
+    """'valid keys of 'train': epochs, ...' for the section `cls` at dotted `prefix` ('' or 'train.')."""
     keys = ", ".join(f.name for f in dataclasses.fields(cls))
+    name = prefix.rstrip(".")
     return f"valid keys of {name!r}: {keys}" if name else f"valid top-level keys: {keys}"
 
 
-def _flatten(schema: type, node: Any, prefix: str, where: str) -> dict[str, Any]:
+def _valid_keys(schema: type, dotted: str) -> str:
+    """The valid keys of the section holding the dotted key `dotted`."""
+    cls, name = _section(schema, dotted)
+    return _valid_keys_of(cls, f"{name}." if name else "")
+
+
+def _flatten(schema: type, node: Any, prefix: str, where: Callable[[str], str]) -> dict[str, Any]:
     """Dotted leaf keys of a user mapping, each checked against the schema; unknown keys raise UserError."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     leaves: dict[str, Any] = {}
@@ -221,13 +229,7 @@ def _flatten(schema: type, node: Any, prefix: str, where: str) -> dict[str, Any]
     return leaves
 
 
-def _valid_keys_of(cls: type, prefix: str) -> str:
-    keys = ", ".join(f.name for f in dataclasses.fields(cls))
-    name = prefix.rstrip(".")
-    return f"valid keys of {name!r}: {keys}" if name else f"valid top-level keys: {keys}"
-
-
-def _yaml_lines(path: Path, text: str) -> dict[str, int]:
+def _yaml_lines(text: str) -> dict[str, int]:
     """1-based line of every dotted key in a YAML mapping (for error messages)."""
     lines: dict[str, int] = {}
 
@@ -263,7 +265,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data, _yaml_lines(path, text)
+    return data, _yaml_lines(text)
 
 
 def _parse_override(item: str) -> dict[str, Any]:
@@ -293,6 +295,7 @@ def _check_values(schema: type, cfg: DictConfig, where: Callable[[str], str], pr
 
 
 def _merge(schema: type, cfg: DictConfig, data: dict[str, Any], where: Callable[[str], str]) -> DictConfig:
+    """Set every leaf of `data` on `cfg`, each checked: unknown key or wrong type -> UserError (one line)."""
     leaves = _flatten(schema, data, "", where)
     for dotted, value in leaves.items():
         try:

@@ -63,7 +63,7 @@ def detect_image(
     boxed, _, meta = letterbox(image, img_size)
     batch = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None]  # [1, 3, S, S]
     with autocast(device, amp=False, bf16=bf16):
-        preds = model(to_input(batch, device, channels_last=False))  # [1, A, 4 + C]
+        preds = model(to_input(batch, device, channels_last=True))  # [1, A, 4 + C]
     result = postprocess(preds.float(), conf, iou, max_det, metas=[meta])[0]
     return {k: v.cpu() for k, v in result.items()}
 

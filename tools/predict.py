@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     files = find_inputs(args.source)
     device = select_device(args.device)
-    model, ckpt = load_detector(args.weights, device)
+    model, ckpt = load_detector(args.weights, device, fuse=True, channels_last=True)
     names = list(ckpt["class_names"])
     img_size = args.img_size or int(ckpt["config"]["data"]["img_size"])
     out = make_run_dir(args.out or Path("runs/predict") / Path(args.weights).resolve().parent.name)

@@ -155,10 +155,12 @@ def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
     seed_everything(cfg.seed)
     run_dir = prepare_run(cfg, ckpt, info)
     train_set, val_set = build_cls_datasets(cfg)
-    model = build_cls_model(cfg, train_set.num_classes).to(info.device)
+    model = build_cls_model(cfg, train_set.num_classes, load_weights=ckpt is None).to(info.device)
     optimizer = build_optimizer(t.optimizer, build_param_groups(model, t.weight_decay), t.lr, t.momentum)
     ema = ModelEMA(model) if t.ema else None
     amp_dtype = autocast_dtype(cfg, info.device)
+    if t.amp and info.device.type != "cuda" and info.is_main:
+        print("warning: train.amp needs CUDA; training in float32 (train.bf16=true autocasts on CPU)", file=sys.stderr)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     position, best, sums = (0, 0), {"top1": -1.0, "top5": 0.0, "epoch": 0}, None
     if ckpt is not None:

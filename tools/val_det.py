@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: usage errors exit 2 after one line; --help exits 0
         return int(exc.code or 0)
     device = select_device(next((o.split("=", 1)[1] for o in overrides if o.startswith("train.device=")), "auto"))
-    model, ckpt = load_detector(args.weights, device)
+    model, ckpt = load_detector(args.weights, device, fuse=True, channels_last=True)
     cfg = load_config(DetConfig, None, overrides, base=ckpt["config"])
     source = build_source(cfg.data, "val")
     if list(source.class_names) != list(ckpt["class_names"]):
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     write_coco_json(source, out / "gt.json")
     metrics, predictions, kept = evaluate(model, loader, out / "gt.json", list(source.category_ids), device,
                                           cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
-                                          cfg.train.bf16, keep_images=8)  # fmt: skip
+                                          cfg.train.bf16, channels_last=True, keep_images=8)  # fmt: skip
     write_json(out / "predictions.json", predictions)
     saved = {k: v for k, v in metrics.items() if k != "precision"}
     saved["weights"] = str(args.weights)
