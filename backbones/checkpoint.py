@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -72,19 +74,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol note would be a second stderr line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"refused to load checkpoint {path}: it holds objects other than tensors and plain data ({first_line})"
-        ) from e
+        raise UserError(_refusal(path, str(e))) from e
     except Exception as e:  # a truncated or foreign file fails in many ways (zip reader, unpickler, ...)
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {detail}") from e
+        if "central directory" in detail or isinstance(e, EOFError):
+            detail = "the file is truncated or corrupt (incomplete archive)"
+        reason = f"{type(e).__name__}: {detail}"
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({reason})") from e
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _refusal(path: Path, text: str) -> str:
+    """One line for a file the data-only unpickler refused: code it would import, or not a checkpoint at all."""
+    imported = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose"
+    if imported:
+        return (
+            f"refused to load checkpoint {path}: it would import {imported.group(1)}; a checkpoint must hold only "
+            "tensors and plain data (plugdet never runs code from a file)"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = detail.group(1).strip() if detail else "unreadable by the data-only loader"
+    return f"cannot read checkpoint {path}: not a PyTorch checkpoint of tensors and plain data ({reason})"
 
 
 def to_plain(obj: object) -> object:
@@ -173,30 +192,32 @@ def load_backbone_weights(
     """
     where = str(source) if isinstance(source, str | os.PathLike) else (source_name or "the given state dict")
     obj = load_checkpoint(source) if isinstance(source, str | os.PathLike) else source
-    if is_backbone_checkpoint(obj):
-        if arch is not None and obj["arch"] != arch:
-            raise UserError(f"checkpoint {where} is a {obj['arch']!r} backbone, cannot load it into {arch!r}")
-        state = obj["state_dict"]
-    else:
-        state = obj
+    other_arch = is_backbone_checkpoint(obj) and arch is not None and obj["arch"] != arch
+    state = obj["state_dict"] if is_backbone_checkpoint(obj) else obj
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{where} is neither a backbone checkpoint nor a state dict of tensors")
     state = _strip_prefix(dict(state), "module.")
     target = backbone.state_dict()
-    arch_note = f" (expected {arch})" if arch else ""
-    for key, value in target.items():
-        if key not in state:
-            raise UserError(f"weights {where} do not fit the backbone{arch_note}: missing key {key!r}")
-        if state[key].shape != value.shape:
-            raise UserError(
-                f"weights {where} do not fit the backbone{arch_note}: key {key!r} has shape "
-                f"{tuple(state[key].shape)} in the file, {tuple(value.shape)} in the model"
-            )
-    unexpected = [k for k in state if k not in target]
-    if unexpected:
-        raise UserError(f"weights {where} do not fit the backbone{arch_note}: unexpected key {unexpected[0]!r}")
+    mismatch = _first_mismatch(state, target)
+    if other_arch:
+        detail = f"; first difference: {mismatch}" if mismatch else ""
+        raise UserError(f"checkpoint {where} is a {obj['arch']!r} backbone, cannot load it into {arch!r}{detail}")
+    if mismatch:
+        arch_note = f" (expected {arch})" if arch else ""
+        raise UserError(f"weights {where} do not fit the backbone{arch_note}: {mismatch}")
     backbone.load_state_dict(state, strict=True)
     return len(target)
+
+
+def _first_mismatch(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key (in the model's order) missing from `state` or of another shape, else the first unexpected one."""
+    for key, value in target.items():
+        if key not in state:
+            return f"missing key {key!r}"
+        if state[key].shape != value.shape:
+            return f"key {key!r} has shape {tuple(state[key].shape)} in the file, {tuple(value.shape)} in the model"
+    unexpected = [k for k in state if k not in target]
+    return f"unexpected key {unexpected[0]!r}" if unexpected else None
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

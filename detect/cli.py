@@ -92,7 +92,15 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The message's first line; for an error re-raised by a DataLoader worker, the original error's own line."""
     text = str(exc).strip().splitlines()
+    if len(text) > 1 and text[0].startswith("Caught ") and "DataLoader worker" in text[0]:
+        # torch re-raises a worker's exception with the worker's traceback as its message; its last unindented line
+        # is "<module>.<Class>: <the original message>"
+        last = next((line for line in reversed(text) if line and not line[0].isspace()), "")
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        if last.startswith(name):
+            return last[len(name) :].strip() or type(exc).__name__
     return text[0] if text else type(exc).__name__
 
 

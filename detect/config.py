@@ -40,8 +40,8 @@ def _at_least(default: Any, low: float) -> Any:
 @dataclass
 class ClsDataConfig:
     root: str = "data/synth_cub"  # folder holding CUB_200_2011/ (or that folder); the default is generated if absent
-    img_size: int = _at_least(96, 8)  # network input side (train crop, val centre crop)
-    resize_size: int = _at_least(110, 8)  # shorter side (val) / square side (train) before cropping
+    img_size: int = _at_least(128, 8)  # network input side (train crop, val centre crop)
+    resize_size: int = _at_least(146, 8)  # shorter side (val) / square side (train) before cropping
     random_resized_crop: bool = False  # RandomResizedCrop(img_size) instead of Resize + RandomCrop
 
 
@@ -54,7 +54,7 @@ class ClsModelConfig:
 
 @dataclass
 class ClsTrainConfig:
-    epochs: int = _at_least(12, 1)
+    epochs: int = _at_least(40, 1)
     batch_size: int = _at_least(32, 1)  # total over all processes
     lr: float = _at_least(0.002, 0.0)
     lrf: float = _at_least(0.01, 0.0)  # final lr = lr * lrf (cosine, linear)
@@ -143,7 +143,7 @@ class DetTrainConfig:
     freeze_stages: int = _at_least(0, -1)  # backbone stages frozen (-1 = all)
     amp: bool = True  # CUDA only
     bf16: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC convolutions: ~1.2-1.45x faster training on CPU, faster on CUDA
     sync_bn: bool = False
     device: str = _choice("auto", "cpu", "cuda")
     workers: int = _at_least(2, 0)

@@ -86,13 +86,15 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) ->
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch: int, batch: int) -> None:
+def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch: int, batch: int, step: int) -> None:
+    """A non-finite loss stops training before it reaches the weights (DESIGN §8); names the part and the step."""
     if torch.isfinite(total):
         return
     bad = [name for name, value in parts.items() if not torch.isfinite(value)] or ["total"]
     raise UserError(
-        f"non-finite loss ({', '.join(bad)}) at epoch {epoch}, batch {batch}: stopped; the last good checkpoint is "
-        "kept (try a lower train.lr, or train.amp=false)"
+        f"non-finite loss ({', '.join(f'{name}={float(parts.get(name, total))}' for name in bad)}) at epoch "
+        f"{epoch + 1}, batch {batch + 1} (iteration {step}): stopped before the weights changed; last.pt keeps the "
+        "last good epoch (try a lower train.lr, or train.amp=false)"
     )
 
 
@@ -109,13 +111,24 @@ def restore_gradients(model: nn.Module, gradients: Mapping[str, torch.Tensor]) -
 
 
 def _optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float,
+    where: str = "",
 ) -> None:
-    """Unscale, clip the gradient norm, step (skipped by the scaler on fp16 overflow), zero the gradients."""
+    """Unscale, clip the gradient norm, step (skipped by the scaler on fp16 overflow), zero the gradients.
+
+    Without a scaler, a non-finite gradient norm (a finite loss can still overflow in backward) is a UserError
+    raised before the step, so the weights stay finite; `where` names the position for that message.
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
+        if scaler is None and not torch.isfinite(norm):
+            raise UserError(f"non-finite gradient norm ({float(norm)}) {where}: stopped before the weights changed; "
+                            "last.pt keeps the last good epoch (try a lower train.lr)")  # fmt: skip
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -189,12 +202,13 @@ def train_one_epoch(
                 with autocast(device, amp, bf16):
                     outputs = model(inputs)
                 total, parts = criterion([o.float() for o in outputs], targets)
-                _check_finite(total, parts, epoch, batch_index)
+                _check_finite(total, parts, epoch, batch_index, iteration)
                 loss = total * world  # DDP averages gradients over processes; YOLOv8's loss is a per-process sum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 # An epoch ends with a step, so an epoch-boundary checkpoint holds no half-accumulated gradient.
                 if iteration - state.last_step >= accumulate or last_in_epoch:
-                    _optimizer_step(model, optimizer, scaler, grad_clip)
+                    where = f"at epoch {epoch + 1}, batch {batch_index + 1} (iteration {iteration})"
+                    _optimizer_step(model, optimizer, scaler, grad_clip, where)
                     if ema is not None:
                         ema.update(model)
                     state.last_step = iteration

@@ -29,7 +29,11 @@ logger = logging.getLogger("plugdet")
 
 
 def build_det_datasets(cfg: DictConfig) -> tuple[DetectionDataset, DetectionDataset]:
-    """Train (YOLOv8 augmentation, Mosaic) and val (letterbox) datasets over the configured sources."""
+    """Train (YOLOv8 augmentation, Mosaic) and val (letterbox) datasets over the configured sources.
+
+    Both splits are scanned once (`DetectionDataset.check_images`, ~0.1 s per 1,000 images): an unreadable validation
+    image or too many unreadable training images raise `UserError` here, before anything is written.
+    """
     t = cfg.train
     train_source, val_source = build_source(cfg.data, "train"), build_source(cfg.data, "val")
     if len(train_source) == 0 or len(val_source) == 0:
@@ -39,6 +43,8 @@ def build_det_datasets(cfg: DictConfig) -> tuple[DetectionDataset, DetectionData
     train = DetectionDataset(train_source, cfg.data.img_size, True, mosaic=t.mosaic, hsv=(t.hsv_h, t.hsv_s, t.hsv_v),
                              fliplr=t.fliplr, scale=t.scale, translate=t.translate, seed=cfg.seed)  # fmt: skip
     val = DetectionDataset(val_source, cfg.data.img_size, False, seed=cfg.seed)
+    val.check_images()  # a bad validation image stops the run now, not after the first epoch
+    train.check_images()  # bad training images are skipped (counted warnings) unless there are too many
     return train, val
 
 

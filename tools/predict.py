@@ -4,6 +4,10 @@ Writes annotated copies (box, class name, score) and `predictions.json` (per fil
 pixels, scores, labels, class names) to `--out` (default `runs/predict/<run name>`, never overwriting). Videos
 (.mp4 .avi .mov .mkv) are read and written frame by frame through OpenCV. Options: `--conf 0.25 --iou 0.7
 --max-det 300 --img-size N (default: the training size) --device auto|cpu|cuda --bf16`.
+
+Output files are named after the input files (`<name>`, or `<folder>_<name>`, `<folder>_<name>-2`, ... when names
+repeat), always directly inside `--out`. An unreadable image (missing, corrupt, truncated) is skipped with a
+`warning:` line naming it and listed under "skipped" in the summary; if no input can be read, exit code 2.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import cv2
 
+from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.data.source import read_image_rgb
 from detect.distributed import select_device
@@ -42,8 +47,6 @@ def predict_video(path: Path, out_path: Path, run: callable, names: list[str]) -
     """Annotate every frame of a video; returns one detections entry per frame."""
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
-        from backbones.errors import UserError
-
         raise UserError(f"cannot read video {path}")
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     writer, entries, frame_index = None, [], 0
@@ -66,6 +69,20 @@ def predict_video(path: Path, out_path: Path, run: callable, names: list[str]) -
     return entries
 
 
+def output_name(path: Path, used: set[str]) -> str:
+    """A file name for `path`'s annotated copy, unique among `used` (which it joins); never a path with folders.
+
+    `<name>`, else `<parent folder>_<name>`, else `<parent folder>_<stem>-K<suffix>`: a second `x.jpg` never
+    overwrites the first, and only the final component of the input path is used, so nothing lands outside `--out`.
+    """
+    stem, suffix = Path(path.name).stem, Path(path.name).suffix
+    candidates = [path.name, f"{path.parent.name}_{path.name}"]
+    candidates += (f"{path.parent.name}_{stem}-{k}{suffix}" for k in range(2, len(used) + 3))
+    name = next(c for c in candidates if c not in used and c not in ("", ".", "..") and "/" not in c)
+    used.add(name)
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -81,21 +98,28 @@ def main(argv: list[str] | None = None) -> int:
     def run(image):
         return detect_image(model, image, img_size, device, args.conf, args.iou, args.max_det, args.bf16)
 
-    entries, used = [], set()
+    entries, used, skipped = [], set(), []
     for path in files:
-        name = path.name if path.name not in used else f"{path.parent.name}_{path.name}"
-        used.add(name)
+        name = output_name(path, used)
         if path.suffix.lower() in VIDEO_SUFFIXES:
             entries += predict_video(path, out / (Path(name).stem + ".mp4"), run, names)
             continue
-        image = read_image_rgb(path)
+        try:
+            image = read_image_rgb(path)
+        except UserError as error:  # one bad file does not stop a folder of thousands
+            print(f"warning: skipped {error}", file=sys.stderr)
+            skipped.append(str(path))
+            continue
         result = run(image)
         drawn = draw_detections(image, result["boxes"], result["labels"], result["scores"], names)
         cv2.imwrite(str(out / name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         entries.append(detections_to_json(path, result, names))
+    if skipped and len(skipped) == len(files):
+        raise UserError(f"none of the {len(files)} input file(s) could be read; the first: {skipped[0]}")
     (out / "predictions.json").write_text(json.dumps(entries, indent=1))
     boxes = sum(len(e["detections"]) for e in entries)
-    print(f"predict: {len(files)} file(s), {boxes} boxes at conf {args.conf} -> {out}")
+    note = f", {len(skipped)} skipped (unreadable)" if skipped else ""
+    print(f"predict: {len(files)} file(s){note}, {boxes} boxes at conf {args.conf} -> {out}")
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 from backbones.checkpoint import atomic_save
 from backbones.errors import UserError
 from detect.classify import TrainingInterrupted
-from detect.cli import run_tool
+from detect.cli import deferred_interrupts, run_tool
 from detect.config import DetConfig, DetDataConfig, config_to_dict, load_config
 from detect.data.coco import write_coco_json
 from detect.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed, prepare_model
@@ -73,17 +73,26 @@ def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
     return load_config(DetConfig, path, overrides, base=ckpt["config"]), ckpt
 
 
+def ensure_default_data(cfg: Any, info: DistInfo) -> None:
+    """Rank 0 generates the synthetic mini-CUB when the default data root is asked for and absent."""
+    default = cfg.data.format == "cub" and cfg.data.root == DetDataConfig.root
+    if info.is_main and default and not Path(cfg.data.root).exists():
+        from detect.data.synth import make_synth_cub
+
+        print(f"generating the synthetic mini-CUB in {cfg.data.root} ...", flush=True)
+        make_synth_cub(cfg.data.root)
+    barrier()
+
+
 def prepare_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> Path:
-    """Rank 0: the run directory (the checkpoint's own on resume), its config.yaml, the default data if absent."""
+    """Rank 0: the run directory (the checkpoint's own on resume) and its config.yaml; every rank gets its path.
+
+    Called once data, model and weights have been checked, so that bad input leaves no run directory behind.
+    """
     run_dir = None
     if info.is_main:
         run_dir = Path(cfg.train.resume).parent if ckpt is not None else make_run_dir(cfg.output_dir)
         save_config(cfg, run_dir)
-        if cfg.data.format == "cub" and cfg.data.root == DetDataConfig.root and not Path(cfg.data.root).exists():
-            from detect.data.synth import make_synth_cub
-
-            print(f"generating the synthetic mini-CUB in {cfg.data.root} ...", flush=True)
-            make_synth_cub(cfg.data.root)
     barrier()
     return Path(broadcast_object(str(run_dir)))
 
@@ -118,15 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
-    run_dir = prepare_run(cfg, ckpt, info)
+    ensure_default_data(cfg, info)
+    # Everything the user gave is checked (data, model, weights) before the run directory exists (DESIGN §8).
     train_set, val_set = build_det_datasets(cfg)
     source = train_set.source
     num_classes = cfg.model.num_classes or len(source.class_names)
     if num_classes != len(source.class_names):
         raise UserError(f"model.num_classes={num_classes} but the data has {len(source.class_names)} classes")
-    gt_path = run_dir / "val_gt.json"
-    if info.is_main and not gt_path.exists():
-        write_coco_json(val_set.source, gt_path)
     model = build_det_model(cfg, num_classes, load_backbone=ckpt is None).to(info.device)
     criterion = build_det_criterion(cfg, model)
     optimizer = build_det_optimizer(cfg, model)
@@ -137,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         position, step.last_step, best, partial_sums = restore_training_state(
             ckpt["train_state"], model, optimizer, ema, scaler, cfg.train.resume
         )
-        if info.is_main:
-            ResultsCSV(run_dir / "results.csv").truncate(position[0])
+    run_dir = prepare_run(cfg, ckpt, info)
+    gt_path = run_dir / "val_gt.json"
+    if info.is_main:
+        ResultsCSV(run_dir / "results.csv").truncate(position[0])
+        if not gt_path.exists():
+            write_coco_json(val_set.source, gt_path)
     model = prepare_model(model, info, t.sync_bn)
     train_loader, sampler, val_loader = build_det_loaders(train_set, val_set, cfg, info)
     iters = -(-len(sampler.shard(0)) // train_loader.batch_size)  # batches in a full epoch
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_det: scale {cfg.model.scale}, backbone {cfg.model.backbone or 'cspdarknet_' + cfg.model.scale}, "
               f"{num_classes} classes, {len(train_set)} train / {len(val_set)} val images at {cfg.data.img_size} px, "
               f"{t.epochs} epochs on {info.device} x{info.world_size} -> {run_dir}", flush=True)  # fmt: skip
+    summary: dict[str, Any] = {}  # COCO numbers of the last evaluation, stored with the checkpoint
     try:
         for epoch in range(position[0], t.epochs):
             start = time.perf_counter()
@@ -166,42 +178,47 @@ def main(argv: list[str] | None = None) -> int:
             stats = train_one_epoch(model, criterion, train_loader, optimizer, ema, schedule, step, epoch, info.device,
                                     position[1], t.amp, t.bf16, t.channels_last, scaler, t.grad_clip,
                                     partial_sums)  # fmt: skip
-            position, partial_sums = (epoch + 1, 0), None
-            last = epoch + 1 == t.epochs
-            metrics: dict[str, Any] = {}
-            if info.is_main and ((epoch + 1) % cfg.eval.interval == 0 or last):
-                evaluated = ema.ema if ema is not None else model
-                metrics, _, kept = evaluate(evaluated, val_loader, gt_path, cat_ids, info.device, cfg.eval.conf,
-                                            cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, t.bf16,
-                                            t.channels_last, keep_images=8)  # fmt: skip
-            if info.is_main:
-                ap = nan_to_zero(metrics.get("AP", -1.0))
-                row = {"epoch": epoch + 1, **{f"train/{k}": stats[k] for k in ("box", "cls", "dfl")},
-                       "val/AP": ap if metrics else "", "val/AP50": nan_to_zero(metrics.get("AP50")) if metrics else "",
-                       "img_per_s": stats["img_per_s"], **{k: v for k, v in stats.items() if k.startswith("lr/")},
-                       "time_s": time.perf_counter() - start}  # fmt: skip
-                ResultsCSV(run_dir / "results.csv").append(row)
-                plot_curves(run_dir / "results.csv", run_dir / "curves.png", CURVE_PANELS)
-                if tb is not None:
-                    for key, value in row.items():
-                        if key != "epoch" and value != "":
-                            tb.add_scalar(key, value, epoch + 1)
-                summary = {k: metrics[k] for k in ("AP", "AP50", "coco_stats", "per_class_AP") if k in metrics}
-                if metrics and ap > best["AP"]:
-                    best = {"AP": ap, "AP50": nan_to_zero(metrics["AP50"]), "epoch": epoch + 1}
-                    atomic_save(checkpoint(summary, epoch + 1, False), run_dir / "best.pt")
-                    save_pictures(run_dir, val_set, kept, metrics, names)
-                atomic_save(checkpoint(summary, epoch + 1, True), run_dir / "last.pt")
-                print(f"epoch {epoch + 1}/{t.epochs}: box {stats['box']:.3f} cls {stats['cls']:.3f} dfl "
-                      f"{stats['dfl']:.3f} | {stats['img_per_s']:.1f} img/s"
-                      + (f" | AP {ap:.4f} AP50 {nan_to_zero(metrics['AP50']):.4f}" if metrics else "")
-                      + f" | best AP {best['AP']:.4f} (epoch {best['epoch']}) | {time.perf_counter() - start:.1f}s",
-                      flush=True)  # fmt: skip
+            # Evaluation, results.csv and checkpoints of this epoch finish together: a Ctrl-C / SIGTERM
+            # waits for last.pt (a second one stops at once), so a resume never misses an epoch's row.
+            with deferred_interrupts():
+                position, partial_sums = (epoch + 1, 0), None
+                last = epoch + 1 == t.epochs
+                metrics: dict[str, Any] = {}
+                if info.is_main and ((epoch + 1) % cfg.eval.interval == 0 or last):
+                    evaluated = ema.ema if ema is not None else model
+                    metrics, _, kept = evaluate(evaluated, val_loader, gt_path, cat_ids, info.device, cfg.eval.conf,
+                                                cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, t.bf16,
+                                                t.channels_last, keep_images=8)  # fmt: skip
+                if info.is_main:
+                    ap = nan_to_zero(metrics.get("AP", -1.0))
+                    ap50 = nan_to_zero(metrics.get("AP50")) if metrics else ""
+                    row = {"epoch": epoch + 1, **{f"train/{k}": stats[k] for k in ("box", "cls", "dfl")},
+                           "val/AP": ap if metrics else "", "val/AP50": ap50, "img_per_s": stats["img_per_s"],
+                           **{k: v for k, v in stats.items() if k.startswith("lr/")},
+                           "time_s": time.perf_counter() - start}  # fmt: skip
+                    ResultsCSV(run_dir / "results.csv").append(row)
+                    plot_curves(run_dir / "results.csv", run_dir / "curves.png", CURVE_PANELS)
+                    if tb is not None:
+                        for key, value in row.items():
+                            if key != "epoch" and value != "":
+                                tb.add_scalar(key, value, epoch + 1)
+                    summary = {k: metrics[k] for k in ("AP", "AP50", "coco_stats", "per_class_AP") if k in metrics}
+                    if metrics and ap > best["AP"]:
+                        best = {"AP": ap, "AP50": nan_to_zero(metrics["AP50"]), "epoch": epoch + 1}
+                        atomic_save(checkpoint(summary, epoch + 1, False), run_dir / "best.pt")
+                        save_pictures(run_dir, val_set, kept, metrics, names)
+                    atomic_save(checkpoint(summary, epoch + 1, True), run_dir / "last.pt")
+                    print(f"epoch {epoch + 1}/{t.epochs}: box {stats['box']:.3f} cls {stats['cls']:.3f} dfl "
+                          f"{stats['dfl']:.3f} | {stats['img_per_s']:.1f} img/s"
+                          + (f" | AP {ap:.4f} AP50 {nan_to_zero(metrics['AP50']):.4f}" if metrics else "")
+                          + f" | best AP {best['AP']:.4f} (epoch {best['epoch']}) | {time.perf_counter() - start:.1f}s",
+                          flush=True)  # fmt: skip
     except KeyboardInterrupt as stop:
         if isinstance(stop, TrainingInterrupted):
             position, partial_sums = (stop.epoch, stop.batch), stop.sums
         if info.is_main:
-            atomic_save(checkpoint({}, position[0], True), run_dir / "last.pt")
+            at_boundary = not isinstance(stop, TrainingInterrupted)
+            atomic_save(checkpoint(summary if at_boundary else {}, position[0], True), run_dir / "last.pt")
             print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {position[0] + 1}, batch {position[1]}); "
                   f"continue with train.resume={run_dir / 'last.pt'}", file=sys.stderr)  # fmt: skip
         raise

@@ -5,6 +5,7 @@ The data set, image size and NMS settings come from the checkpoint's config; `ke
 never overwriting): `gt.json` (COCO ground truth built from the data set), `predictions.json` (COCO results: the
 data set's own image and category ids, xywh boxes in original-image pixels), `metrics.json` (`coco_stats`, `AP`,
 `AP50`, `per_class_AP`, ...), `pr_curve.png`, `val_predictions.jpg`; prints the 12 COCO numbers and per-class AP.
+Bad input (weights, config, data, an unreadable image) is one line on stderr and exit code 2, found before DIR exists.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.config import DetConfig, load_config
 from detect.data.build import build_source
-from detect.data.coco import write_coco_json
+from detect.data.coco import coco_ground_truth
 from detect.data.detection import DetectionDataset
 from detect.distributed import DistInfo, select_device
 from detect.engine import evaluate
@@ -72,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.weights} was trained on classes {ckpt['class_names'][:5]}..., "
                         f"but {cfg.data.root} has {list(source.class_names)[:5]}...")  # fmt: skip
     dataset = DetectionDataset(source, cfg.data.img_size, False)
+    dataset.check_images()  # an unreadable image is reported now, before anything is written
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
     _, _, loader = build_det_loaders(dataset, dataset, cfg, info)
+    gt = coco_ground_truth(source)
     out = make_run_dir(args.out or Path("runs/val") / Path(args.weights).resolve().parent.name)
-    write_coco_json(source, out / "gt.json")
-    metrics, predictions, kept = evaluate(model, loader, out / "gt.json", list(source.category_ids), device,
+    metrics, predictions, kept = evaluate(model, loader, gt, list(source.category_ids), device,
                                           cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
                                           cfg.train.bf16, channels_last=True, keep_images=8)  # fmt: skip
+    write_json(out / "gt.json", gt)
     write_json(out / "predictions.json", predictions)
     saved = {k: v for k, v in metrics.items() if k != "precision"}
     saved["weights"] = str(args.weights)
