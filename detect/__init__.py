@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# No network at run time (DESIGN §1): albumentations asks PyPI for a newer version when it is imported unless told
+# not to. Every import of plugdet's detection code passes here first, tools and library use alike.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 if TYPE_CHECKING:
     from detect.model import Detector, build_detector

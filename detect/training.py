@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import cv2
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -49,8 +48,12 @@ def build_det_datasets(cfg: DictConfig) -> tuple[DetectionDataset, DetectionData
 
 
 def quiet_worker(worker_id: int) -> None:
-    """A loader worker uses one thread for OpenCV and torch: on a few cores, threads inside workers only compete."""
-    cv2.setNumThreads(1)
+    """A loader worker uses one torch thread: on a few cores, threads inside workers only compete.
+
+    OpenCV's thread count is deliberately left alone: `cv2.setNumThreads` in a forked worker hangs for good when the
+    parent process had already used OpenCV's thread pool (e.g. a second run in the same process, a notebook, a
+    test), while OpenCV's own functions work in the fork either way.
+    """
     torch.set_num_threads(1)
 
 

@@ -74,17 +74,23 @@ def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
     return load_config(ClsConfig, path, overrides, base=ckpt["config"]), ckpt
 
 
+def ensure_default_data(cfg: Any, info: DistInfo) -> None:
+    """Rank 0 generates the synthetic mini-CUB when the default data root is absent."""
+    if info.is_main and cfg.data.root == ClsDataConfig.root and not Path(cfg.data.root).exists():
+        from detect.data.synth import make_synth_cub
+
+        print(f"generating the synthetic mini-CUB in {cfg.data.root} ...", flush=True)
+        make_synth_cub(cfg.data.root)
+    barrier()
+
+
 def prepare_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> Path:
-    """Rank 0 picks the run directory (the checkpoint's own on resume), generates the default data if absent."""
+    """Rank 0 picks the run directory (the checkpoint's own on resume) and writes config.yaml. Called once data and
+    model are built, so bad input leaves no run directory behind."""
     run_dir = None
     if info.is_main:
         run_dir = Path(cfg.train.resume).parent if ckpt is not None else make_run_dir(cfg.output_dir)
         save_config(cfg, run_dir)
-        if cfg.data.root == ClsDataConfig.root and not Path(cfg.data.root).exists():
-            from detect.data.synth import make_synth_cub
-
-            print(f"generating the synthetic mini-CUB in {cfg.data.root} ...", flush=True)
-            make_synth_cub(cfg.data.root)
     barrier()
     return Path(broadcast_object(str(run_dir)))
 
@@ -153,9 +159,10 @@ def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
-    run_dir = prepare_run(cfg, ckpt, info)
+    ensure_default_data(cfg, info)
     train_set, val_set = build_cls_datasets(cfg)
     model = build_cls_model(cfg, train_set.num_classes, load_weights=ckpt is None).to(info.device)
+    run_dir = prepare_run(cfg, ckpt, info)
     optimizer = build_optimizer(t.optimizer, build_param_groups(model, t.weight_decay), t.lr, t.momentum)
     ema = ModelEMA(model) if t.ema else None
     amp_dtype = autocast_dtype(cfg, info.device)

@@ -24,7 +24,15 @@ from detect.classify import TrainingInterrupted
 from detect.cli import deferred_interrupts, run_tool
 from detect.config import DetConfig, DetDataConfig, config_to_dict, load_config
 from detect.data.coco import write_coco_json
-from detect.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed, prepare_model
+from detect.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+    prepare_model,
+    unwrap,
+)
 from detect.engine import StepState, evaluate, nan_to_zero, train_one_epoch
 from detect.optim import ModelEMA
 from detect.runs import ResultsCSV, make_run_dir, save_config
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     tb = open_tensorboard(run_dir) if info.is_main else None
 
     def checkpoint(metrics: dict, epoch: int, with_state: bool) -> dict:
-        evaluated = ema.ema if ema is not None else model
+        evaluated = ema.ema if ema is not None else unwrap(model)  # never the DDP wrapper
         state = training_state(model, optimizer, ema, scaler, position, step.last_step, best, partial_sums)
         state = state if with_state else None
         return detector_checkpoint(evaluated, arch, names, cat_ids, config, metrics, epoch, state)
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 last = epoch + 1 == t.epochs
                 metrics: dict[str, Any] = {}
                 if info.is_main and ((epoch + 1) % cfg.eval.interval == 0 or last):
-                    evaluated = ema.ema if ema is not None else model
+                    evaluated = ema.ema if ema is not None else unwrap(model)  # never the DDP wrapper
                     metrics, _, kept = evaluate(evaluated, val_loader, gt_path, cat_ids, info.device, cfg.eval.conf,
                                                 cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, t.bf16,
                                                 t.channels_last, keep_images=8)  # fmt: skip
