@@ -1,0 +1,233 @@
+"""Detection data set over any detection source: YOLOv8 train augmentation or letterbox, and the batch collate.
+
+Every sample is a pure function of (seed, epoch, index): one generator `np.random.default_rng([seed, epoch, i])`
+drives every random choice (Mosaic or not, Mosaic partners and centre, affine, HSV, flip). Which DataLoader worker
+builds a sample, and in which order, changes nothing, so a resumed run sees exactly the images an uninterrupted run
+would have seen.
+
+Passing the epoch: `dataset[i]` uses the epoch last given to `set_epoch` (fine with `num_workers=0`; with workers
+the call must happen before the DataLoader iterator, and hence the workers, are created). The robust way is to make
+the sampler yield `(i, epoch)` tuples, which DataLoader hands to `__getitem__` unchanged::
+
+    class EpochSampler(torch.utils.data.Sampler):
+        def __iter__(self):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + self.epoch))
+            return iter((int(i), self.epoch) for i in order)
+
+    DataLoader(dataset, batch_size=16, sampler=sampler, collate_fn=detection_collate)
+
+`close_mosaic()` flips a flag in shared memory, so it reaches DataLoader workers that already hold a copy of the data
+set (persistent workers): call it between epochs, before the next `iter(loader)`, and every later sample is built
+without Mosaic whichever process builds it.
+
+Unreadable images (missing, corrupt, truncated; DESIGN §8): in train mode a sample whose image (or a Mosaic
+partner's) cannot be read is built from the next readable image instead, with one counted warning per bad file, and
+the run stops with a `UserError` only when more than 1% of the images fail (`detect.data.source.UnreadableImages`).
+In validation mode an unreadable image is a `UserError` naming the file: an evaluation must see every image.
+`check_images()` finds most such files at start-up without decoding (a fraction of a millisecond per image) and
+reports clipped / dropped boxes, so a broken validation image stops a run before training, not after epoch 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from backbones.errors import UserError
+from detect.data.mosaic import mosaic4, random_centre
+from detect.data.source import LOGGER, BoxFixLog, UnreadableImages, image_file_problem
+from detect.data.transforms import hflip, letterbox, letterbox_geometry, random_affine, random_hsv, resize_long_side
+
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """YOLOv8-style detection samples from a detection source (see `detect/data/source.py` for the protocol).
+
+    train: with probability `mosaic` a Mosaic of this image and 3 random others (long sides resized to S) on a
+    2S x 2S canvas, else this image with its long side resized to S; then the random affine to S x S (scale
+    1 +- `scale`, shift +- `translate` * S), HSV with gains `hsv`, horizontal flip with probability `fliplr`.
+    Not train: letterbox to S x S only, no randomness.
+
+    Args:
+        source: detection source (class_names, image_ids, load_image, annotations, ...).
+        img_size: output side S in pixels.
+        train: augment (True) or letterbox only (False).
+        mosaic: probability of Mosaic in train mode.
+        hsv: (h, s, v) gains.
+        fliplr: horizontal flip probability.
+        scale: affine scale range.
+        translate: affine translation range, as a fraction of S.
+        seed: base seed of the per-sample generators.
+        degrees: affine rotation range in degrees (YOLOv8 default 0).
+        shear: affine shear range in degrees (YOLOv8 default 0).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        img_size: int,
+        train: bool,
+        mosaic: float = 1.0,
+        hsv: Sequence[float] = (0.015, 0.7, 0.4),
+        fliplr: float = 0.5,
+        scale: float = 0.5,
+        translate: float = 0.1,
+        seed: int = 0,
+        degrees: float = 0.0,
+        shear: float = 0.0,
+    ) -> None:
+        if int(img_size) <= 0:
+            raise UserError(f"img_size must be a positive number of pixels, got {img_size}: data.img_size")
+        for name, p in (("mosaic", mosaic), ("fliplr", fliplr)):
+            if not 0.0 <= p <= 1.0:
+                raise UserError(f"{name} is a probability in [0, 1], got {p}: augment.{name}")
+        if len(hsv) != 3 or not 0.0 <= scale < 1.0 or not 0.0 <= translate <= 0.5:
+            raise UserError(
+                f"need 3 hsv gains, 0 <= scale < 1, 0 <= translate <= 0.5; got hsv={tuple(hsv)} scale={scale} "
+                f"translate={translate}: augment"
+            )
+        self.source = source
+        self.img_size = int(img_size)
+        self.train = train
+        self.mosaic = float(mosaic)
+        self.hsv = tuple(float(g) for g in hsv)
+        self.fliplr = float(fliplr)
+        self.scale = float(scale)
+        self.translate = float(translate)
+        self.degrees = float(degrees)
+        self.shear = float(shear)
+        self.seed = int(seed) % 2**64  # SeedSequence wants non-negative entropy; a negative seed still works
+        self.epoch = 0
+        # shared with DataLoader workers (fork or spawn), so close_mosaic() reaches persistent workers too
+        self._mosaic_closed = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        self.unreadable = UnreadableImages(len(source), "training images") if train else None
+
+    def check_images(self) -> int:
+        """Scan every image once without decoding (header, JPEG end marker) and read every annotation.
+
+        Train mode: unreadable images are marked (skipped from the start, one warning each; too many -> UserError).
+        Validation mode: any unreadable image is a UserError naming the first one and the count.
+        Clipped / dropped boxes are logged as one warning with the totals.
+
+        Returns:
+            The number of unreadable images.
+        """
+        problems = []
+        for index in range(len(self.source)):
+            problem = image_file_problem(self.source.image_path(index))
+            if problem is not None:
+                problems.append(problem)
+                if self.unreadable is not None:
+                    self.unreadable.mark(index, problem)
+                continue
+            self.source.annotations(index)  # fills the source's box-fix counts
+        if problems and self.unreadable is None:
+            raise UserError(f"{len(problems)} unreadable validation image(s); the first: {problems[0]}")
+        fixes = getattr(self.source, "box_fixes", None)
+        if isinstance(fixes, BoxFixLog) and (fixes.clipped or fixes.dropped):
+            LOGGER.warning(fixes.summary())
+        return len(problems)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer indices."""
+        self.epoch = int(epoch)
+
+    def close_mosaic(self) -> None:
+        """Turn Mosaic off for good, in this process and in its DataLoader workers (YOLOv8's last epochs)."""
+        self._mosaic_closed[0] = 1
+
+    @property
+    def mosaic_closed(self) -> bool:
+        """Whether `close_mosaic()` was called."""
+        return bool(self._mosaic_closed[0])
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Sample:
+        """One sample.
+
+        Args:
+            index: i, or (i, epoch).
+
+        Returns:
+            (image uint8 [3, S, S] RGB, boxes float32 [n, 4] xyxy in S x S pixels, labels int64 [n],
+            meta {"image_id", "orig_size": (h, w), "ratio": (r, r), "pad": (left, top), "index": i}). In train mode
+            ratio and pad describe the letterbox validation would apply to this image; augmented images are never
+            mapped back.
+        """
+        i, epoch = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), self.epoch)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, i])
+            image, boxes, labels, orig_hw = self._augmented(i, rng)
+            r, _, pad = letterbox_geometry(*orig_hw, self.img_size)
+            meta = {"ratio": (r, r), "pad": (float(pad[0]), float(pad[1])), "orig_size": orig_hw}
+        else:
+            image = self.source.load_image(i)
+            boxes, labels = self.source.annotations(i)
+            image, boxes, meta = letterbox(image, self.img_size, boxes)
+        meta = {"image_id": self.source.image_ids[i], **meta, "index": i}
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # [H, W, 3] -> [3, H, W]
+        boxes_t = torch.from_numpy(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))  # [n, 4]
+        labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1))  # [n]
+        return image_t, boxes_t, labels_t, meta
+
+    def _load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        """Image i (or the next readable one, see `UnreadableImages`) with its long side resized to S, its boxes,
+        labels and original (h, w)."""
+        if self.unreadable is not None:
+            return self.unreadable.load(i, self._read_resized)[1]
+        return self._read_resized(i)
+
+    def _read_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        image = self.source.load_image(i)
+        boxes, labels = self.source.annotations(i)
+        orig_hw = (int(image.shape[0]), int(image.shape[1]))
+        image, boxes = resize_long_side(image, self.img_size, boxes)
+        return image, boxes, np.asarray(labels, dtype=np.int64).reshape(-1), orig_hw
+
+    def _augmented(
+        self, i: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        """YOLOv8 train pipeline: (Mosaic) -> affine -> HSV -> flip, all draws from `rng`, in a fixed order."""
+        size = self.img_size
+        use_mosaic = rng.random() < self.mosaic and not self.mosaic_closed  # always draw: same stream either way
+        if use_mosaic:
+            partners = rng.integers(0, len(self), 3)
+            items = [self._load_resized(int(j)) for j in (i, *partners)]
+            orig_hw = items[0][3]
+            image, boxes, labels = mosaic4([item[:3] for item in items], size, random_centre(size, rng))
+        else:
+            image, boxes, labels, orig_hw = self._load_resized(i)
+        image, boxes, labels = random_affine(
+            image, boxes, labels, size, rng, self.scale, self.translate, self.degrees, self.shear
+        )
+        image = random_hsv(image, self.hsv, rng)
+        if rng.random() < self.fliplr:
+            image, boxes = hflip(image, boxes)
+        return image, boxes, labels, orig_hw
+
+
+def detection_collate(batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Stack a list of `DetectionDataset` samples.
+
+    Args:
+        batch: B samples (image [3, S, S], boxes [n_b, 4], labels [n_b], meta).
+
+    Returns:
+        (images uint8 [B, 3, S, S], targets float32 [N, 6] rows (image_index, class, x1, y1, x2, y2) with
+        N = sum n_b, metas list of B dicts).
+    """
+    images = torch.stack([sample[0] for sample in batch])  # [B, 3, S, S]
+    rows = []
+    for b, (_, boxes, labels, _) in enumerate(batch):
+        index = torch.full((len(labels), 1), float(b))
+        rows.append(torch.cat((index, labels.to(torch.float32).view(-1, 1), boxes.view(-1, 4)), 1))  # [n_b, 6]
+    targets = torch.cat(rows, 0) if rows else torch.zeros((0, 6))  # [N, 6]
+    return images, targets, [sample[3] for sample in batch]
