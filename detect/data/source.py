@@ -119,7 +119,7 @@ def _jpeg_cut_short(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             image.load()
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, ImportError):  # ImportError: see read_image_size
         return True
     return False
 
@@ -155,7 +155,11 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, ImportError):
+        # ImportError: where Ultralytics is imported (tests, benches) it patches PIL.Image.open to import pi-heif on
+        # an unidentified file; without that package the patch raises ImportError for what is simply not an image.
+        raise UserError(f"cannot read image header (not an image format PIL recognises): {path}") from None
+    except OSError as error:
         raise UserError(f"cannot read image header ({error.__class__.__name__}): {path}") from error
     if orientation in _EXIF_SWAPS_SIDES:
         width, height = height, width
