@@ -296,9 +296,15 @@ def _unpack(entry: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return _to_numpy(boxes), _to_numpy(labels), _to_numpy(rest[0]) if rest and rest[0] is not None else None
 
 
-def _tile(image: np.ndarray, entry: Any, class_names: Sequence[str], size: int, title: str) -> np.ndarray:
-    """Resize an image to fit `size` x `size`, draw its boxes at that scale, pad, and put a title bar on top."""
+def _tile(
+    image: np.ndarray, entry: Any, class_names: Sequence[str], size: int, title: str, min_score: float = 0.0
+) -> np.ndarray:
+    """Resize an image to fit `size` x `size`, draw its boxes (scored ones from `min_score`) at that scale, pad, and
+    put a title bar on top."""
     boxes, labels, scores = _unpack(entry)
+    if scores is not None:
+        keep = scores >= min_score
+        boxes, labels, scores = boxes.reshape(-1, 4)[keep], labels[keep], scores[keep]
     h, w = image.shape[:2]
     ratio = size / max(h, w)
     new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))
@@ -319,6 +325,7 @@ def save_gt_vs_pred_grid(
     out_jpg: str | os.PathLike,
     max_images: int = 8,
     tile_size: int = 320,
+    min_score: float = 0.25,
 ) -> Path:
     """Write a grid where each image appears twice: ground truth (left) beside prediction (right).
 
@@ -330,6 +337,8 @@ def save_gt_vs_pred_grid(
         out_jpg: picture to write (atomically).
         max_images: images shown (the first ones); two pairs per row.
         tile_size: side of each square tile in pixels.
+        min_score: predictions drawn from this score up (validation keeps boxes down to 0.001; the prediction
+            threshold 0.25 shows what a user would see).
 
     Returns:
         The path written.
@@ -341,7 +350,14 @@ def save_gt_vs_pred_grid(
         np.concatenate(
             [
                 _tile(_to_numpy(images[i]), gts[i], class_names, tile_size, "ground truth"),
-                _tile(_to_numpy(images[i]), preds[i], class_names, tile_size, "prediction"),
+                _tile(
+                    _to_numpy(images[i]),
+                    preds[i],
+                    class_names,
+                    tile_size,
+                    f"prediction (score >= {min_score})",
+                    min_score,
+                ),  # fmt: skip
             ],
             axis=1,
         )  # [S+24, 2S, 3]
