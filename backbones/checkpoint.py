@@ -6,13 +6,15 @@ that would import or call anything but tensors and plain containers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -20,14 +22,15 @@ from torch import nn
 from backbones.errors import UserError
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """Writes `obj` with `torch.save` so that `path` is always either the old or the new complete file.
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write whose content replaces `path` only when the block ends without error.
 
-    The bytes go to a temporary file in the same directory, are flushed and fsynced, then `os.replace` swaps it in.
-    On any failure the temporary file is removed and the old file is left untouched.
+    This is plugdet's one way of writing a file (checkpoints, json, csv, yaml, pictures): the bytes go to a temporary
+    file in the same directory, are flushed and fsynced, then `os.replace` swaps it in, so `path` is always either
+    the old or the new complete file. On any failure the temporary file is removed and the old file is untouched.
 
     Args:
-        obj: anything `torch.save` accepts.
         path: the target file; its directory is created if needed.
     """
     path = Path(path)
@@ -35,7 +38,7 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -43,6 +46,19 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` through `atomic_open`; returns the path."""
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """`torch.save(obj)` to `path` through `atomic_open` (the old or the new complete checkpoint, never half)."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.config import config_to_yaml
 
@@ -53,17 +53,7 @@ def make_run_dir(output_dir: str | Path) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and os.replace, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:

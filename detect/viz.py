@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from backbones.checkpoint import atomic_open, atomic_write_bytes
 from backbones.errors import UserError
 
 # 20 distinct, saturated colours (RGB); a class keeps its colour across pictures.
@@ -42,39 +42,12 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _temp_path(path: Path) -> Path:
-    """A fresh hidden temporary name next to `path` (same file system, so `os.replace` is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_figure(fig: Figure, out_path: str | os.PathLike, dpi: int = 120) -> Path:
     """Render `fig` with Agg into `out_path` (format from its suffix), atomically."""
     path = Path(out_path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
     FigureCanvasAgg(fig)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
     return path
 
 
@@ -86,7 +59,7 @@ def _save_image(image: np.ndarray, out_path: str | os.PathLike, quality: int = 9
     ok, buf = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise UserError(f"cannot encode an image as '{ext}': {path}")
-    return _atomic_write_bytes(buf.tobytes(), path)
+    return atomic_write_bytes(buf.tobytes(), path)
 
 
 def _read_csv_columns(csv_path: Path) -> dict[str, list[float]]:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.config import DetConfig, load_config
@@ -59,15 +59,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, str | None, list[st
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
     """Write through a temp file in the same folder and `os.replace` (never half a file)."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with temp.open("w", encoding="utf-8") as handle:
-            json.dump(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    atomic_write_bytes(json.dumps(data).encode("utf-8"), path)
 
 
 def export_coco(source: Any, path: Path, relative_to: Path | None) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cv2
 
+from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.data.source import read_image_rgb
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         entries.append(detections_to_json(path, result, names))
     if skipped and len(skipped) == len(files):
         raise UserError(f"none of the {len(files)} input file(s) could be read; the first: {skipped[0]}")
-    (out / "predictions.json").write_text(json.dumps(entries, indent=1))
+    atomic_write_bytes(json.dumps(entries, indent=1).encode("utf-8"), out / "predictions.json")
     boxes = sum(len(e["detections"]) for e in entries)
     note = f", {len(skipped)} skipped (unreadable)" if skipped else ""
     print(f"predict: {len(files)} file(s){note}, {boxes} boxes at conf {args.conf} -> {out}")

@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.config import DetConfig, load_config
@@ -55,9 +56,7 @@ def plain(value: object) -> object:
 
 def write_json(path: Path, data: object) -> None:
     """Write through a temp file and os.replace (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plain(data), indent=1))
-    tmp.replace(path)
+    atomic_write_bytes(json.dumps(plain(data), indent=1).encode("utf-8"), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.boxes import xywh2xyxy, xyxy2xywh
 from detect.data.source import BoxFixLog, DetectionSource, read_image_rgb, read_image_size, sanitize_boxes
@@ -203,16 +203,4 @@ def write_coco_json(source: DetectionSource, path: str | Path, image_dir: str | 
     Returns:
         The json path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(coco_ground_truth(source, image_dir))
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with temp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    return atomic_write_bytes(json.dumps(coco_ground_truth(source, image_dir)).encode("utf-8"), path)

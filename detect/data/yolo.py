@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.boxes import cxcywh2xyxy, xyxy2cxcywh
 from detect.data.source import (
@@ -215,10 +216,7 @@ def _write_data_yaml(out_dir: Path, class_names: list[str]) -> Path:
         data["test"] = "images/test"
     data["nc"] = len(class_names)
     data["names"] = dict(enumerate(class_names))
-    temp = path.with_name(f".data.yaml.tmp-{os.getpid()}")
-    temp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(temp, path)
-    return path
+    return atomic_write_bytes(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8"), path)
 
 
 def export_yolo(
