@@ -4,7 +4,9 @@
 
 Reads CUB (real or the synthetic mini-CUB of `tools/make_synth_cub.py`) through `CubDetection`, builds
 `DetectionDataset(train=True, mosaic=1.0)` and times `--batches` batches after one warm-up batch (which also starts
-the workers). No model runs: this is the ceiling the loader puts on training speed.
+the workers), for each worker count, first reading every image from disk, then from the RAM cache (`data.cache`,
+`DetectionDataset.cache_images`; the time to fill it is printed). No model runs: this is the ceiling the loader puts
+on training speed.
 """
 
 from __future__ import annotations
@@ -73,11 +75,17 @@ def main(argv: list[str]) -> int:
         raise UserError(f"{args.root} has {len(dataset)} train images, fewer than one batch of {args.batch}")
     print(f"loader: {len(dataset)} train images from {args.root}, {args.img_size} px, batch {args.batch}, Mosaic on")
     print(f"torch threads {torch.get_num_threads()}; {args.batches} timed batches per row\n")
-    print(f"{'workers':>8} | {'img/s':>8} | {'ms/batch':>9}")
-    print(f"{'-' * 8}-+-{'-' * 8}-+-{'-' * 9}")
-    for workers in args.workers:
-        rate = time_loader(dataset, args.batch, workers, args.batches)
-        print(f"{workers:>8} | {rate:>8.1f} | {1000 * args.batch / rate:>9.1f}", flush=True)
+    print(f"{'images':>6} | {'workers':>7} | {'img/s':>8} | {'ms/batch':>9}")
+    print(f"{'-' * 6}-+-{'-' * 7}-+-{'-' * 8}-+-{'-' * 9}")
+    for cached in (False, True):
+        if cached:
+            start = time.perf_counter()
+            size = dataset.cache_images()
+            print(f"(cache filled in {time.perf_counter() - start:.2f} s, {size / 2**20:.0f} MB)")
+        for workers in args.workers:
+            rate = time_loader(dataset, args.batch, workers, args.batches)
+            where = "RAM" if cached else "disk"
+            print(f"{where:>6} | {workers:>7} | {rate:>8.1f} | {1000 * args.batch / rate:>9.1f}", flush=True)
     return 0
 
 

@@ -93,7 +93,8 @@ def ultralytics_worker(spec_path: str) -> int:
         model.add_callback(event, fn)
     model.train(data=spec["data"], imgsz=spec["imgsz"], batch=spec["batch"], epochs=spec["epochs"], device="cpu",
                 workers=spec["workers"], seed=spec["seed"], optimizer=spec["optimizer"],
-                close_mosaic=spec["close_mosaic"], plots=False, amp=False, val=False, project=spec["project"],
+                cache="ram" if spec["cache"] else False, close_mosaic=spec["close_mosaic"], plots=False, amp=False,
+                val=False, project=spec["project"],
                 name=spec["name"], exist_ok=True, verbose=False, pretrained=False)  # fmt: skip
     Path(spec["out"]).write_text(json.dumps(record))
     return 0
@@ -124,6 +125,7 @@ def run_ultralytics(args: argparse.Namespace, data_yaml: Path, seed: int, work: 
     shutil.rmtree(project / name, ignore_errors=True)
     spec = {"data": str(data_yaml), "imgsz": args.img_size, "batch": args.batch, "epochs": args.epochs,
             "threads": args.threads, "workers": args.ul_workers, "seed": seed, "optimizer": args.ul_optimizer,
+            "cache": args.ul_cache == "ram",
             "close_mosaic": args.close_mosaic, "project": str(project.resolve()), "name": name,
             "out": str((work / f"ul_seed{seed}.json").resolve())}  # fmt: skip
     spec_path = work / f"ul_seed{seed}_spec.json"
@@ -146,7 +148,8 @@ def run_plugdet(args: argparse.Namespace, data_yaml: Path, seed: int, variant: s
                  f"train.batch_size={args.batch}", f"train.epochs={args.epochs}", "model.backbone_weights=null",
                  "model.scale=n", "model.backbone=cspdarknet_n", f"train.threads={args.threads}",
                  f"train.workers={args.workers}", f"train.close_mosaic={args.close_mosaic}", "train.device=cpu",
-                 f"eval.interval={args.epochs}", f"seed={seed}", f"output_dir={out}", *VARIANTS[variant]]  # fmt: skip
+                 f"eval.interval={args.epochs}", f"seed={seed}", f"output_dir={out}",
+                 f"data.cache={args.cache == 'ram'}", *VARIANTS[variant]]  # fmt: skip
     seconds = run_logged([sys.executable, str(REPO / "tools" / "train_det.py"), *overrides], args.threads,
                          work / "logs" / f"plugdet_seed{seed}_{variant}.log", args.run_timeout)  # fmt: skip
     with (out / "results.csv").open() as handle:
@@ -269,6 +272,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="plugdet loader workers")
     parser.add_argument("--ul-workers", type=int, default=None, help="Ultralytics loader workers (default --workers; "
                         "0 = what its trainer forces on CPU)")  # fmt: skip
+    parser.add_argument("--cache", choices=("none", "ram"), default="ram", help="plugdet images: decoded from disk "
+                        "every time, or once into RAM (data.cache=true, as configs/det/default.yaml)")  # fmt: skip
+    parser.add_argument("--ul-cache", choices=("none", "ram"), default=None, help="Ultralytics images (default "
+                        "--cache; none = its default cache=False, ram = cache='ram')")  # fmt: skip
     parser.add_argument("--ul-optimizer", default="SGD", help="Ultralytics optimizer (SGD = ours, auto = its default)")
     parser.add_argument("--no-ultralytics", action="store_true", help="plugdet runs only (no ratio column)")
     parser.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before a training run is stopped")
@@ -280,6 +287,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.epochs, args.seeds, args.batch, args.work = 1, [0], 8, args.work + "-quick"
     args.close_mosaic = args.epochs // 3 if args.close_mosaic is None else args.close_mosaic
     args.ul_workers = args.workers if args.ul_workers is None else args.ul_workers
+    args.ul_cache = args.cache if args.ul_cache is None else args.ul_cache
     return args
 
 
@@ -312,7 +320,8 @@ def main(argv: list[str]) -> int:
     runs = ([] if args.no_ultralytics else [UL]) + [VARIANT_LABELS[v] for v in args.variants]
     print(f"train vs Ultralytics: data {data_yaml}, {args.epochs} epochs (close_mosaic {args.close_mosaic}), "
           f"{args.img_size} px, batch {args.batch}, {args.threads} threads, workers plugdet {args.workers} / "
-          f"Ultralytics {args.ul_workers}, seeds {args.seeds}; logs in {work / 'logs'}", flush=True)  # fmt: skip
+          f"Ultralytics {args.ul_workers}, image cache plugdet {args.cache} / Ultralytics {args.ul_cache}, seeds "
+          f"{args.seeds}; logs in {work / 'logs'}", flush=True)  # fmt: skip
     evaluator = Evaluator(args, data_yaml, work)
     try:
         results = run_all(args, data_yaml, work, runs, evaluator)

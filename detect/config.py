@@ -103,6 +103,7 @@ class DetDataConfig:
     val_json: str | None = None  # coco
     image_dir: str | None = None  # coco: images folder (default: beside the json)
     yaml: str | None = None  # yolo: Ultralytics data.yaml
+    cache: bool = False  # train images decoded once into RAM (N x S^2 x 3 x aspect bytes; see detect/data/detection.py)
 
 
 @dataclass
