@@ -130,6 +130,61 @@ def test_close_mosaic_reaches_persistent_workers() -> None:
     assert torch.equal(second[0], expected[0]) and torch.equal(second[1], expected[1])
 
 
+class VanishingSource(TinySource):
+    """TinySource whose files can vanish (`gone`) or be unreadable (`bad`): proves what the RAM cache serves."""
+
+    def __init__(self, bad: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.gone, self.bad = False, bad
+
+    def load_image(self, i: int) -> np.ndarray:
+        if self.gone or i in self.bad:
+            raise UserError(f"/nonexistent/{i}.jpg: cannot read")
+        return super().load_image(i)
+
+
+@pytest.mark.parametrize("mosaic", [1.0, 0.0])
+def test_ram_cache_changes_no_sample(mosaic: float) -> None:
+    """Cached and uncached data sets give identical samples; once cached, no image is read from its file again."""
+    source = VanishingSource()
+    plain = DetectionDataset(TinySource(), 64, train=True, mosaic=mosaic, seed=8)
+    cached = DetectionDataset(source, 64, train=True, mosaic=mosaic, seed=8)
+    size = cached.cache_images(threads=2)
+    assert size == sum(cached._read_resized(i)[0].nbytes for i in range(len(SIZES)))
+    source.gone = True  # every later read must come from RAM
+    for epoch in range(3):
+        for i in range(len(SIZES)):
+            assert_same(cached[(i, epoch)], plain[(i, epoch)])
+    with pytest.raises(ValueError, match="read-only"):
+        cached._read_resized(0)[0][0, 0, 0] = 1  # a transform writing into the cache would corrupt later samples
+
+
+def test_ram_cache_reaches_forked_workers() -> None:
+    """Workers forked after cache_images() serve every image from the inherited cache (the files are gone)."""
+    source = VanishingSource()
+    data = DetectionDataset(source, 64, train=True, seed=3)
+    data.cache_images()
+    source.gone = True
+    loader = DataLoader(data, batch_size=4, sampler=EpochIndexSampler(len(data), 7), num_workers=2,
+                        collate_fn=detection_collate, multiprocessing_context="fork")  # fmt: skip
+    expected = DataLoader(DetectionDataset(TinySource(), 64, train=True, seed=3), batch_size=4,
+                          sampler=EpochIndexSampler(len(data), 7), collate_fn=detection_collate)  # fmt: skip
+    for (im0, t0, m0), (im1, t1, m1) in zip(loader, expected, strict=True):
+        assert torch.equal(im0, im1) and torch.equal(t0, t1) and m0 == m1
+
+
+def test_ram_cache_leaves_unreadable_images_to_the_usual_path() -> None:
+    """An image that fails while caching is not cached; its samples come from the next readable image, as uncached."""
+    cached = DetectionDataset(VanishingSource(bad=frozenset({2})), 64, train=True, mosaic=0.0, seed=1)
+    plain = DetectionDataset(VanishingSource(bad=frozenset({2})), 64, train=True, mosaic=0.0, seed=1)
+    cached.cache_images()
+    assert cached._cache is not None and cached._cache[2] is None and cached.unreadable.count == 0
+    assert_same(cached[(2, 0)], plain[(2, 0)])
+    assert cached.unreadable.is_bad(2)
+    with pytest.raises(ValueError, match="train mode"):
+        DetectionDataset(TinySource(), 64, train=False).cache_images()
+
+
 def test_val_mode_is_letterbox_only() -> None:
     source = TinySource()
     data = DetectionDataset(source, 96, train=False)

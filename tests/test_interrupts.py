@@ -128,10 +128,10 @@ class InterruptingLoss:
         return self.criterion(outputs, targets)
 
 
-def _det_args(root: Path, out: Path, workers: int) -> list[str]:
+def _det_args(root: Path, out: Path, workers: int, cache: bool = False) -> list[str]:
     return [f"data.root={root}", "data.img_size=64", "train.epochs=2", "train.batch_size=4", "train.threads=1",
             f"train.workers={workers}", "train.close_mosaic=1", "eval.interval=2", "model.backbone_weights=null",
-            f"output_dir={out}"]  # fmt: skip
+            f"data.cache={cache}", f"output_dir={out}"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -145,18 +145,19 @@ def straight_det(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_train_det_resume_with_workers_is_bit_identical(
     synth_cub_root: Path, straight_det: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C in the middle of epoch 2 (call 5: gradients pending), workers=2; resume with workers=2."""
+    """Ctrl-C in the middle of epoch 2 (call 5: gradients pending), workers=2 and the RAM image cache; resume with
+    both. Must end exactly where the uncached workers=0 run does."""
     train_det = tool("train_det")
     build = train_det.build_det_criterion
     monkeypatch.setattr(train_det, "build_det_criterion", lambda cfg, model: InterruptingLoss(build(cfg, model), 5))
     out = tmp_path / "run"
-    assert run_tool(train_det.main, _det_args(synth_cub_root, out, workers=2)) == 130
+    assert run_tool(train_det.main, _det_args(synth_cub_root, out, workers=2, cache=True)) == 130
     state = load_checkpoint(out / "last.pt")["train_state"]
     assert (state["epoch"], state["batch"]) == (1, 2) and state["gradients"]
     monkeypatch.setattr(train_det, "build_det_criterion", build)
     assert run_tool(train_det.main, [f"train.resume={out / 'last.pt'}"]) == 0
     straight, resumed = load_checkpoint(straight_det / "last.pt"), load_checkpoint(out / "last.pt")
-    assert resumed["config"]["train"]["workers"] == 2
+    assert resumed["config"]["train"]["workers"] == 2 and resumed["config"]["data"]["cache"] is True
     pairs = [(straight["model"], resumed["model"]), (straight["train_state"]["model"], resumed["train_state"]["model"]),
              (straight["train_state"]["ema"]["state_dict"], resumed["train_state"]["ema"]["state_dict"])]  # fmt: skip
     for a, b in pairs:
