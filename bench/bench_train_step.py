@@ -15,6 +15,7 @@ import torch
 
 from detect.config import DetConfig, load_config
 from detect.data.detection import detection_collate
+from detect.engine import to_input
 from detect.training import build_det_criterion, build_det_datasets, build_det_model, build_det_optimizer
 
 
@@ -37,9 +38,7 @@ def main() -> None:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         criterion, optimizer = build_det_criterion(cfg, model), build_det_optimizer(cfg, model)
-        x = images.float() / 255
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_input(images, torch.device("cpu"), channels_last)
         steps, losses = [], []
         for _ in range(args.steps):
             t0 = time.perf_counter()

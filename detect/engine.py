@@ -81,9 +81,10 @@ def autocast(device: torch.device, amp: bool, bf16: bool) -> contextlib.Abstract
 
 
 def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, 3, H, W] from the loader -> float [B, 3, H, W] in [0, 1] on the device."""
-    images = images.to(device, non_blocking=True).float().div_(255.0)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    """uint8 [B, 3, H, W] from the loader (any memory layout) -> float [B, 3, H, W] in [0, 1] on the device, in
+    channels_last memory or NCHW-contiguous (a conv given channels_last input answers in channels_last)."""
+    images = images.to(device, non_blocking=True).float().div_(255.0)  # keeps the loader's layout
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch: int, batch: int, step: int) -> None:

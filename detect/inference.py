@@ -61,7 +61,7 @@ def detect_image(
         dict(boxes [K, 4] xyxy in the image's pixels, scores [K], labels [K]) on the CPU.
     """
     boxed, _, meta = letterbox(image, img_size)
-    batch = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None]  # [1, 3, S, S]
+    batch = torch.from_numpy(np.ascontiguousarray(boxed)).permute(2, 0, 1)[None]  # [1, 3, S, S], HWC memory
     with autocast(device, amp=False, bf16=bf16):
         preds = model(to_input(batch, device, channels_last=True))  # [1, A, 4 + C]
     result = postprocess(preds.float(), conf, iou, max_det, metas=[meta])[0]

@@ -197,7 +197,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             index: i, or (i, epoch).
 
         Returns:
-            (image uint8 [3, S, S] RGB, boxes float32 [n, 4] xyxy in S x S pixels, labels int64 [n],
+            (image uint8 [3, S, S] RGB, a view of the [S, S, 3] pixels (no transpose copy), boxes float32 [n, 4]
+            xyxy in S x S pixels, labels int64 [n],
             meta {"image_id", "orig_size": (h, w), "ratio": (r, r), "pad": (left, top), "index": i}). In train mode
             ratio and pad describe the letterbox validation would apply to this image; augmented images are never
             mapped back.
@@ -215,7 +216,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             boxes, labels = self.source.annotations(i)
             image, boxes, meta = letterbox(image, self.img_size, boxes)
         meta = {"image_id": self.source.image_ids[i], **meta, "index": i}
-        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # [H, W, 3] -> [3, H, W]
+        image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W] view of the HWC pixels
         boxes_t = torch.from_numpy(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))  # [n, 4]
         labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1))  # [n]
         return image_t, boxes_t, labels_t, meta
@@ -265,10 +266,11 @@ def detection_collate(batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, 
         batch: B samples (image [3, S, S], boxes [n_b, 4], labels [n_b], meta).
 
     Returns:
-        (images uint8 [B, 3, S, S], targets float32 [N, 6] rows (image_index, class, x1, y1, x2, y2) with
-        N = sum n_b, metas list of B dicts).
+        (images uint8 [B, 3, S, S] in channels_last memory: the pixels stay HWC, the layout a channels_last model
+        wants, and `detect.engine.to_input` makes them NCHW-contiguous for other models; targets float32 [N, 6] rows
+        (image_index, class, x1, y1, x2, y2) with N = sum n_b; metas, a list of B dicts).
     """
-    images = torch.stack([sample[0] for sample in batch])  # [B, 3, S, S]
+    images = torch.stack([sample[0].permute(1, 2, 0) for sample in batch]).permute(0, 3, 1, 2)  # [B, 3, S, S]
     rows = []
     for b, (_, boxes, labels, _) in enumerate(batch):
         index = torch.full((len(labels), 1), float(b))
