@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from backbones.errors import UserError
 from detect.data.detection import DetectionDataset, detection_collate
 from detect.data.transforms import letterbox
+from detect.engine import to_input
 
 SIZES = [(120, 160), (200, 140), (96, 96), (150, 260), (90, 200), (180, 120)]
 
@@ -218,6 +219,16 @@ def test_collate_builds_targets() -> None:
     assert targets[:, 0].tolist() == [0.0] * n0 + [2.0] * n1
     assert torch.equal(targets[:n0, 1], batch[0][2].float()) and torch.equal(targets[n0:, 2:], batch[2][1])
     assert [m["index"] for m in metas] == [0, 2, 1]
+
+
+def test_batches_stay_hwc_in_memory_until_the_model_input() -> None:
+    """No transpose copy on the way: the collated batch is channels_last; to_input gives either layout, same values."""
+    data = DetectionDataset(TinySource(), 64, train=True, seed=0)
+    images, _, _ = detection_collate([data[(i, 0)] for i in range(4)])
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    nhwc, nchw = to_input(images, torch.device("cpu"), True), to_input(images, torch.device("cpu"), False)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()
+    assert torch.equal(nhwc, nchw) and torch.equal(nchw, images.contiguous().float() / 255)
 
 
 @settings(max_examples=40, deadline=None)
