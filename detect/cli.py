@@ -12,12 +12,14 @@ a training step (forward, backward, optimizer step, EMA update) or a checkpoint 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
@@ -110,6 +112,34 @@ def _error_message(exc: BaseException) -> str:
     return _one_line(exc)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (test harnesses swap it), as plain lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
+def show_plugdet_logs() -> None:
+    """Show INFO and above of plugdet's loggers ("plugdet", "plugdet.data") on stderr, once per process.
+
+    Without it Python drops INFO records (what a run caches, which backbone tensors were transferred, what froze);
+    other libraries' loggers are left as they are. Records still propagate to the root logger.
+    """
+    log = logging.getLogger("plugdet")
+    if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
+        log.addHandler(_StderrHandler())
+    log.setLevel(logging.INFO)
+
+
 def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)` the way every tool does and return the process exit code.
 
@@ -126,6 +156,7 @@ def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     argv = [arg for arg in argv if arg != "--debug"]
     _received.clear()
     _pending.clear()
+    show_plugdet_logs()
     previous = install_signal_handlers()
     try:
         code = main(argv)
