@@ -31,7 +31,6 @@ logger = logging.getLogger("plugdet")
 def build_det_datasets(cfg: DictConfig) -> tuple[DetectionDataset, DetectionDataset]:
     """Train (YOLOv8 augmentation, Mosaic) and val (letterbox) datasets over the configured sources.
 
-    With `data.cache` the train images are decoded once into RAM here, before any loader worker exists.
     Both splits are scanned once (`DetectionDataset.check_images`, ~0.1 s per 1,000 images): an unreadable validation
     image or too many unreadable training images raise `UserError` here, before anything is written.
     """
@@ -46,11 +45,6 @@ def build_det_datasets(cfg: DictConfig) -> tuple[DetectionDataset, DetectionData
     val = DetectionDataset(val_source, cfg.data.img_size, False, seed=cfg.seed)
     val.check_images()  # a bad validation image stops the run now, not after the first epoch
     train.check_images()  # bad training images are skipped (counted warnings) unless there are too many
-    if cfg.data.cache:
-        start = time.perf_counter()
-        size = train.cache_images()
-        logger.info("cached %d train images in RAM (%.0f MB) in %.1f s (data.cache=true)", len(train), size / 2**20,
-                    time.perf_counter() - start)  # fmt: skip
     return train, val
 
 
@@ -70,13 +64,19 @@ def build_det_loaders(
     """Loaders of this process's shards; `train.batch_size` is the global batch and must divide by the world size.
 
     The train sampler yields `(index, epoch)`, so every augmented image is a function of (seed, epoch, index) and
-    neither workers nor a resume change it. Validation runs on rank 0 over the whole split.
+    neither workers nor a resume change it. Validation runs on rank 0 over the whole split. With `data.cache` the
+    train images are decoded into RAM here, after every input was checked and before the workers start.
     """
     total, world = cfg.train.batch_size, info.world_size
     if total % world:
         raise UserError(f"train.batch_size={total} must be a multiple of the number of processes ({world})")
     batch = total // world
     sampler = DistributedEpochSampler(len(train), world, info.rank, cfg.seed, True, batch, True)
+    if cfg.data.cache and train.train:  # before any worker exists: forked workers share the decoded images
+        start = time.perf_counter()
+        size = train.cache_images()
+        logger.info("cached %d train images in RAM (%.0f MB) in %.1f s (data.cache=true)", len(train), size / 2**20,
+                    time.perf_counter() - start)  # fmt: skip
     workers = cfg.train.workers
     common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
               "persistent_workers": workers > 0, "worker_init_fn": quiet_worker}  # fmt: skip

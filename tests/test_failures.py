@@ -21,7 +21,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from backbones import build_backbone
@@ -602,6 +602,7 @@ wild = st.floats(min_value=-500.0, max_value=1500.0) | st.sampled_from([float("n
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(wild, wild, wild, wild), max_size=8), st.integers(1, 900), st.integers(1, 900))
+@example([(0.0, 0.0, 1.0, 2e-189)], 1, 1)  # positive in float64, zero height in float32
 def test_sanitized_boxes_are_inside_with_positive_area(boxes: list, height: int, width: int) -> None:
     from detect.data.source import sanitize_boxes
 

@@ -198,10 +198,11 @@ def sanitize_boxes(
     safe = np.where(finite[:, None], boxes, 0.0)
     limits = np.array([width, height, width, height], dtype=np.float64)
     clipped_boxes = np.clip(safe, 0.0, limits)  # [n, 4]
-    keep = finite & (clipped_boxes[:, 2] > clipped_boxes[:, 0]) & (clipped_boxes[:, 3] > clipped_boxes[:, 1])
+    stored = clipped_boxes.astype(np.float32)  # area judged in the precision kept: 1e-189 high is 0 in float32
+    keep = finite & (stored[:, 2] > stored[:, 0]) & (stored[:, 3] > stored[:, 1])
     moved = (np.abs(clipped_boxes - safe) > tolerance).any(axis=1) & keep
     return SanitizedBoxes(
-        boxes=clipped_boxes[keep].astype(np.float32),
+        boxes=stored[keep],
         labels=labels[keep],
         clipped=int(moved.sum()),
         dropped=int((~keep).sum()),
