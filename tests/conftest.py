@@ -11,6 +11,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI must not pass or fail by luck); a run with
+# HYPOTHESIS_PROFILE=explore draws new ones each time, to look for new failures (add them as @example).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _TMP = Path(tempfile.gettempdir())
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
