@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.config import config_to_yaml
+from detect.distributed import DistInfo, barrier, broadcast_object
 
 
 def _is_free(path: Path) -> bool:
@@ -50,6 +51,46 @@ def make_run_dir(output_dir: str | Path) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create run directory {candidate} (output_dir): {exc.strerror or exc}") from None
     return candidate
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the hidden `.<name>.<random>.tmp` files `atomic_open` leaves behind when its process dies mid-write.
+
+    A kill -9 or a power cut during a checkpoint write leaves the old checkpoint intact beside such a file; nothing
+    reads it, so a resumed run (the folder's only writer) removes them. Returns the removed paths.
+    """
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def ensure_synthetic_data(root: str, is_default: bool, info: DistInfo) -> None:
+    """Rank 0 generates the synthetic mini-CUB in `root` when the default data root is asked for (`is_default`) and
+    absent, so the tools' no-argument runs work on a bare checkout; every rank waits for it."""
+    if info.is_main and is_default and not Path(root).exists():
+        from detect.data.synth import make_synth_cub
+
+        print(f"generating the synthetic mini-CUB in {root} ...", flush=True)
+        make_synth_cub(root)
+    barrier()
+
+
+def prepare_run(cfg: DictConfig, resuming: bool, info: DistInfo) -> Path:
+    """Rank 0 picks the run directory and writes config.yaml; every rank gets its path.
+
+    A new run gets `make_run_dir(cfg.output_dir)`; a resumed run keeps the folder of `cfg.train.resume`, cleared of
+    the temporary files an earlier, killed run may have left. Call it once data, model and weights have been checked,
+    so that bad input leaves no run directory behind.
+    """
+    run_dir = None
+    if info.is_main:
+        run_dir = Path(cfg.train.resume).parent if resuming else make_run_dir(cfg.output_dir)
+        if resuming:
+            remove_stale_temporaries(run_dir)
+        save_config(cfg, run_dir)
+    barrier()
+    return Path(broadcast_object(str(run_dir)))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from backbones.errors import UserError
@@ -54,3 +55,28 @@ def test_save_config_round_trip(tmp_path: Path) -> None:
     assert path == tmp_path / "config.yaml"
     reloaded = load_config(ClsConfig, path)
     assert OmegaConf.to_container(reloaded) == OmegaConf.to_container(cfg)
+
+
+def test_resume_clears_what_a_killed_writer_left(tmp_path: Path) -> None:
+    """A writer killed inside atomic_open leaves `.last.pt.<random>.tmp`; the resumed run's prepare_run removes it,
+    keeps every real file, and a new run never touches another run's folder."""
+    from backbones.checkpoint import atomic_open
+    from detect.distributed import DistInfo
+    from detect.runs import prepare_run
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    run = tmp_path / "runs" / "cls" / "default"
+    cfg = load_config(ClsConfig, None, [f"output_dir={run}"])
+    assert prepare_run(cfg, False, info) == run
+    (run / "last.pt").write_bytes(b"good")
+    with pytest.raises(RuntimeError), atomic_open(run / "results.csv") as f:  # a failure cleans up by itself
+        f.write(b"half")
+        raise RuntimeError
+    killed = run / ".last.pt.k3j9x1.tmp"  # what kill -9 mid-write leaves (the finally of atomic_open never ran)
+    killed.write_bytes(b"half a checkpoint")
+    assert prepare_run(cfg, False, info) == run.with_name("default-2")  # a new run: its own folder
+    assert killed.exists()
+    resumed = load_config(ClsConfig, None, [f"train.resume={run / 'last.pt'}"])
+    assert prepare_run(resumed, True, info) == run
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt"]
+    assert (run / "last.pt").read_bytes() == b"good"

@@ -36,15 +36,13 @@ from detect.cli import check_interrupt, deferred_interrupts, run_tool
 from detect.config import ClsConfig, ClsDataConfig, config_to_dict, load_config
 from detect.distributed import (
     DistInfo,
-    barrier,
-    broadcast_object,
     cleanup_distributed,
     init_distributed,
     prepare_model,
     unwrap,
 )
 from detect.optim import ModelEMA, build_optimizer, build_param_groups
-from detect.runs import ResultsCSV, make_run_dir, save_config
+from detect.runs import ResultsCSV, ensure_synthetic_data, prepare_run
 from detect.seeding import seed_everything
 from detect.viz import plot_confusion_matrix, plot_curves
 
@@ -72,27 +70,6 @@ def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
     if not isinstance(ckpt.get("config"), dict):
         raise UserError(f"{cfg.train.resume} holds no config; is it a train_cls last.pt?")
     return load_config(ClsConfig, path, overrides, base=ckpt["config"]), ckpt
-
-
-def ensure_default_data(cfg: Any, info: DistInfo) -> None:
-    """Rank 0 generates the synthetic mini-CUB when the default data root is absent."""
-    if info.is_main and cfg.data.root == ClsDataConfig.root and not Path(cfg.data.root).exists():
-        from detect.data.synth import make_synth_cub
-
-        print(f"generating the synthetic mini-CUB in {cfg.data.root} ...", flush=True)
-        make_synth_cub(cfg.data.root)
-    barrier()
-
-
-def prepare_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> Path:
-    """Rank 0 picks the run directory (the checkpoint's own on resume) and writes config.yaml. Called once data and
-    model are built, so bad input leaves no run directory behind."""
-    run_dir = None
-    if info.is_main:
-        run_dir = Path(cfg.train.resume).parent if ckpt is not None else make_run_dir(cfg.output_dir)
-        save_config(cfg, run_dir)
-    barrier()
-    return Path(broadcast_object(str(run_dir)))
 
 
 def record_epoch(run_dir: Path, epoch: int, stats: dict, metrics: dict, best: dict, state: dict[str, Any]) -> dict:
@@ -159,10 +136,10 @@ def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
-    ensure_default_data(cfg, info)
+    ensure_synthetic_data(cfg.data.root, cfg.data.root == ClsDataConfig.root, info)
     train_set, val_set = build_cls_datasets(cfg)
     model = build_cls_model(cfg, train_set.num_classes, load_weights=ckpt is None).to(info.device)
-    run_dir = prepare_run(cfg, ckpt, info)
+    run_dir = prepare_run(cfg, ckpt is not None, info)
     optimizer = build_optimizer(t.optimizer, build_param_groups(model, t.weight_decay), t.lr, t.momentum)
     ema = ModelEMA(model) if t.ema else None
     amp_dtype = autocast_dtype(cfg, info.device)

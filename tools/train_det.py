@@ -25,9 +25,6 @@ from detect.cli import deferred_interrupts, run_tool
 from detect.config import DetConfig, DetDataConfig, config_to_dict, load_config
 from detect.data.coco import write_coco_json
 from detect.distributed import (
-    DistInfo,
-    barrier,
-    broadcast_object,
     cleanup_distributed,
     init_distributed,
     prepare_model,
@@ -35,7 +32,7 @@ from detect.distributed import (
 )
 from detect.engine import StepState, evaluate, nan_to_zero, train_one_epoch
 from detect.optim import ModelEMA
-from detect.runs import ResultsCSV, make_run_dir, save_config
+from detect.runs import ResultsCSV, ensure_synthetic_data, prepare_run
 from detect.seeding import seed_everything
 from detect.training import (
     build_det_criterion,
@@ -81,30 +78,6 @@ def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
     return load_config(DetConfig, path, overrides, base=ckpt["config"]), ckpt
 
 
-def ensure_default_data(cfg: Any, info: DistInfo) -> None:
-    """Rank 0 generates the synthetic mini-CUB when the default data root is asked for and absent."""
-    default = cfg.data.format == "cub" and cfg.data.root == DetDataConfig.root
-    if info.is_main and default and not Path(cfg.data.root).exists():
-        from detect.data.synth import make_synth_cub
-
-        print(f"generating the synthetic mini-CUB in {cfg.data.root} ...", flush=True)
-        make_synth_cub(cfg.data.root)
-    barrier()
-
-
-def prepare_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> Path:
-    """Rank 0: the run directory (the checkpoint's own on resume) and its config.yaml; every rank gets its path.
-
-    Called once data, model and weights have been checked, so that bad input leaves no run directory behind.
-    """
-    run_dir = None
-    if info.is_main:
-        run_dir = Path(cfg.train.resume).parent if ckpt is not None else make_run_dir(cfg.output_dir)
-        save_config(cfg, run_dir)
-    barrier()
-    return Path(broadcast_object(str(run_dir)))
-
-
 def open_tensorboard(run_dir: Path) -> Any:
     """A SummaryWriter when tensorboard is installed, else None."""
     try:
@@ -135,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
-    ensure_default_data(cfg, info)
+    ensure_synthetic_data(cfg.data.root, cfg.data.format == "cub" and cfg.data.root == DetDataConfig.root, info)
     # Everything the user gave is checked (data, model, weights) before the run directory exists (DESIGN §8).
     train_set, val_set = build_det_datasets(cfg)
     source = train_set.source
@@ -152,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         position, step.last_step, best, partial_sums = restore_training_state(
             ckpt["train_state"], model, optimizer, ema, scaler, cfg.train.resume
         )
-    run_dir = prepare_run(cfg, ckpt, info)
+    run_dir = prepare_run(cfg, ckpt is not None, info)
     gt_path = run_dir / "val_gt.json"
     if info.is_main:
         ResultsCSV(run_dir / "results.csv").truncate(position[0])
