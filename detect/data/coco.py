@@ -25,7 +25,7 @@ import torch
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.boxes import xywh2xyxy, xyxy2xywh
-from detect.data.source import BoxFixLog, DetectionSource, read_image_rgb, read_image_size, sanitize_boxes
+from detect.data.source import BoxFixLog, DetectionSource, ImageFiles, sanitize_boxes
 
 LOGGER = logging.getLogger("plugdet.data")
 
@@ -67,7 +67,7 @@ def _index_by_id(entries: list, keys: tuple[str, ...], kind: str, path: Path) ->
     return by_id
 
 
-class CocoDetection:
+class CocoDetection(ImageFiles):
     """A COCO instances json as a detection source (see the module docstring for the conventions).
 
     Args:
@@ -125,23 +125,6 @@ class CocoDetection:
         self._boxes = [xywh2xyxy(torch.tensor(b, dtype=torch.float64).reshape(-1, 4)).numpy() for b in boxes]
         self._labels = [np.asarray(item, dtype=np.int64) for item in labels]
         self.box_fixes = BoxFixLog(f"COCO {self.json_path.name}")
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def image_path(self, index: int) -> Path:
-        """Path of image `index` (`image_dir / file_name`)."""
-        return self._files[index]
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        """`(height, width)` from the json, or from the image header when the json has none (cached)."""
-        if index not in self._sizes:
-            self._sizes[index] = read_image_size(self._files[index])
-        return self._sizes[index]
-
-    def load_image(self, index: int) -> np.ndarray:
-        """Image `index` as `uint8 [H, W, 3]` RGB."""
-        return read_image_rgb(self._files[index])
 
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """`(boxes float32 [n, 4] xyxy pixels, labels int64 [n])` without crowd boxes, clipped to the image."""

@@ -27,10 +27,10 @@ from backbones.errors import UserError
 from detect.boxes import xywh2xyxy
 from detect.data.source import (
     BoxFixLog,
+    ImageFiles,
     UnreadableImages,
     image_file_problem,
     read_image_rgb,
-    read_image_size,
     sanitize_boxes,
 )
 
@@ -282,7 +282,7 @@ class CubClassification(Dataset):
         return image, int(self.labels[index])
 
 
-class CubDetection:
+class CubDetection(ImageFiles):
     """CUB boxes as a detection source (`detect.data.source.DetectionSource`), one box per image.
 
     Args:
@@ -311,33 +311,16 @@ class CubDetection:
             self.class_names, self.category_ids = ["bird"], [1]
             self._labels = np.zeros(len(indices), dtype=np.int64)
         self.image_ids = [int(data.image_ids[i]) for i in indices]
-        self._paths = [self.image_dir / data.image_paths[i] for i in indices]
+        self._files = [self.image_dir / data.image_paths[i] for i in indices]
         self._boxes = xywh2xyxy(torch.from_numpy(data.boxes_xywh[indices])).numpy()  # [n, 4] float64 xyxy
         self._box_lines = data.box_lines[indices].copy()
         self._sizes: dict[int, tuple[int, int]] = {}
         self.box_fixes = BoxFixLog(f"CUB {split} boxes")
 
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def image_path(self, index: int) -> Path:
-        """Path of image `index`."""
-        return self._paths[index]
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        """`(height, width)` of image `index` from its header (cached)."""
-        if index not in self._sizes:
-            self._sizes[index] = read_image_size(self._paths[index])
-        return self._sizes[index]
-
-    def load_image(self, index: int) -> np.ndarray:
-        """Image `index` as `uint8 [H, W, 3]` RGB (grayscale images are expanded)."""
-        return read_image_rgb(self._paths[index])
-
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """`(boxes float32 [n, 4] xyxy pixels, labels int64 [n])`, n = 1, or 0 when the box has no area."""
         height, width = self.image_size(index)
         fixed = sanitize_boxes(self._boxes[index : index + 1], self._labels[index : index + 1], height, width)
-        where = f"{self.root / 'bounding_boxes.txt'}, line {self._box_lines[index]} (image {self._paths[index].name})"
+        where = f"{self.root / 'bounding_boxes.txt'}, line {self._box_lines[index]} (image {self._files[index].name})"
         self.box_fixes.record(index, where, fixed.clipped, fixed.dropped)
         return fixed.boxes, fixed.labels

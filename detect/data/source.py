@@ -166,6 +166,34 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     return int(height), int(width)
 
 
+class ImageFiles:
+    """The file side of a detection source: one image file per index, `(height, width)` from its header, cached.
+
+    CubDetection, CocoDetection and YoloDetection inherit `__len__`, `image_path`, `image_size` and `load_image`
+    from it; they set `self._files` (and may pre-fill `self._sizes`, e.g. from a COCO json) and add `annotations`.
+    """
+
+    _files: list[Path]
+    _sizes: dict[int, tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def image_path(self, index: int) -> Path:
+        """Path of image `index`."""
+        return self._files[index]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """`(height, width)` of image `index`: as given, else from its header (cached)."""
+        if index not in self._sizes:
+            self._sizes[index] = read_image_size(self._files[index])
+        return self._sizes[index]
+
+    def load_image(self, index: int) -> np.ndarray:
+        """Image `index` as `uint8 [H, W, 3]` RGB (grayscale and palette images are expanded)."""
+        return read_image_rgb(self._files[index])
+
+
 class SanitizedBoxes(NamedTuple):
     """Result of `sanitize_boxes`: kept boxes and labels, and how many boxes were clipped or dropped."""
 

@@ -33,8 +33,7 @@ from detect.data.source import (
     IMAGE_EXTENSIONS,
     BoxFixLog,
     DetectionSource,
-    read_image_rgb,
-    read_image_size,
+    ImageFiles,
     sanitize_boxes,
 )
 
@@ -124,7 +123,7 @@ def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
     return np.asarray(classes, np.int64), np.asarray(boxes, np.float64).reshape(-1, 4)
 
 
-class YoloDetection:
+class YoloDetection(ImageFiles):
     """One split of an Ultralytics-format data set as a detection source (see the module docstring).
 
     Args:
@@ -154,23 +153,6 @@ class YoloDetection:
             self._boxes.append(cxcywh2xyxy(torch.from_numpy(boxes)).numpy())  # [n, 4] normalised xyxy
         self._sizes: dict[int, tuple[int, int]] = {}
         self.box_fixes = BoxFixLog(f"YOLO {split}")
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def image_path(self, index: int) -> Path:
-        """Path of image `index`."""
-        return self._files[index]
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        """`(height, width)` from the image header (cached)."""
-        if index not in self._sizes:
-            self._sizes[index] = read_image_size(self._files[index])
-        return self._sizes[index]
-
-    def load_image(self, index: int) -> np.ndarray:
-        """Image `index` as `uint8 [H, W, 3]` RGB."""
-        return read_image_rgb(self._files[index])
 
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """`(boxes float32 [n, 4] xyxy pixels, labels int64 [n])` (label = YOLO class index), clipped to the image."""
