@@ -32,9 +32,10 @@ from backbones.freeze import freeze_stages, keep_frozen_bn_eval
 from detect.cli import check_interrupt, deferred_interrupts
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
-from detect.distributed import DistInfo, all_reduce_sum, unwrap
+from detect.distributed import DistInfo, all_reduce_sum
 from detect.optim import ModelEMA, lr_at
-from detect.seeding import DistributedEpochSampler, rng_state, set_rng_state
+from detect.resume import restore_resume_state, resume_state
+from detect.seeding import DistributedEpochSampler
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -357,15 +358,8 @@ def make_checkpoint(
         config: the resolved config as a plain dict.
     """
     return {
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": position[0],
-        "batch": position[1],
+        **resume_state(model, optimizer, ema, scaler, position, best),
         "epoch_sums": list(epoch_sums) if epoch_sums else None,
-        "best": dict(best),
-        "rng": rng_state(),
         "config": config,
         "arch": config["model"]["backbone"],
         "class_names": list(class_names),
@@ -391,16 +385,5 @@ def restore_checkpoint(
     missing = [key for key in ("model", "optimizer", "epoch", "batch", "best", "rng") if key not in ckpt]
     if missing:
         raise UserError(f"{path} is not a train_cls last.pt (missing {', '.join(missing)}); cannot resume from it")
-    try:
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        elif ema is not None:
-            raise UserError(f"{path} was trained without train.ema; cannot resume with train.ema=true")
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot resume from {path}: {str(exc).strip().splitlines()[0]}") from None
-    if scaler is not None and ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return (int(ckpt["epoch"]), int(ckpt["batch"])), dict(ckpt["best"]), ckpt.get("epoch_sums")
+    position, best = restore_resume_state(ckpt, model, optimizer, ema, scaler, path)
+    return position, best, ckpt.get("epoch_sums")

@@ -18,12 +18,13 @@ from backbones.errors import UserError
 from backbones.freeze import freeze_stages
 from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
-from detect.distributed import DistInfo, unwrap
+from detect.distributed import DistInfo
 from detect.engine import Schedule, pending_gradients, restore_gradients
 from detect.loss import DetectionLoss
 from detect.model import Detector, build_detector
 from detect.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
-from detect.seeding import DistributedEpochSampler, rng_state, set_rng_state
+from detect.resume import restore_resume_state, resume_state
+from detect.seeding import DistributedEpochSampler
 
 logger = logging.getLogger("plugdet")
 
@@ -139,17 +140,10 @@ def training_state(
     batches (an interrupted epoch), so the resumed epoch's results row equals an uninterrupted one.
     """
     return {
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": position[0],
-        "batch": position[1],
+        **resume_state(model, optimizer, ema, scaler, position, best),
         "last_step": last_step,
-        "best": dict(best),
         "partial_sums": list(partial_sums) if partial_sums is not None else None,
         "gradients": pending_gradients(model),
-        "rng": rng_state(),
     }
 
 
@@ -166,18 +160,6 @@ def restore_training_state(
     Returns:
         (position, last_step, best, partial_sums) to continue from.
     """
-    try:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            if state.get("ema") is None:
-                raise UserError(f"{path} was trained without train.ema; cannot resume with train.ema=true")
-            ema.load_state_dict(state["ema"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot resume from {path}: {str(exc).strip().splitlines()[0]}") from None
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
+    position, best = restore_resume_state(state, model, optimizer, ema, scaler, path)
     restore_gradients(model, state.get("gradients") or {})
-    set_rng_state(state["rng"])
-    position = (int(state["epoch"]), int(state["batch"]))
-    return position, int(state["last_step"]), dict(state["best"]), state.get("partial_sums")
+    return position, int(state["last_step"]), best, state.get("partial_sums")
