@@ -6,8 +6,10 @@ matplotlib, so that nothing reaches the network and no settings land in the home
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,30 @@ def synth_cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         height_range=SYNTH_HEIGHT,
     )
     return out
+
+
+@pytest.fixture
+def interrupt_cls_after(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """`with interrupt_cls_after(k):` simulates Ctrl-C arriving during classification training step k (held back by
+    `deferred_interrupts` until that step completes, as a real signal is)."""
+    import detect.classify
+
+    @contextlib.contextmanager
+    def interrupt_after(steps: int) -> Iterator[None]:
+        real, count = detect.classify.deferred_interrupts, {"n": 0}
+
+        @contextlib.contextmanager
+        def counting() -> Iterator[None]:
+            with real():
+                yield
+            count["n"] += 1
+            if count["n"] == steps:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(detect.classify, "deferred_interrupts", counting)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(detect.classify, "deferred_interrupts", real)
+
+    return interrupt_after

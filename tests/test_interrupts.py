@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -167,26 +167,6 @@ def test_train_det_resume_with_workers_is_bit_identical(
     assert straight["metrics"]["coco_stats"] == resumed["metrics"]["coco_stats"]
 
 
-@contextlib.contextmanager
-def _interrupt_after_steps(monkeypatch: pytest.MonkeyPatch, steps: int) -> Iterator[None]:
-    """Ctrl-C arriving during classification training step `steps` (acted on once that step completes)."""
-    import detect.classify
-
-    real, count = detect.classify.deferred_interrupts, {"n": 0}
-
-    @contextlib.contextmanager
-    def counting() -> Iterator[None]:
-        with real():
-            yield
-        count["n"] += 1
-        if count["n"] == steps:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(detect.classify, "deferred_interrupts", counting)
-    yield
-    monkeypatch.setattr(detect.classify, "deferred_interrupts", real)
-
-
 def _cls_args(root: Path, out: Path, workers: int) -> list[str]:
     return [f"data.root={root}", "data.img_size=32", "data.resize_size=36", "train.batch_size=8", "train.epochs=2",
             "train.warmup_epochs=0.5", "train.ema=true", "model.dropout=0.2", f"train.workers={workers}",
@@ -194,12 +174,12 @@ def _cls_args(root: Path, out: Path, workers: int) -> list[str]:
 
 
 def test_train_cls_resume_with_workers_is_bit_identical(
-    synth_cub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synth_cub_root: Path, tmp_path: Path, interrupt_cls_after: Callable[[int], contextlib.AbstractContextManager[None]]
 ) -> None:
     """Uninterrupted workers=0 vs interrupted mid-epoch 2 with workers=2 and resumed with workers=2."""
     train_cls = tool("train_cls")
     assert train_cls.main(_cls_args(synth_cub_root, tmp_path / "straight", workers=0)) == 0
-    with _interrupt_after_steps(monkeypatch, 3), pytest.raises(KeyboardInterrupt):  # 12 images / 8: 2 steps per epoch
+    with interrupt_cls_after(3), pytest.raises(KeyboardInterrupt):  # 12 images / 8: 2 steps per epoch
         train_cls.main(_cls_args(synth_cub_root, tmp_path / "resumed", workers=2))
     partial = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert (partial["epoch"], partial["batch"]) == (1, 1)

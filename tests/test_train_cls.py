@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,27 +79,6 @@ def _same_optimizer(a: dict, b: dict) -> None:
             )
 
 
-@contextlib.contextmanager
-def _interrupt_after_steps(monkeypatch: pytest.MonkeyPatch, steps: int) -> Iterator[None]:
-    """Simulate Ctrl-C arriving during training step `steps` (held back until that step completes)."""
-    import detect.classify
-
-    real = detect.classify.deferred_interrupts
-    count = {"n": 0}
-
-    @contextlib.contextmanager
-    def counting() -> Iterator[None]:
-        with real():
-            yield
-        count["n"] += 1
-        if count["n"] == steps:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(detect.classify, "deferred_interrupts", counting)
-    yield
-    monkeypatch.setattr(detect.classify, "deferred_interrupts", real)
-
-
 RESUME_EXTRA = ("train.ema=true", "model.dropout=0.2", "train.epochs=2")
 
 
@@ -133,7 +112,12 @@ def _interrupt_second_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_resume_is_bit_identical(
-    synth_cub_root: Path, straight_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+    synth_cub_root: Path,
+    straight_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    interrupt_cls_after: Callable[[int], contextlib.AbstractContextManager[None]],
+    stop: str,
 ) -> None:
     iters = -(-len(CubClassification(synth_cub_root, "train")) // 8)  # batches per epoch
     resumed = tmp_path / "resumed"
@@ -141,7 +125,7 @@ def test_resume_is_bit_identical(
         if stop == "epoch-boundary":
             _interrupt_second_epoch(monkeypatch)
         else:
-            stack.enter_context(_interrupt_after_steps(monkeypatch, iters if stop == "before-eval" else iters + 1))
+            stack.enter_context(interrupt_cls_after(iters if stop == "before-eval" else iters + 1))
         with pytest.raises(KeyboardInterrupt):
             train_cls.main(_args(synth_cub_root, resumed, *RESUME_EXTRA))
     monkeypatch.undo()
