@@ -158,6 +158,7 @@ class DetEvalConfig:
     conf: float = _at_least(0.001, 0.0)
     iou: float = _at_least(0.7, 0.0)
     max_det: int = _at_least(300, 1)
+    coco_max_dets: int = _at_least(100, 10)  # COCO's last maxDets cap (AP, AR rows); 300 counts every kept box
     backend: str = _choice("pycocotools", "faster")
 
 

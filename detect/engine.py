@@ -275,6 +275,7 @@ def evaluate(
     bf16: bool = False,
     channels_last: bool = False,
     keep_images: int = 0,
+    coco_max_dets: int = 100,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[Any, ...]]]:
     """COCO evaluation of a model on a validation loader.
 
@@ -287,6 +288,8 @@ def evaluate(
         backend: "pycocotools" or "faster".
         bf16, channels_last: inference options.
         keep_images: keep this many (image index, detections) pairs for pictures.
+        coco_max_dets: COCO's last detection cap per image, maxDets (1, 10, coco_max_dets): 100 is COCO's
+            definition; 300 scores every box postprocess keeps (`max_det`), as Ultralytics' own mAP does.
 
     Returns:
         (metrics from `coco_evaluate` plus "time_per_image_ms", COCO-format predictions, kept pairs).
@@ -302,7 +305,7 @@ def evaluate(
                 kept.append((meta["index"], result))
         count += len(metas)
     elapsed = time.perf_counter() - start
-    metrics = coco_evaluate(gt, predictions, backend=backend)
+    metrics = coco_evaluate(gt, predictions, backend=backend, max_dets=(1, 10, coco_max_dets))
     metrics["time_per_image_ms"] = 1000.0 * elapsed / max(count, 1)
     return metrics, predictions, kept
 

@@ -81,6 +81,21 @@ def test_val_det_writes_coco_results_with_the_data_sets_ids(chain: dict[str, Pat
     assert all(len(p["bbox"]) == 4 and p["bbox"][2] >= 0 and p["bbox"][3] >= 0 for p in predictions)
 
 
+def test_val_det_coco_max_dets_counts_every_kept_box(chain: dict[str, Path], tmp_path: Path) -> None:
+    """eval.coco_max_dets=300 reaches the evaluation (maxDets (1, 10, 300), AR300); the default is COCO's 100."""
+    weights = chain["det"] / "best.pt"
+    argv = ["--weights", str(weights), "--out", str(tmp_path / "val300"), "eval.coco_max_dets=300"]
+    assert run_tool(load_tool("val_det").main, argv) == 0
+    cap100 = json.loads((chain["val"] / "metrics.json").read_text())
+    cap300 = json.loads((tmp_path / "val300" / "metrics.json").read_text())
+    assert cap100["max_dets"] == [1, 10, 100] and "AR100" in cap100
+    assert cap300["max_dets"] == [1, 10, 300] and "AR300" in cap300 and "AR100" not in cap300
+    predictions = json.loads((chain["val"] / "predictions.json").read_text())
+    per_image = max(sum(p["image_id"] == i for p in predictions) for i in {p["image_id"] for p in predictions})
+    assert per_image <= 100  # this tiny model keeps few boxes, so both caps score the same boxes: same 12 numbers
+    assert cap300["coco_stats"] == cap100["coco_stats"]  # (what the cap drops: tests/test_eval.py)
+
+
 def test_predict_draws_every_image_and_lists_boxes_in_original_pixels(chain: dict[str, Path]) -> None:
     sources = sorted((chain["data"] / "CUB_200_2011" / "images").glob("*/*.jpg"))
     drawn = [p for p in chain["pred"].iterdir() if p.suffix == ".jpg"]

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     evaluated = ema.ema if ema is not None else unwrap(model)  # never the DDP wrapper
                     metrics, _, kept = evaluate(evaluated, val_loader, gt_path, cat_ids, info.device, cfg.eval.conf,
                                                 cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, t.bf16,
-                                                t.channels_last, keep_images=8)  # fmt: skip
+                                                t.channels_last, keep_images=8,
+                                                coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
                 if info.is_main:
                     ap = nan_to_zero(metrics.get("AP", -1.0))
                     ap50 = nan_to_zero(metrics.get("AP50")) if metrics else ""

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     out = make_run_dir(args.out or Path("runs/val") / Path(args.weights).resolve().parent.name)
     metrics, predictions, kept = evaluate(model, loader, gt, list(source.category_ids), device,
                                           cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
-                                          cfg.train.bf16, channels_last=True, keep_images=8)  # fmt: skip
+                                          cfg.train.bf16, channels_last=True, keep_images=8,
+                                          coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
     write_json(out / "gt.json", gt)
     write_json(out / "predictions.json", predictions)
     saved = {k: v for k, v in metrics.items() if k != "precision"}
