@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from backbones.errors import UserError
 from backbones.freeze import freeze_stages
 from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
+from detect.data.source import available_memory
 from detect.distributed import DistInfo
 from detect.engine import Schedule, pending_gradients, restore_gradients
 from detect.loss import DetectionLoss
@@ -59,6 +61,26 @@ def quiet_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def cache_train_images(train: DetectionDataset, info: DistInfo) -> bool:
+    """`data.cache=true`: decode the train images into RAM when they fit, else warn and read them from disk.
+
+    They fit when every process on this node (`LOCAL_WORLD_SIZE` under torchrun; each caches the whole set) together
+    needs at most half of the available memory, leaving the rest to models, activations and loader workers.
+    """
+    need = train.cache_bytes() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    free = available_memory()
+    if free is not None and need > free // 2:
+        logger.warning("data.cache=true: caching %d train images at %d px needs ~%.1f GB on this node, more than half "
+                       "of the %.1f GB available; reading them from disk instead (data.cache=false silences this)",
+                       len(train), train.img_size, need / 1e9, free / 1e9)  # fmt: skip
+        return False
+    start = time.perf_counter()
+    size = train.cache_images()
+    logger.info("cached %d train images in RAM (%.0f MB) in %.1f s (data.cache=true)", len(train), size / 2**20,
+                time.perf_counter() - start)  # fmt: skip
+    return True
+
+
 def build_det_loaders(
     train: DetectionDataset, val: DetectionDataset, cfg: DictConfig, info: DistInfo
 ) -> tuple[DataLoader, DistributedEpochSampler, DataLoader]:
@@ -74,10 +96,7 @@ def build_det_loaders(
     batch = total // world
     sampler = DistributedEpochSampler(len(train), world, info.rank, cfg.seed, True, batch, True)
     if cfg.data.cache and train.train:  # before any worker exists: forked workers share the decoded images
-        start = time.perf_counter()
-        size = train.cache_images()
-        logger.info("cached %d train images in RAM (%.0f MB) in %.1f s (data.cache=true)", len(train), size / 2**20,
-                    time.perf_counter() - start)  # fmt: skip
+        cache_train_images(train, info)
     workers = cfg.train.workers
     common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
               "persistent_workers": workers > 0, "worker_init_fn": quiet_worker}  # fmt: skip

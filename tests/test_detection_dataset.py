@@ -160,6 +160,31 @@ def test_ram_cache_changes_no_sample(mosaic: float) -> None:
         cached._read_resized(0)[0][0, 0, 0] = 1  # a transform writing into the cache would corrupt later samples
 
 
+def test_cache_bytes_is_exact_before_decoding() -> None:
+    """The memory estimate from image sizes alone equals what cache_images then holds."""
+    data = DetectionDataset(TinySource(), 64, train=True)
+    expected = data.cache_bytes()
+    assert expected == data.cache_images() == sum(a[0].nbytes for a in data._cache)
+
+
+def test_cache_that_would_not_fit_falls_back_to_disk(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """data.cache=true with too little memory: one warning, no cache, the same samples read from disk."""
+    import detect.training
+    from detect.distributed import DistInfo
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    data = DetectionDataset(TinySource(), 64, train=True, seed=2)
+    monkeypatch.setattr(detect.training, "available_memory", lambda: 2 * data.cache_bytes() - 1)
+    assert not detect.training.cache_train_images(data, info) and data._cache is None
+    assert "reading them from disk instead" in caplog.text
+    assert_same(data[(1, 0)], DetectionDataset(TinySource(), 64, train=True, seed=2)[(1, 0)])
+    monkeypatch.setattr(detect.training, "available_memory", lambda: 2 * data.cache_bytes())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node would need twice as much
+    assert not detect.training.cache_train_images(data, info)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert detect.training.cache_train_images(data, info) and data._cache is not None
+
+
 def test_ram_cache_reaches_forked_workers() -> None:
     """Workers forked after cache_images() serve every image from the inherited cache (the files are gone)."""
     source = VanishingSource()

@@ -31,8 +31,9 @@ RAM cache (`data.cache`, `cache_images()`): decoding and resizing a JPEG is most
 (about 1.1 ms of 1.4 ms per image at 256 px here), and a Mosaic reads 4 images. `cache_images()` decodes every
 training image once, long side resized to S, in the main process before the loader starts; forked DataLoader workers
 share those pages copy-on-write. Samples are unchanged (the cache holds exactly what `_read_resized` returns, read
-only). Memory: about N x S^2 x 3 x (short / long side) bytes, e.g. 600 x 256 px = 90 MB, 6,000 CUB images at 640 px =
-5.5 GB, which is why the schema default is off and only the synthetic default config turns it on.
+only). Memory: about N x S^2 x 3 x (short / long side) bytes (`cache_bytes()`, from the headers), e.g. 600 x 256 px =
+88 MB, 6,000 CUB images at 640 px = 5.5 GB, which is why the schema default is off and only the synthetic default
+config turns it on; training falls back to reading from disk, with a warning, when it would not fit in memory.
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ class DetectionDataset(torch.utils.data.Dataset):
         if isinstance(fixes, BoxFixLog) and (fixes.clipped or fixes.dropped):
             LOGGER.warning(fixes.summary())
         return len(problems)
+
+    def cache_bytes(self) -> int:
+        """Bytes `cache_images` will hold, from the images' sizes alone (headers, no decoding): h' x w' x 3 each."""
+        total = 0
+        for i in range(len(self)):
+            if self.unreadable is not None and self.unreadable.is_bad(i):
+                continue
+            h, w = self.source.image_size(i)
+            r = self.img_size / max(h, w)
+            total += min(max(round(h * r), 1), self.img_size) * min(max(round(w * r), 1), self.img_size) * 3
+        return total
 
     def cache_images(self, threads: int | None = None) -> int:
         """Decode every readable training image once (long side resized to S) and keep it in RAM; see the module doc.
