@@ -19,7 +19,6 @@ from backbones.errors import UserError
 from backbones.freeze import freeze_stages
 from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
-from detect.data.source import available_memory
 from detect.distributed import DistInfo
 from detect.engine import Schedule, pending_gradients, restore_gradients
 from detect.loss import DetectionLoss
@@ -61,7 +60,19 @@ def quiet_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def cache_train_images(train: DetectionDataset, info: DistInfo) -> bool:
+def available_memory() -> int | None:
+    """Bytes of memory the system can give new allocations (Linux `MemAvailable`); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cache_train_images(train: DetectionDataset) -> bool:
     """`data.cache=true`: decode the train images into RAM when they fit, else warn and read them from disk.
 
     They fit when every process on this node (`LOCAL_WORLD_SIZE` under torchrun; each caches the whole set) together
@@ -96,7 +107,7 @@ def build_det_loaders(
     batch = total // world
     sampler = DistributedEpochSampler(len(train), world, info.rank, cfg.seed, True, batch, True)
     if cfg.data.cache and train.train:  # before any worker exists: forked workers share the decoded images
-        cache_train_images(train, info)
+        cache_train_images(train)
     workers = cfg.train.workers
     common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
               "persistent_workers": workers > 0, "worker_init_fn": quiet_worker}  # fmt: skip

@@ -81,7 +81,7 @@ def test_val_det_writes_coco_results_with_the_data_sets_ids(chain: dict[str, Pat
     assert all(len(p["bbox"]) == 4 and p["bbox"][2] >= 0 and p["bbox"][3] >= 0 for p in predictions)
 
 
-def test_val_det_coco_max_dets_counts_every_kept_box(chain: dict[str, Path], tmp_path: Path) -> None:
+def test_val_det_passes_coco_max_dets_to_the_evaluation(chain: dict[str, Path], tmp_path: Path) -> None:
     """eval.coco_max_dets=300 reaches the evaluation (maxDets (1, 10, 300), AR300); the default is COCO's 100."""
     weights = chain["det"] / "best.pt"
     argv = ["--weights", str(weights), "--out", str(tmp_path / "val300"), "eval.coco_max_dets=300"]

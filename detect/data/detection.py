@@ -49,7 +49,15 @@ import torch
 from backbones.errors import UserError
 from detect.data.mosaic import mosaic4, random_centre
 from detect.data.source import LOGGER, BoxFixLog, UnreadableImages, image_file_problem
-from detect.data.transforms import hflip, letterbox, letterbox_geometry, random_affine, random_hsv, resize_long_side
+from detect.data.transforms import (
+    hflip,
+    letterbox,
+    letterbox_geometry,
+    long_side_size,
+    random_affine,
+    random_hsv,
+    resize_long_side,
+)
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]
 ResizedImage = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]  # image long side S, boxes, labels, (h, w)
@@ -150,9 +158,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         for i in range(len(self)):
             if self.unreadable is not None and self.unreadable.is_bad(i):
                 continue
-            h, w = self.source.image_size(i)
-            r = self.img_size / max(h, w)
-            total += min(max(round(h * r), 1), self.img_size) * min(max(round(w * r), 1), self.img_size) * 3
+            new_h, new_w = long_side_size(*self.source.image_size(i), self.img_size)
+            total += new_h * new_w * 3
         return total
 
     def cache_images(self, threads: int | None = None) -> int:

@@ -80,18 +80,6 @@ class DetectionSource(Protocol):
         ...
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the system can give new allocations (Linux `MemAvailable`); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def read_image_rgb(path: str | Path) -> np.ndarray:
     """Decode an image file to RGB.
 

@@ -86,6 +86,12 @@ def letterbox(
     return out, boxes, meta
 
 
+def long_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h', w') of an h x w image whose longer side is resized to `size` (each side at least 1 pixel)."""
+    r = size / max(h, w)
+    return min(max(round(h * r), 1), size), min(max(round(w * r), 1), size)
+
+
 def resize_long_side(image: np.ndarray, size: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Resize so the longer side equals `size` (YOLOv8's `load_image` for training), cv2.INTER_LINEAR.
 
@@ -98,8 +104,7 @@ def resize_long_side(image: np.ndarray, size: int, boxes: np.ndarray) -> tuple[n
         (image [h', w', 3], boxes [n, 4] float32 scaled by the exact per-axis ratios w'/W and h'/H).
     """
     h, w = image.shape[:2]
-    r = size / max(h, w)
-    new_w, new_h = min(max(round(w * r), 1), size), min(max(round(h * r), 1), size)
+    new_h, new_w = long_side_size(h, w, size)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if (new_w, new_h) == (w, h):
         return image, boxes.copy()
