@@ -1,44 +1,78 @@
-"""Backbone registry: a dict of factories plus a decorator (STYLE §5).
+"""Registries: a dict of factories plus a decorator (STYLE §5), one per kind of part.
 
-A factory is any callable `(**kwargs) -> nn.Module` whose module follows the backbone contract (DESIGN §3):
-`forward(x [B, 3, H, W]) -> list` of three maps at strides 8, 16, 32, attributes `out_channels` and `strides`,
-and `stage_modules()`. Families such as `tv:<name>` register a resolver for every name under their prefix.
+`Registry` is the shape every plugdet registry has (backbones here; necks, heads and losses in
+`detect.models.registry`): a duplicate name is an error, an unknown name lists the choices. A backbone factory is any
+callable `(**kwargs) -> nn.Module` whose module follows the backbone contract (DESIGN §3): `forward(x [B, 3, H, W])
+-> list` of three maps at strides 8, 16, 32, attributes `out_channels` and `strides`, and `stage_modules()`.
+Families such as `tv:<name>` register a resolver for every name under their prefix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from backbones.errors import UserError
 
+Factory = Callable[..., Any]
 BackboneFactory = Callable[..., nn.Module]
 
-_FACTORIES: dict[str, BackboneFactory] = {}
+
+class Registry:
+    """Named factories of one kind of part.
+
+    Args:
+        kind: what the factories build ("backbone", "neck", ...), used in messages.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, Factory] = {}
+
+    def register(self, name: str) -> Callable[[Factory], Factory]:
+        """Decorator registering a factory under `name`; a name registered twice is a ValueError (a programming
+        error, not a user error) naming the module that registered it first."""
+
+        def decorator(factory: Factory) -> Factory:
+            if name in self._factories:
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._factories[name].__module__})")
+            self._factories[name] = factory
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def get(self, name: str, also: str = "") -> Factory:
+        """The factory registered as `name`; an unknown name is a UserError listing the registered ones (and `also`,
+        other accepted forms)."""
+        if name not in self._factories:
+            raise UserError(
+                f"unknown {self.kind} {name!r}: registered {self.kind}s are {', '.join(self.names()) or '(none)'}"
+                + (f"; also {also}" if also else "")
+                + " (a part of your own registers in a module named by the config key `imports`)"
+            )
+        return self._factories[name]
+
+
+BACKBONES = Registry("backbone")
 _FAMILIES: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Decorator registering `factory` under `name`.
-
-    Args:
-        name: the name users pass to `build_backbone`.
-
-    Returns:
-        A decorator that registers the factory and returns it unchanged.
+    """Decorator registering a backbone factory under `name` (the name users pass to `build_backbone`).
 
     Raises:
-        ValueError: `name` is already registered (a programming error, not a user error).
+        ValueError: `name` is already registered.
     """
-
-    def decorator(factory: BackboneFactory) -> BackboneFactory:
-        if name in _FACTORIES:
-            raise ValueError(f"backbone {name!r} is already registered (by {_FACTORIES[name].__module__})")
-        _FACTORIES[name] = factory
-        return factory
-
-    return decorator
+    return BACKBONES.register(name)
 
 
 def register_backbone_family(prefix: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -64,7 +98,7 @@ def register_backbone_family(prefix: str) -> Callable[[Callable[..., nn.Module]]
 
 def list_backbones() -> list[str]:
     """Returns the registered backbone names, sorted (families' on-demand names are not listed)."""
-    return sorted(_FACTORIES)
+    return BACKBONES.names()
 
 
 def build_backbone(name: str, **kwargs: object) -> nn.Module:
@@ -80,13 +114,9 @@ def build_backbone(name: str, **kwargs: object) -> nn.Module:
     Raises:
         UserError: unknown name; the message lists the registered names.
     """
-    if name in _FACTORIES:
-        return _FACTORIES[name](**kwargs)
-    for prefix, resolver in _FAMILIES.items():
-        if name.startswith(prefix) and len(name) > len(prefix):
-            return resolver(name[len(prefix) :], **kwargs)
+    if name not in BACKBONES:
+        for prefix, resolver in _FAMILIES.items():
+            if name.startswith(prefix) and len(name) > len(prefix):
+                return resolver(name[len(prefix) :], **kwargs)
     families = ", ".join(f"{prefix}<name>" for prefix in sorted(_FAMILIES))
-    raise UserError(
-        f"unknown backbone {name!r}: registered backbones are {', '.join(list_backbones())}"
-        + (f"; also {families}" if families else "")
-    )
+    return BACKBONES.get(name, also=families)(**kwargs)

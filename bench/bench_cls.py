@@ -69,9 +69,9 @@ def synthetic_batches(batch: int, size: int, num_classes: int) -> Iterator[tuple
 
 def real_loader(root: str, batch: int, size: int, workers: int) -> tuple[torch.utils.data.DataLoader, int]:
     """train_cls's own training loader (its transforms, sampler and worker settings) and the number of classes."""
-    from detect.classify import build_cls_datasets, build_cls_loaders
     from detect.config import ClsConfig, load_config
-    from detect.distributed import DistInfo
+    from detect.train.classify import build_cls_datasets, build_cls_loaders
+    from detect.train.distributed import DistInfo
 
     resize = round(size / 0.875)  # the usual 224 -> 256
     overrides = [f"data.root={root}", f"data.img_size={size}", f"data.resize_size={resize}",

@@ -3,7 +3,7 @@
 CUB-200-2011's test split has 5,794 images with one box each; validation NMS at conf 0.001 keeps up to 300
 detections per image (DESIGN §5). This script builds such a ground truth (200 species categories, one box per image)
 and ~300 synthetic detections per image (a few near the bird with mixed classes, the rest clutter, scores skewed low
-like a real low-threshold output), then times `detect.eval.coco_evaluate` end to end with each backend and checks
+like a real low-threshold output), then times `detect.eval.coco.coco_evaluate` end to end with each backend and checks
 that both give the same 12 numbers.
 
     python bench/bench_eval.py                      # full size: 5,794 images x 300 detections
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from detect.eval import coco_evaluate, stat_names
+from detect.eval.coco import coco_evaluate, stat_names
 
 
 def make_case(num_images: int, dets_per_image: int, num_classes: int, seed: int) -> tuple[dict, list[dict]]:

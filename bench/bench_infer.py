@@ -23,7 +23,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/ycfg")
 
 from detect.interop.ultralytics import from_ultralytics  # noqa: E402
-from detect.model import Detector  # noqa: E402
+from detect.models.detector import Detector  # noqa: E402
 
 
 def _reference_model(scale: str) -> torch.nn.Module:

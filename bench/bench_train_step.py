@@ -3,7 +3,7 @@
 `python bench/bench_train_step.py [--threads 2] [--steps 8]`:
 
 1. the CPU cost of one augmented (Mosaic) sample, decoding from disk and from the RAM cache (`data.cache`);
-2. our full step on one fixed batch of the default train set (forward + DetectionLoss + backward + SGD step), median
+2. our full step on one fixed batch of the default train set (forward + build_yolo_loss + backward + SGD step), median
    ms for fp32 NCHW / fp32 channels_last / bf16 autocast + channels_last;
 3. the raw step, forward + backward with a plain loss (mean of squared outputs), of our detector and of
    Ultralytics' `DetectionModel("yolov8n.yaml")`, NCHW vs channels_last, runs interleaved: what channels_last is
@@ -25,9 +25,9 @@ from torch import nn
 
 from detect.config import DetConfig, load_config
 from detect.data.detection import DetectionDataset, detection_collate
-from detect.engine import to_input
-from detect.model import build_detector
-from detect.training import build_det_criterion, build_det_datasets, build_det_model, build_det_optimizer
+from detect.models import build_yolo
+from detect.precision import to_input
+from detect.train.builders import build_det_criterion, build_det_datasets, build_det_model, build_det_optimizer
 
 
 def sample_cost(train: DetectionDataset, samples: int = 32) -> float:
@@ -42,7 +42,7 @@ def sample_cost(train: DetectionDataset, samples: int = 32) -> float:
 def full_steps(images: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
     """Our full training step, per variant: median ms, img/s and the loss's share."""
     cfg = load_config(DetConfig, None, ["model.backbone_weights=null"])
-    print("\nfull step (forward + DetectionLoss + backward + SGD step), one fixed batch of 16:\n")
+    print("\nfull step (forward + build_yolo_loss + backward + SGD step), one fixed batch of 16:\n")
     print("| variant | ms/step (median) | img/s | loss ms |\n|---|---:|---:|---:|")
     for channels_last, bf16 in ((False, False), (True, False), (True, True)):
         model = build_det_model(load_config(DetConfig, None, ["model.backbone_weights=null",
@@ -79,7 +79,7 @@ def raw_steps(steps: int) -> None:
 
     x = torch.rand(16, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     builders: dict[str, Callable[[], nn.Module]] = {
-        "plugdet": lambda: build_detector("n", 1),
+        "plugdet": lambda: build_yolo("n", 1),
         "Ultralytics": lambda: DetectionModel("yolov8n.yaml", nc=1, verbose=False),
     }
     runs = {}

@@ -9,7 +9,7 @@ its own subprocess, one run after the other. Reported per seed:
   `img_per_s` column of its results.csv. Ultralytics: the epoch's images over the time between its
   `on_train_epoch_start` and `on_train_epoch_end` callbacks.
 - AP, AP50: both final models (EMA weights: our last.pt; Ultralytics' last.pt through
-  `detect.interop.ultralytics.from_ultralytics`) scored by the same `detect.engine.evaluate` (letterbox, conf
+  `detect.interop.ultralytics.from_ultralytics`) scored by the same `detect.eval.evaluate.evaluate` (letterbox, conf
   0.001, IoU 0.7, max_det 300, pycocotools) on the same val split, in fp32. `UL own AP` is Ultralytics' own
   validator on its final weights, for reference.
 
@@ -185,7 +185,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> Path:
 
 
 class Evaluator:
-    """The one evaluation of every model: `detect.engine.evaluate` on the val split of the exported data.
+    """The one evaluation of every model: `detect.eval.evaluate.evaluate` on the val split of the exported data.
 
     The val loader has no worker processes: this process has run torch ops (OpenMP threads) before it would fork
     them, and evaluation time is not what this bench measures.
@@ -198,8 +198,8 @@ class Evaluator:
         from detect.data.build import build_source
         from detect.data.coco import write_coco_json
         from detect.data.detection import DetectionDataset
-        from detect.distributed import DistInfo
-        from detect.training import build_det_loaders
+        from detect.train.builders import build_det_loaders
+        from detect.train.distributed import DistInfo
 
         torch.set_num_threads(args.threads)
         overrides = ["data.format=yolo", f"data.yaml={data_yaml}", f"data.img_size={args.img_size}",
@@ -215,13 +215,15 @@ class Evaluator:
         """(AP, AP50) of a plugdet last.pt, or of an Ultralytics last.pt when `run` is Ultralytics'."""
         import torch
 
-        from detect.engine import evaluate, nan_to_zero
+        from detect.eval.evaluate import evaluate, nan_to_zero
         from detect.interop.ultralytics import from_ultralytics
-        from detect.weights import load_detector
+        from detect.models.checkpoint import load_detector
+        from detect.precision import Precision
 
         model = from_ultralytics(weights) if run == UL else load_detector(weights)[0]
+        precision = Precision(torch.device("cpu"))
         metrics, _, _ = evaluate(model.float().eval(), self.loader, self.gt, list(self.source.category_ids),
-                                 torch.device("cpu"), conf=0.001, iou=0.7, max_det=300)  # fmt: skip
+                                 precision, conf=0.001, iou=0.7, max_det=300)  # fmt: skip
         return nan_to_zero(metrics["AP"]), nan_to_zero(metrics["AP50"])
 
 

@@ -1,4 +1,4 @@
-"""plugdet detection: config, data, YOLOv8-style neck/head/loss, training and evaluation."""
+"""plugdet detection: config, data, pluggable detectors (registered necks, heads, losses), training, evaluation."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 if TYPE_CHECKING:
-    from detect.model import Detector, build_detector
+    from detect.models import Detector, DetectorSpec, PartSpec, build_detector, build_yolo
 
-__all__ = ["Detector", "build_detector"]
+__all__ = ["Detector", "DetectorSpec", "PartSpec", "build_detector", "build_yolo"]
 
 
 def __getattr__(name: str) -> Any:
-    """Resolve `detect.Detector` / `detect.build_detector` on first use (PEP 562).
+    """Resolve `detect.Detector`, `detect.build_yolo`, ... on first use (PEP 562).
 
     Lazy so that `import detect.boxes` (or any light submodule) does not build the model stack and its imports.
     """
     if name in __all__:
-        from detect import model
+        from detect import models
 
-        return getattr(model, name)
+        return getattr(models, name)
     raise AttributeError(f"module 'detect' has no attribute {name!r}")

@@ -179,6 +179,25 @@ def bbox_iou(
     return iou - (enclose_area - union) / enclose_area
 
 
+IOU_KINDS = ("ciou", "diou", "giou", "iou")
+
+
+def box_overlap(boxes1: Tensor, boxes2: Tensor, kind: str = "ciou") -> Tensor:
+    """Elementwise overlap of the named kind ("ciou", "diou", "giou" or "iou"; see `bbox_iou`).
+
+    Args:
+        boxes1: ``[..., 4]`` xyxy.
+        boxes2: ``[..., 4]`` xyxy, broadcastable with ``boxes1``.
+        kind: one of `IOU_KINDS`.
+
+    Returns:
+        ``[...]`` the overlap.
+    """
+    if kind not in IOU_KINDS:
+        raise ValueError(f"box_overlap: unknown IoU kind {kind!r}; choose one of {', '.join(IOU_KINDS)}")
+    return bbox_iou(boxes1, boxes2, ciou=kind == "ciou", diou=kind == "diou", giou=kind == "giou")
+
+
 def make_anchors(
     feature_shapes: Sequence[tuple[int, int]],
     strides: Sequence[int | float],

@@ -31,6 +31,23 @@ _pending: list[int] = []  # signals recorded inside `deferred_interrupts`, not r
 _depth = [0]  # nesting of `deferred_interrupts`
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during a `train_one_epoch`, raised between steps, with the position reached.
+
+    Attributes:
+        epoch: the epoch in progress (0-based).
+        batch: batches of that epoch completed (the next one to run on resume).
+        sums: this process's running sums of the epoch so far, for its results row (classification: [loss * n,
+            correct, n]; detection: {"parts": {name: sum}, "batches": n}).
+    """
+
+    def __init__(self, epoch: int, batch: int, sums: Any) -> None:
+        super().__init__(f"interrupted at epoch {epoch + 1}, batch {batch}")
+        self.epoch = epoch
+        self.batch = batch
+        self.sums = sums
+
+
 def _name(signum: int) -> str:
     return signal.Signals(signum).name
 

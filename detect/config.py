@@ -83,6 +83,7 @@ class ClsTrainConfig:
 
 @dataclass
 class ClsConfig:
+    imports: list[str] = field(default_factory=list)  # plugin modules (registering parts) imported first
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     model: ClsModelConfig = field(default_factory=ClsModelConfig)
     train: ClsTrainConfig = field(default_factory=ClsTrainConfig)
@@ -108,10 +109,15 @@ class DetDataConfig:
 
 @dataclass
 class DetModelConfig:
-    scale: str = _choice("n", "s", "m", "l", "x")
+    scale: str = _choice("n", "s", "m", "l", "x")  # given to the neck when its factory takes a `scale`
     num_classes: int | None = None  # None: from the data
-    backbone: str | None = None  # None: cspdarknet_<scale>
+    backbone: str | None = None  # None: the family's own at the scale (cspdarknet_<scale>, csp11_<scale> for yolo11)
     backbone_weights: str | None = None  # e.g. a backbone.pt from train_cls
+    neck: str = "yolov8"  # a registered neck (detect.models.registry.list_necks())
+    head: str = "yolov8"  # a registered head family (list_heads())
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the backbone factory
+    neck_kwargs: dict[str, Any] = field(default_factory=dict)  # ... of the neck factory
+    head_kwargs: dict[str, Any] = field(default_factory=dict)  # ... of the head factory (yolo: reg_max)
 
 
 @dataclass
@@ -136,9 +142,6 @@ class DetTrainConfig:
     fliplr: float = _at_least(0.5, 0.0)
     scale: float = _at_least(0.5, 0.0)
     translate: float = _at_least(0.1, 0.0)
-    box: float = _at_least(7.5, 0.0)
-    cls: float = _at_least(0.5, 0.0)
-    dfl: float = _at_least(1.5, 0.0)
     ema: bool = True
     grad_clip: float = _at_least(10.0, 0.0)  # max gradient norm (0 = off)
     freeze_stages: int = _at_least(0, -1)  # backbone stages frozen (-1 = all)
@@ -153,6 +156,26 @@ class DetTrainConfig:
 
 
 @dataclass
+class DetLossConfig:
+    name: str | None = None  # a registered loss (list_losses()); None: the head family's own (yolo heads: "yolo")
+    box: float = _at_least(7.5, 0.0)  # yolo: gain of the box (IoU) part
+    cls: float = _at_least(0.5, 0.0)  # yolo: gain of the classification part
+    dfl: float = _at_least(1.5, 0.0)  # yolo: gain of the DFL part
+    iou: str = _choice("ciou", "diou", "giou", "iou")  # yolo: the box part's overlap
+    kwargs: dict[str, Any] = field(default_factory=dict)  # settings of a plugin loss
+
+
+@dataclass
+class DetAssignConfig:
+    topk: int = _at_least(10, 1)  # TaskAligned assigner (TOOD): positives per ground truth
+    alpha: float = _at_least(0.5, 0.0)  # score exponent of the alignment metric
+    beta: float = _at_least(6.0, 0.0)  # IoU exponent of the alignment metric
+    eps: float = _at_least(1e-9, 0.0)
+    iou: str = _choice("ciou", "diou", "giou", "iou")  # the alignment metric's overlap
+    min_gt_side: float | None = None  # candidates of boxes smaller than this (px) widen to it; None: middle stride
+
+
+@dataclass
 class DetEvalConfig:
     interval: int = _at_least(1, 1)  # evaluate every k epochs (and after the last)
     conf: float = _at_least(0.001, 0.0)
@@ -164,12 +187,31 @@ class DetEvalConfig:
 
 @dataclass
 class DetConfig:
+    imports: list[str] = field(default_factory=list)  # plugin modules (registering parts) imported first
     data: DetDataConfig = field(default_factory=DetDataConfig)
     model: DetModelConfig = field(default_factory=DetModelConfig)
     train: DetTrainConfig = field(default_factory=DetTrainConfig)
+    loss: DetLossConfig = field(default_factory=DetLossConfig)
+    assign: DetAssignConfig = field(default_factory=DetAssignConfig)
     eval: DetEvalConfig = field(default_factory=DetEvalConfig)
     output_dir: str = "runs/det/default"
     seed: int = 0
+
+
+# Keys that moved: an old key in a file or an override is one line naming the new key; a checkpoint's saved config
+# (written before the move) is mapped silently, so old runs still load and resume.
+MOVED_KEYS: dict[str, str] = {"train.box": "loss.box", "train.cls": "loss.cls", "train.dfl": "loss.dfl"}
+
+
+def migrate_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config with its moved keys (`MOVED_KEYS`) at their new places; other keys untouched."""
+    data = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        new_section, new_key = new.split(".")
+        if isinstance(data.get(old_section), dict) and old_key in data[old_section]:
+            data.setdefault(new_section, {})[new_key] = data[old_section].pop(old_key)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -214,6 +256,8 @@ def _flatten(schema: type, node: Any, prefix: str, where: Callable[[str], str]) 
     leaves: dict[str, Any] = {}
     for key, value in node.items():
         dotted = f"{prefix}{key}"
+        if key not in fields and dotted in MOVED_KEYS:
+            raise UserError(f"config key {dotted!r} {where(dotted)} is now {MOVED_KEYS[dotted]!r}: rename it")
         if key not in fields:
             raise UserError(
                 f"unknown config key {dotted!r} (value {value!r}) {where(dotted)}; {_valid_keys_of(schema, prefix)}"
@@ -331,7 +375,7 @@ def load_config(
     cfg = OmegaConf.structured(schema)
     origins: dict[str, str] = {}
     if base is not None:
-        cfg = _merge(schema, cfg, dict(base), lambda key: "in the checkpoint's config")
+        cfg = _merge(schema, cfg, migrate_config(base), lambda key: "in the checkpoint's config")
     if path is not None:
         path = Path(path)
         data, lines = _read_yaml(path)

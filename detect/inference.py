@@ -16,8 +16,8 @@ from torch import nn
 
 from backbones.errors import UserError
 from detect.data.transforms import letterbox
-from detect.engine import autocast, to_input
-from detect.postprocess import postprocess
+from detect.postprocess import undo_letterbox
+from detect.precision import Precision
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
@@ -43,7 +43,7 @@ def detect_image(
     model: nn.Module,
     image: np.ndarray,
     img_size: int,
-    device: torch.device,
+    device: torch.device | str,
     conf: float = 0.25,
     iou: float = 0.7,
     max_det: int = 300,
@@ -52,7 +52,7 @@ def detect_image(
     """Detections on one RGB image.
 
     Args:
-        model: an eval-mode detector (output `[B, A, 4 + C]`).
+        model: an eval-mode detector (`Detector.detect`).
         image: [H, W, 3] uint8 RGB.
         img_size: letterbox side (the training size).
         device, conf, iou, max_det, bf16: inference settings.
@@ -62,9 +62,10 @@ def detect_image(
     """
     boxed, _, meta = letterbox(image, img_size)
     batch = torch.from_numpy(np.ascontiguousarray(boxed)).permute(2, 0, 1)[None]  # [1, 3, S, S], HWC memory
-    with autocast(device, amp=False, bf16=bf16):
-        preds = model(to_input(batch, device, channels_last=True))  # [1, A, 4 + C]
-    result = postprocess(preds.float(), conf, iou, max_det, metas=[meta])[0]
+    precision = Precision(torch.device(device), bf16=bf16, channels_last=True)
+    with precision.autocast():
+        results = model.detect(precision.to_input(batch), conf, iou, max_det)
+    result = undo_letterbox([{k: v.float() for k, v in r.items()} for r in results], [meta])[0]
     return {k: v.cpu() for k, v in result.items()}
 
 

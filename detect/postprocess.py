@@ -11,7 +11,7 @@ from torchvision.ops import batched_nms
 
 from detect.boxes import scale_boxes_to_original
 
-__all__ = ["postprocess"]
+__all__ = ["postprocess", "undo_letterbox"]
 
 
 def _candidates(preds: Tensor, conf_thres: float, multi_label: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -113,3 +113,23 @@ def postprocess(
             out_boxes = scale_boxes_to_original(out_boxes, meta["ratio"], meta["pad"], meta["orig_size"])
         results.append({"boxes": out_boxes, "scores": score[kept], "labels": label[kept]})
     return results
+
+
+def undo_letterbox(
+    results: Sequence[Mapping[str, Tensor]], metas: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Tensor]]:
+    """Map every family's detections from network-input pixels back to original-image pixels (clipped to it).
+
+    Args:
+        results: per image dict(boxes [K, 4] xyxy input pixels, scores [K], labels [K]).
+        metas: per image ``"ratio" (rw, rh)``, ``"pad" (left, top)``, ``"orig_size" (h, w)`` of its letterbox.
+
+    Returns:
+        The same detections with boxes in original pixels.
+    """
+    if len(results) != len(metas):
+        raise ValueError(f"undo_letterbox: {len(metas)} metas for {len(results)} results")
+    return [
+        {**result, "boxes": scale_boxes_to_original(result["boxes"], meta["ratio"], meta["pad"], meta["orig_size"])}
+        for result, meta in zip(results, metas, strict=True)
+    ]

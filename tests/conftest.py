@@ -58,11 +58,11 @@ def synth_cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def interrupt_cls_after(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], contextlib.AbstractContextManager[None]]:
     """`with interrupt_cls_after(k):` simulates Ctrl-C arriving during classification training step k (held back by
     `deferred_interrupts` until that step completes, as a real signal is)."""
-    import detect.classify
+    import detect.train.classify
 
     @contextlib.contextmanager
     def interrupt_after(steps: int) -> Iterator[None]:
-        real, count = detect.classify.deferred_interrupts, {"n": 0}
+        real, count = detect.train.classify.deferred_interrupts, {"n": 0}
 
         @contextlib.contextmanager
         def counting() -> Iterator[None]:
@@ -72,10 +72,10 @@ def interrupt_cls_after(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], cont
             if count["n"] == steps:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(detect.classify, "deferred_interrupts", counting)
+        monkeypatch.setattr(detect.train.classify, "deferred_interrupts", counting)
         try:
             yield
         finally:
-            monkeypatch.setattr(detect.classify, "deferred_interrupts", real)
+            monkeypatch.setattr(detect.train.classify, "deferred_interrupts", real)
 
     return interrupt_after

@@ -1,12 +1,12 @@
-"""Tests for detect/assign.py: hand-built assignments with known answers, and parity with Ultralytics."""
+"""Tests for detect/losses/assign.py: hand-built assignments with known answers, and parity with Ultralytics."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from detect.assign import TaskAlignedAssigner
 from detect.boxes import make_anchors
+from detect.losses.assign import TaskAlignedAssigner
 
 NUM_CLASSES = 2
 

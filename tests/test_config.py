@@ -54,7 +54,7 @@ def test_unknown_key_names_key_value_and_valid_keys() -> None:
     assert "'train.epoch'" in message and "5" in message
     assert "valid keys of 'train'" in message and "epochs" in message and "batch_size" in message
     message = _error(ClsConfig, None, ["colour=red"])
-    assert "'colour'" in message and "valid top-level keys: data, model, train, output_dir, seed" in message
+    assert "'colour'" in message and "valid top-level keys: imports, data, model, train, output_dir, seed" in message
     message = _error(DetConfig, None, ["eval.iou_thres=0.5"])
     assert "valid keys of 'eval'" in message and "max_det" in message
 
@@ -96,7 +96,11 @@ def test_det_schema_defaults() -> None:
     assert (t.momentum, t.weight_decay, t.warmup_epochs, t.warmup_bias_lr, t.warmup_momentum) == (
         0.937, 5e-4, 3.0, 0.1, 0.8,
     )  # fmt: skip
-    assert (t.close_mosaic, t.mosaic, t.box, t.cls, t.dfl, t.grad_clip) == (10, 1.0, 7.5, 0.5, 1.5, 10.0)
+    assert (t.close_mosaic, t.mosaic, t.grad_clip) == (10, 1.0, 10.0)
+    assert (cfg.model.neck, cfg.model.head, cfg.loss.name) == ("yolov8", "yolov8", None)
+    assert (cfg.loss.box, cfg.loss.cls, cfg.loss.dfl, cfg.loss.iou) == (7.5, 0.5, 1.5, "ciou")
+    a = cfg.assign
+    assert (a.topk, a.alpha, a.beta, a.eps, a.iou, a.min_gt_side) == (10, 0.5, 6.0, 1e-9, "ciou", None)
     assert (cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend) == (0.001, 0.7, 300, "pycocotools")
 
 
@@ -109,3 +113,27 @@ def test_shipped_cls_configs_load(name: str) -> None:
 def test_default_yaml_is_the_schema_default() -> None:
     from_yaml = config_to_dict(load_config(ClsConfig, REPO / "configs" / "cls" / "default.yaml"))
     assert from_yaml == config_to_dict(load_config(ClsConfig))
+
+
+@pytest.mark.parametrize("old, new", [("train.box", "loss.box"), ("train.cls", "loss.cls"), ("train.dfl", "loss.dfl")])
+def test_moved_loss_gains_name_their_new_key(old: str, new: str) -> None:
+    with pytest.raises(UserError, match=rf"config key '{old}' in override '{old}=1.0' is now '{new}': rename it"):
+        load_config(DetConfig, None, [f"{old}=1.0"])
+
+
+def test_a_saved_config_with_the_old_keys_is_mapped() -> None:
+    """A checkpoint written before the loss section resumes: its train.box/cls/dfl land in loss.*."""
+    old = config_to_dict(load_config(DetConfig))
+    old["train"].update(box=3.0, cls=0.25, dfl=2.0)
+    for key in ("loss", "assign", "imports"):
+        old.pop(key)
+    for key in ("neck", "head", "backbone_kwargs", "neck_kwargs", "head_kwargs"):
+        old["model"].pop(key)
+    cfg = load_config(DetConfig, None, [], base=old)
+    assert (cfg.loss.box, cfg.loss.cls, cfg.loss.dfl) == (3.0, 0.25, 2.0)
+    assert (cfg.model.neck, cfg.model.head) == ("yolov8", "yolov8")
+
+
+def test_part_kwargs_sections_take_any_keys() -> None:
+    cfg = load_config(DetConfig, None, ["model.head_kwargs.reg_max=8", "model.neck_kwargs={}", "loss.iou=giou"])
+    assert cfg.model.head_kwargs == {"reg_max": 8} and cfg.loss.iou == "giou"

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from backbones.checkpoint import load_checkpoint
-from detect.seeding import DistributedEpochSampler
+from detect.train.seeding import DistributedEpochSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from detect.cli import run_tool
-from detect.seeding import DistributedEpochSampler
+from detect.train.seeding import DistributedEpochSampler
 
 repo, name, dump = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 argv = sys.argv[4:]

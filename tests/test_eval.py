@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backbones.errors import UserError
-from detect.eval import coco_evaluate, format_table, predictions_to_coco, stat_names
+from detect.eval.coco import coco_evaluate, format_table, predictions_to_coco, stat_names
 
 EXACT = 1e-12  # pycocotools divides by tp + fp + 2.2e-16, so "1.0" comes out as 0.9999999999999998
 

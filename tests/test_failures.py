@@ -29,8 +29,8 @@ from detect.data.coco import write_coco_json
 from detect.data.cub import CubClassification, CubDetection
 from detect.data.detection import DetectionDataset
 from detect.data.yolo import export_yolo
-from detect.model import build_detector
-from detect.weights import detector_checkpoint
+from detect.models import build_yolo
+from detect.models.checkpoint import detector_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -411,7 +411,7 @@ def det_weights(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     cfg = load_config(DetConfig, None, [f"data.root={synth_cub_root}", "data.img_size=64", "train.workers=0",
                                         "train.batch_size=4", "model.backbone_weights=null"])  # fmt: skip
     torch.manual_seed(0)
-    model = build_detector("n", 1)
+    model = build_yolo("n", 1)
     arch = {"scale": "n", "num_classes": 1, "backbone": None, "reg_max": 16}
     path = tmp_path_factory.mktemp("weights") / "best.pt"
     atomic_save(detector_checkpoint(model, arch, ["bird"], [1], config_to_dict(cfg), {}, 1), path)

@@ -1,4 +1,4 @@
-"""DetectHead: branch widths, bias priors, raw output layout, and the DFL decode on hand-built logits."""
+"""YoloHead: branch widths, bias priors, raw output layout, and the DFL decode on hand-built logits."""
 
 from __future__ import annotations
 
@@ -7,22 +7,22 @@ import math
 import pytest
 import torch
 
-from detect.head import DetectHead
+from detect.models.heads.yolo import YoloHead
 
 STRIDES = (8, 16, 32)
 
 
 def test_branch_widths_follow_yolov8() -> None:
-    head = DetectHead(80, (64, 128, 256), STRIDES)
+    head = YoloHead(80, (64, 128, 256), STRIDES)
     assert head.box_branch[0].conv1.conv.out_channels == 64  # max(16, 64 // 4, 4 * 16)
     assert head.cls_branch[0].conv1.conv.out_channels == 80  # max(64, min(80, 100))
     assert head.cls_branch[2].conv1.conv.in_channels == 256
-    assert DetectHead(200, (64, 128, 256), STRIDES).cls_branch[0].conv1.conv.out_channels == 100
-    assert DetectHead(1, (320, 640, 640), STRIDES).box_branch[1].conv2.conv.out_channels == 80  # 320 // 4
+    assert YoloHead(200, (64, 128, 256), STRIDES).cls_branch[0].conv1.conv.out_channels == 100
+    assert YoloHead(1, (320, 640, 640), STRIDES).box_branch[1].conv2.conv.out_channels == 80  # 320 // 4
 
 
 def test_bias_prior_and_frozen_bins() -> None:
-    head = DetectHead(80, (16, 32, 64), STRIDES)
+    head = YoloHead(80, (16, 32, 64), STRIDES)
     for level, stride in enumerate(STRIDES):
         assert torch.all(head.box_branch[level].pred.bias == 1.0)
         expected = math.log(5 / 80 / (640 / stride) ** 2)
@@ -35,7 +35,7 @@ def test_bias_prior_and_frozen_bins() -> None:
 
 
 def test_forward_layout_and_gradients() -> None:
-    head = DetectHead(3, (16, 32, 64), STRIDES, reg_max=8)
+    head = YoloHead(3, (16, 32, 64), STRIDES, reg_max=8)
     feats = [torch.randn(2, 16, 8, 10), torch.randn(2, 32, 4, 5), torch.randn(2, 64, 2, 3)]
     outs = head(feats)
     assert [tuple(o.shape) for o in outs] == [(2, 35, 8, 10), (2, 35, 4, 5), (2, 35, 2, 3)]
@@ -64,7 +64,7 @@ def _one_hot_levels(reg_max: int, num_classes: int, bins: tuple[int, int, int, i
 
 
 def test_decode_one_hot_bins_anchor_order_and_scores() -> None:
-    head = DetectHead(2, (16, 16), (8, 16), reg_max=4)
+    head = YoloHead(2, (16, 16), (8, 16), reg_max=4)
     preds = head.decode(_one_hot_levels(4, 2, (1, 2, 3, 0)))  # ltrb = 1, 2, 3, 0 cells
     assert preds.shape == (1, 8, 6)
     centres = torch.tensor([[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12], [8, 8], [24, 8]], dtype=torch.float)
@@ -78,13 +78,13 @@ def test_decode_one_hot_bins_anchor_order_and_scores() -> None:
 
 
 def test_decode_uniform_bins_is_the_mean_distance() -> None:
-    head = DetectHead(1, (8,), (32,), reg_max=16)
+    head = YoloHead(1, (8,), (32,), reg_max=16)
     preds = head.decode([torch.zeros(1, 65, 1, 1)])  # uniform softmax: expectation (16 - 1) / 2 = 7.5 cells
     torch.testing.assert_close(preds[0, 0], torch.tensor([16 - 240.0, 16 - 240.0, 16 + 240.0, 16 + 240.0, 0.5]))
 
 
 def test_decode_caches_anchors_per_shape_and_returns_float32() -> None:
-    head = DetectHead(2, (16, 16), (8, 16), reg_max=4)
+    head = YoloHead(2, (16, 16), (8, 16), reg_max=4)
     levels = _one_hot_levels(4, 2, (0, 0, 0, 0))
     head.decode(levels)
     points = head._anchor_cache[1]
@@ -98,7 +98,7 @@ def test_decode_caches_anchors_per_shape_and_returns_float32() -> None:
 
 def test_rejects_mismatched_levels() -> None:
     with pytest.raises(ValueError, match="strides"):
-        DetectHead(2, (16, 16), (8,))
-    head = DetectHead(2, (16, 16), (8, 16))
+        YoloHead(2, (16, 16), (8,))
+    head = YoloHead(2, (16, 16), (8, 16))
     with pytest.raises(ValueError, match="expected 2 feature maps"):
         head([torch.zeros(1, 16, 4, 4)])

@@ -26,8 +26,8 @@ from detect.cli import run_tool
 from detect.config import DetConfig, config_to_dict, load_config
 from detect.data.coco import coco_ground_truth
 from detect.data.cub import CubDetection
-from detect.model import build_detector
-from detect.weights import detector_checkpoint
+from detect.models import build_yolo
+from detect.models.checkpoint import detector_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("backbones", "detect", "tools", "bench")
@@ -128,7 +128,7 @@ def det_weights(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     torch.manual_seed(0)
     arch = {"scale": "n", "num_classes": 1, "backbone": None, "reg_max": 16}
     path = tmp_path_factory.mktemp("weights") / "best.pt"
-    atomic_save(detector_checkpoint(build_detector("n", 1), arch, ["bird"], [1], config_to_dict(cfg), {}, 1), path)
+    atomic_save(detector_checkpoint(build_yolo("n", 1), arch, ["bird"], [1], config_to_dict(cfg), {}, 1), path)
     return path
 
 

@@ -15,7 +15,7 @@ os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/ycfg")
 tasks = pytest.importorskip("ultralytics.nn.tasks")
 
 from backbones.errors import UserError  # noqa: E402
-from detect import build_detector  # noqa: E402
+from detect import build_yolo  # noqa: E402
 from detect.boxes import cxcywh2xyxy  # noqa: E402
 from detect.interop.ultralytics import (  # noqa: E402
     from_ultralytics,
@@ -83,7 +83,7 @@ def test_parameter_counts_equal_ultralytics(scale: str, num_classes: int) -> Non
     spec = tasks.yaml_model_load(f"yolov8{scale}.yaml")  # what DetectionModel builds, minus its init passes
     spec["nc"] = num_classes
     with torch.device("meta"):  # parameters without storage: counting is all we need
-        ours = build_detector(scale, num_classes=num_classes)
+        ours = build_yolo(scale, num_classes=num_classes)
         theirs, _ = tasks.parse_model(spec, ch=3, verbose=False)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
@@ -93,7 +93,7 @@ def test_parameter_counts_equal_ultralytics(scale: str, num_classes: int) -> Non
 def test_key_mapping_is_a_bijection() -> None:
     theirs = tasks.DetectionModel("yolov8m.yaml", nc=5, verbose=False).state_dict()
     with torch.device("meta"):
-        ours = build_detector("m", num_classes=5).state_dict()
+        ours = build_yolo("m", num_classes=5).state_dict()
     mapped = {ultralytics_key_to_ours(k) for k in theirs}
     assert mapped == set(ours)
     assert all(our_key_to_ultralytics(ultralytics_key_to_ours(k)) == k for k in theirs)
@@ -106,7 +106,7 @@ def test_key_mapping_is_a_bijection() -> None:
 @torch.no_grad()
 def test_round_trip_to_ultralytics_state_dict() -> None:
     torch.manual_seed(3)
-    ours = build_detector("n", num_classes=7).eval()
+    ours = build_yolo("n", num_classes=7).eval()
     theirs = tasks.DetectionModel("yolov8n.yaml", nc=7, verbose=False)
     theirs.load_state_dict(to_ultralytics_state_dict(ours), strict=True)
     theirs.eval()
@@ -155,6 +155,6 @@ def test_bad_sources_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a YOLOv8"):
         from_ultralytics(fused)
     with torch.device("meta"):
-        foreign = build_detector("n", backbone="resnet18")
+        foreign = build_yolo("n", backbone="resnet18")
     with pytest.raises(UserError, match="no Ultralytics counterpart"):
         to_ultralytics_state_dict(foreign)

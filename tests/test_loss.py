@@ -1,4 +1,4 @@
-"""Tests for detect/loss.py: DFL and padding by hand, and parity with Ultralytics' v8DetectionLoss."""
+"""Tests for detect/losses/yolo.py: DFL and padding by hand, and parity with Ultralytics' v8DetectionLoss."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from backbones.errors import UserError
 from detect.boxes import xyxy2cxcywh
-from detect.loss import DetectionLoss, distribution_focal_loss, pad_targets
+from detect.losses.yolo import build_yolo_loss, distribution_focal_loss, pad_targets
 
 NUM_CLASSES = 3
 SIZE = 128
@@ -54,7 +54,7 @@ def random_levels(batch: int, seed: int = 0) -> list[torch.Tensor]:
 
 def test_empty_batch_has_only_class_loss() -> None:
     levels = [level.requires_grad_() for level in random_levels(2)]
-    total, parts = DetectionLoss(NUM_CLASSES, STRIDES)(levels, torch.zeros(0, 6))
+    total, parts = build_yolo_loss(NUM_CLASSES, STRIDES)(levels, torch.zeros(0, 6))
     assert parts["box"].item() == 0.0 and parts["dfl"].item() == 0.0
     cls_logits = torch.cat([level.detach().flatten(2) for level in levels], 2)[:, 64:]  # [B, C, A]
     expected = F.binary_cross_entropy_with_logits(cls_logits, torch.zeros_like(cls_logits), reduction="sum") * 0.5
@@ -67,12 +67,12 @@ def test_empty_batch_has_only_class_loss() -> None:
 def test_unsorted_targets_and_wrong_channels() -> None:
     levels = random_levels(2)
     targets = torch.tensor([[1, 0, 10, 10, 60, 70], [0, 2, 30, 5, 90, 50], [1, 1, 64, 64, 120, 127]], dtype=torch.float)
-    loss = DetectionLoss(NUM_CLASSES, STRIDES)
+    loss = build_yolo_loss(NUM_CLASSES, STRIDES)
     _, sorted_parts = loss(levels, targets[targets[:, 0].argsort(stable=True)])
     _, parts = loss(levels, targets)
     assert parts == sorted_parts
     with pytest.raises(UserError, match="expected \\[B, 68, H, W\\]"):
-        DetectionLoss(NUM_CLASSES + 1, STRIDES)(levels, targets)
+        build_yolo_loss(NUM_CLASSES + 1, STRIDES)(levels, targets)
     with pytest.raises(UserError, match="class ids \\[3.0\\] out of range"):
         loss(levels, torch.tensor([[0, 3, 10, 10, 60, 70]], dtype=torch.float))
 
@@ -132,7 +132,7 @@ def test_parity_with_ultralytics(ultralytics_model: tuple, counts: list[int], no
         level = torch.cat((box_leaf[..., start:stop], cls_leaf[..., start:stop]), 1)  # [B, 64 + C, H*W]
         levels.append(level.view(4, -1, height, width))
         start = stop
-    total, parts = DetectionLoss(NUM_CLASSES, STRIDES)(levels, targets)
+    total, parts = build_yolo_loss(NUM_CLASSES, STRIDES)(levels, targets)
     total.backward()
 
     for ours_key, their_key in (("box", "box_loss"), ("cls", "cls_loss"), ("dfl", "dfl_loss")):

@@ -1,4 +1,4 @@
-"""Detector / build_detector: YOLOv8 parameter counts, train/eval outputs, any backbone, weights, inference options."""
+"""Detector / build_yolo: YOLOv8 parameter counts, train/eval outputs, any backbone, weights, inference options."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from backbones.checkpoint import save_backbone
 from backbones.errors import UserError
 from backbones.registry import build_backbone
-from detect import Detector, build_detector
+from detect import Detector, build_yolo
 
 
 def _num_params(module: torch.nn.Module) -> int:
@@ -33,15 +33,15 @@ def _num_params(module: torch.nn.Module) -> int:
 def test_parameter_counts_are_yolov8s(scale: str, num_classes: int, expected: int) -> None:
     # Ultralytics' counts include the 16 frozen DFL bins (yolov8n: 3,157,200 parameters, 3,157,184 trainable).
     with torch.device("meta"):
-        model = build_detector(scale, num_classes=num_classes)
+        model = build_yolo(scale, num_classes=num_classes)
     assert _num_params(model) == expected
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected - 16
 
 
 def test_train_and_eval_outputs() -> None:
     torch.manual_seed(0)
-    model = build_detector("n", num_classes=3)
-    assert (model.num_classes, model.strides, model.reg_max) == (3, (8, 16, 32), 16)
+    model = build_yolo("n", num_classes=3)
+    assert (model.num_classes, model.strides, model.head.reg_max) == (3, (8, 16, 32), 16)
     assert [name for name, _ in model.named_children()] == ["backbone", "neck", "head"]
     images = torch.rand(2, 3, 64, 96)
     levels = model(images)
@@ -56,12 +56,12 @@ def test_train_and_eval_outputs() -> None:
 
 def test_unknown_scale_lists_the_scales() -> None:
     with pytest.raises(UserError, match=r"'q'.*n, s, m, l, x"):
-        build_detector("q")
+        build_yolo("q")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "tv:mobilenet_v3_small"])
 def test_any_registered_backbone(name: str) -> None:
-    model = build_detector("n", num_classes=2, backbone=name).eval()
+    model = build_yolo("n", num_classes=2, backbone=name).eval()
     assert model.neck.in_channels == tuple(model.backbone.out_channels)
     with torch.no_grad():
         preds = model(torch.rand(1, 3, 64, 64))
@@ -75,12 +75,12 @@ def test_backbone_weights_are_loaded_and_counted(tmp_path: Path, caplog: pytest.
     path = tmp_path / "backbone.pt"
     save_backbone(path, trained, "cspdarknet_n")
     with caplog.at_level(logging.INFO, logger="plugdet"):
-        model = build_detector("n", backbone_weights=path)
+        model = build_yolo("n", backbone_weights=path)
     assert torch.equal(model.backbone.stem.conv.weight, trained.stem.conv.weight)
     count = len(trained.state_dict())
     assert f"transferred {count} tensors" in caplog.text
     with pytest.raises(UserError, match="cspdarknet_n"):
-        build_detector("s", backbone_weights=path)
+        build_yolo("s", backbone_weights=path)
 
 
 def _randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
@@ -97,7 +97,7 @@ def _randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
 @torch.no_grad()
 def test_fuse_keeps_outputs_and_refuses_training() -> None:
     torch.manual_seed(0)
-    model = build_detector("n", num_classes=4)
+    model = build_yolo("n", num_classes=4)
     _randomise_batchnorm(model)
     for branch in model.head.cls_branch:
         branch.pred.bias.normal_()
@@ -118,7 +118,7 @@ def test_fuse_keeps_outputs_and_refuses_training() -> None:
 @torch.no_grad()
 def test_fuse_other_backbones(name: str) -> None:
     torch.manual_seed(0)
-    model = build_detector("n", num_classes=2, backbone=name)
+    model = build_yolo("n", num_classes=2, backbone=name)
     _randomise_batchnorm(model)
     model.eval()
     images = torch.rand(1, 3, 64, 64)
@@ -132,7 +132,7 @@ def test_fuse_other_backbones(name: str) -> None:
 @torch.no_grad()
 def test_channels_last_and_bf16_autocast_options() -> None:
     torch.manual_seed(0)
-    model = build_detector("n", num_classes=4)
+    model = build_yolo("n", num_classes=4)
     _randomise_batchnorm(model)
     model.eval()
     images = torch.rand(1, 3, 64, 64)
@@ -147,4 +147,4 @@ def test_channels_last_and_bf16_autocast_options() -> None:
 
 
 def test_detector_class_is_exported() -> None:
-    assert isinstance(build_detector("n", num_classes=1), Detector)
+    assert isinstance(build_yolo("n", num_classes=1), Detector)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backbones.errors import UserError
-from detect.neck import PAN, build_pan
+from detect.models.necks.pan import PAN, build_pan
 
 
 def _num_params(module: torch.nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""detect/optim.py: parameter groups, optimizers, schedules, YOLOv8 warmup and the EMA, with hand-computed numbers."""
+"""detect/train/optim.py: param groups, optimizers, schedules, YOLOv8 warmup, EMA, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from detect.optim import (
+from detect.train.optim import (
     ModelEMA,
     build_optimizer,
     build_param_groups,

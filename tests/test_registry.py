@@ -21,6 +21,11 @@ EXPECTED = {
     "cspdarknet_m",
     "cspdarknet_l",
     "cspdarknet_x",
+    "csp11_n",
+    "csp11_s",
+    "csp11_m",
+    "csp11_l",
+    "csp11_x",
     "tv:vgg16_bn",
     "tv:googlenet",
     "tv:densenet121",
@@ -34,7 +39,7 @@ EXPECTED = {
 @pytest.fixture
 def clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test vanish after it."""
-    monkeypatch.setattr(registry_module, "_FACTORIES", dict(registry_module._FACTORIES))
+    monkeypatch.setattr(registry_module.BACKBONES, "_factories", dict(registry_module.BACKBONES._factories))
 
 
 def test_registered_names() -> None:

@@ -1,4 +1,4 @@
-"""detect/runs.py: run directories never overwrite, results.csv header once and truncation on resume."""
+"""detect/train/runs.py: run directories never overwrite, results.csv header once and truncation on resume."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from backbones.errors import UserError
 from detect.config import ClsConfig, load_config
-from detect.runs import ResultsCSV, make_run_dir, save_config
+from detect.train.runs import ResultsCSV, make_run_dir, save_config
 
 
 def test_run_dir_suffixes(tmp_path: Path) -> None:
@@ -61,8 +61,8 @@ def test_resume_clears_what_a_killed_writer_left(tmp_path: Path) -> None:
     """A writer killed inside atomic_open leaves `.last.pt.<random>.tmp`; the resumed run's prepare_run removes it,
     keeps every real file, and a new run never touches another run's folder."""
     from backbones.checkpoint import atomic_open
-    from detect.distributed import DistInfo
-    from detect.runs import prepare_run
+    from detect.train.distributed import DistInfo
+    from detect.train.runs import prepare_run
 
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     run = tmp_path / "runs" / "cls" / "default"

@@ -1,4 +1,4 @@
-"""detect/seeding.py: epoch permutations from seed + epoch, disjoint shards, start_batch, RNG snapshots."""
+"""detect/train/seeding.py: epoch permutations from seed + epoch, disjoint shards, start_batch, RNG snapshots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from detect.seeding import DistributedEpochSampler, EpochSampler, rng_state, sample_seed, set_rng_state
+from detect.train.seeding import DistributedEpochSampler, EpochSampler, rng_state, sample_seed, set_rng_state
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backbones.errors import UserError
-from detect.viz import (
+from detect.eval.viz import (
     class_color,
     draw_detections,
     drawing_scale,

@@ -23,11 +23,11 @@ from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.data.source import read_image_rgb
-from detect.distributed import select_device
+from detect.eval.viz import draw_detections
 from detect.inference import VIDEO_SUFFIXES, detect_image, detections_to_json, find_inputs
-from detect.runs import make_run_dir
-from detect.viz import draw_detections
-from detect.weights import load_detector
+from detect.models.checkpoint import load_detector
+from detect.train.distributed import select_device
+from detect.train.runs import make_run_dir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

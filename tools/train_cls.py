@@ -20,7 +20,10 @@ from torch import nn
 
 from backbones.checkpoint import atomic_save, load_checkpoint, save_backbone
 from backbones.errors import UserError
-from detect.classify import (
+from detect.cli import check_interrupt, deferred_interrupts, run_tool
+from detect.config import ClsConfig, ClsDataConfig, config_to_dict, load_config
+from detect.eval.viz import plot_confusion_matrix, plot_curves
+from detect.train.classify import (
     TrainingInterrupted,
     autocast_dtype,
     build_cls_datasets,
@@ -32,19 +35,16 @@ from detect.classify import (
     restore_checkpoint,
     train_one_epoch,
 )
-from detect.cli import check_interrupt, deferred_interrupts, run_tool
-from detect.config import ClsConfig, ClsDataConfig, config_to_dict, load_config
-from detect.distributed import (
+from detect.train.distributed import (
     DistInfo,
     cleanup_distributed,
     init_distributed,
     prepare_model,
     unwrap,
 )
-from detect.optim import ModelEMA, build_optimizer, build_param_groups
-from detect.runs import ResultsCSV, ensure_synthetic_data, prepare_run
-from detect.seeding import seed_everything
-from detect.viz import plot_confusion_matrix, plot_curves
+from detect.train.optim import ModelEMA, build_optimizer, build_param_groups
+from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run
+from detect.train.seeding import seed_everything
 
 USAGE = "usage: train_cls.py [CONFIG.yaml] [key=value ...] [--debug]   (e.g. train.epochs=5 model.backbone=resnet18)"
 CURVE_PANELS = [("loss", ["train/loss", "val/loss"]), ("accuracy", ["train/acc", "val/top1", "val/top5"])]

@@ -1,10 +1,12 @@
-"""Train a YOLOv8-style detector: `python tools/train_det.py [CONFIG.yaml] [key=value ...] [--debug]`.
+"""Train a detector: `python tools/train_det.py [CONFIG.yaml] [key=value ...] [--debug]`.
 
-With no CONFIG: `configs/det/default.yaml`, the synthetic mini-CUB (bird labels, 256 px, scale n) from the backbone
-that `tools/train_cls.py` pretrained (runs/cls/default/backbone.pt; `model.backbone_weights=null` for none).
-Writes to a fresh run directory (`output_dir`, or `output_dir-2`, ...): config.yaml, val_gt.json (COCO ground truth),
-results.csv, curves.png, last.pt, best.pt (best COCO AP), val_predictions.jpg, pr_curve.png, and TensorBoard events
-when tensorboard is installed. `train.resume=RUN/last.pt` continues that run exactly. Ctrl-C / SIGTERM saves last.pt.
+With no CONFIG: `configs/det/default.yaml`, the synthetic mini-CUB (bird labels, 256 px, YOLOv8 at scale n) from the
+backbone that `tools/train_cls.py` pretrained (runs/cls/default/backbone.pt; `model.backbone_weights=null` for
+none). Any registered parts plug in by name: `model.backbone=resnet50 model.neck=yolo11 model.head=yolo11`, and a
+part of your own registers in a module named by `imports=[my_parts]`. Writes to a fresh run directory (`output_dir`,
+or `output_dir-2`, ...): config.yaml, val_gt.json (COCO ground truth), results.csv (one column per loss part),
+curves.png, last.pt, best.pt (best COCO AP), val_predictions.jpg, pr_curve.png, and TensorBoard events when
+tensorboard is installed. `train.resume=RUN/last.pt` continues that run exactly. Ctrl-C / SIGTERM saves last.pt.
 Under `torchrun --nproc_per_node=N` the processes train with DDP (train.batch_size is the global batch); rank 0
 evaluates and writes. Bad input: one line on stderr, exit code 2.
 """
@@ -20,38 +22,33 @@ import torch
 
 from backbones.checkpoint import atomic_save
 from backbones.errors import UserError
-from detect.classify import TrainingInterrupted
-from detect.cli import deferred_interrupts, run_tool
-from detect.config import DetConfig, DetDataConfig, config_to_dict, load_config
+from detect.cli import TrainingInterrupted, deferred_interrupts, run_tool
+from detect.config import DetConfig, DetDataConfig, load_config
 from detect.data.coco import write_coco_json
-from detect.distributed import (
-    cleanup_distributed,
-    init_distributed,
-    prepare_model,
-    unwrap,
-)
-from detect.engine import StepState, evaluate, nan_to_zero, train_one_epoch
-from detect.optim import ModelEMA
-from detect.runs import ResultsCSV, ensure_synthetic_data, prepare_run
-from detect.seeding import seed_everything
-from detect.training import (
+from detect.eval.evaluate import evaluate, nan_to_zero
+from detect.eval.viz import plot_curves, plot_pr_curve, save_gt_vs_pred_grid
+from detect.models.checkpoint import read_detector_checkpoint
+from detect.plugins import import_plugins
+from detect.precision import Precision
+from detect.train.builders import (
     build_det_criterion,
     build_det_datasets,
     build_det_loaders,
     build_det_model,
     build_det_optimizer,
     build_schedule,
-    detector_arch,
+    detector_spec,
     restore_training_state,
-    training_state,
 )
-from detect.viz import plot_curves, plot_pr_curve, save_gt_vs_pred_grid
-from detect.weights import detector_checkpoint, read_detector_checkpoint
+from detect.train.det_run import DetRun
+from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model
+from detect.train.engine import EpochStart, Optimization, StepState, train_one_epoch
+from detect.train.optim import ModelEMA
+from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run
+from detect.train.seeding import seed_everything
 
 USAGE = "usage: train_det.py [CONFIG.yaml] [key=value ...] [--debug]   (e.g. train.epochs=5 model.backbone=resnet50)"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
-CURVE_PANELS = [("loss", ["train/box", "train/cls", "train/dfl"]), ("lr", ["lr/pg0", "lr/pg2"]),
-                ("COCO AP", ["val/AP", "val/AP50"])]  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -64,18 +61,19 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
     """The config (CONFIG, default configs/det/default.yaml) and, with train.resume, the last.pt whose config is
-    the base (CONFIG and overrides on top)."""
+    the base (CONFIG and overrides on top); the config's plugin modules (`imports`) are imported."""
     path, overrides = parse_args(argv)
     resuming = any(arg.startswith("train.resume=") and arg != "train.resume=null" for arg in overrides)
     if path is None and not resuming and DEFAULT_CONFIG.is_file():
         path = str(DEFAULT_CONFIG)
-    cfg = load_config(DetConfig, path, overrides)
-    if not cfg.train.resume:
-        return cfg, None
-    ckpt = read_detector_checkpoint(cfg.train.resume)
-    if "train_state" not in ckpt:
-        raise UserError(f"{cfg.train.resume} holds no training state (best.pt?): resume from the run's last.pt")
-    return load_config(DetConfig, path, overrides, base=ckpt["config"]), ckpt
+    cfg, ckpt = load_config(DetConfig, path, overrides), None
+    if cfg.train.resume:
+        ckpt = read_detector_checkpoint(cfg.train.resume)
+        if "train_state" not in ckpt:
+            raise UserError(f"{cfg.train.resume} holds no training state (best.pt?): resume from the run's last.pt")
+        cfg = load_config(DetConfig, path, overrides, base=ckpt["config"])
+    import_plugins(cfg.imports)
+    return cfg, ckpt
 
 
 def open_tensorboard(run_dir: Path) -> Any:
@@ -87,14 +85,120 @@ def open_tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir))
 
 
-def save_pictures(run_dir: Path, val_set: Any, kept: list, metrics: dict, class_names: list[str]) -> None:
+def setup(cfg: Any, ckpt: dict | None, info: DistInfo) -> DetRun:
+    """Check all input (data, model, weights) before the run directory exists (DESIGN §8), then build the run."""
+    t = cfg.train
+    ensure_synthetic_data(cfg.data.root, cfg.data.format == "cub" and cfg.data.root == DetDataConfig.root, info)
+    train_set, val_set = build_det_datasets(cfg)
+    num_classes = cfg.model.num_classes or len(train_set.source.class_names)
+    if num_classes != len(train_set.source.class_names):
+        raise UserError(f"model.num_classes={num_classes} but the data has {len(train_set.source.class_names)} classes")
+    model = build_det_model(cfg, num_classes, load_backbone=ckpt is None).to(info.device)
+    criterion, optimizer = build_det_criterion(cfg, model), build_det_optimizer(cfg, model)
+    ema = ModelEMA(model) if t.ema else None
+    scaler = torch.amp.GradScaler("cuda") if info.device.type == "cuda" and t.amp and not t.bf16 else None
+    step, position, best, partial_sums = StepState(), (0, 0), {"AP": -1.0, "epoch": 0}, None
+    if ckpt is not None:
+        position, step.last_step, best, partial_sums = restore_training_state(
+            ckpt["train_state"], model, optimizer, ema, scaler, cfg.train.resume
+        )
+    run_dir = prepare_run(cfg, ckpt is not None, info)
+    if info.is_main:
+        ResultsCSV(run_dir / "results.csv").truncate(position[0])
+        if not (run_dir / "val_gt.json").exists():
+            write_coco_json(val_set.source, run_dir / "val_gt.json")
+    model = prepare_model(model, info, t.sync_bn)
+    loaders = build_det_loaders(train_set, val_set, cfg, info)
+    iters = -(-len(loaders[1].shard(0)) // loaders[0].batch_size)  # batches in a full epoch
+    opt = Optimization(optimizer, build_schedule(cfg, iters), ema, scaler, t.grad_clip)
+    precision = Precision(info.device, t.amp, t.bf16, t.channels_last)
+    return DetRun(cfg, info, model, criterion, opt, precision, train_set, val_set, loaders, run_dir,
+                  detector_spec(cfg, num_classes).to_arch(), step, position, partial_sums, best,
+                  tb=open_tensorboard(run_dir) if info.is_main else None)  # fmt: skip
+
+
+def save_pictures(run: DetRun, kept: list, metrics: dict) -> None:
     """val_predictions.jpg (ground truth beside prediction) and pr_curve.png of an evaluation."""
+    names, source = list(run.val_set.source.class_names), run.val_set.source
     if kept:
-        source = val_set.source
         images = [source.load_image(index) for index, _ in kept]
         gts = [source.annotations(index) for index, _ in kept]
-        save_gt_vs_pred_grid(images, gts, [det for _, det in kept], class_names, run_dir / "val_predictions.jpg")
-    plot_pr_curve(metrics["precision"], class_names, run_dir / "pr_curve.png")
+        save_gt_vs_pred_grid(images, gts, [det for _, det in kept], names, run.run_dir / "val_predictions.jpg")
+    plot_pr_curve(metrics["precision"], names, run.run_dir / "pr_curve.png")
+
+
+def write_row(run: DetRun, epoch: int, stats: dict, metrics: dict, seconds: float) -> dict:
+    """The epoch's results.csv row (a `train/<part>` column per loss part), curves.png and TensorBoard scalars."""
+    parts = [k for k in stats if k != "img_per_s" and not k.startswith("lr/")]
+    row = {"epoch": epoch + 1, **{f"train/{k}": stats[k] for k in parts},
+           "val/AP": nan_to_zero(metrics["AP"]) if metrics else "",
+           "val/AP50": nan_to_zero(metrics["AP50"]) if metrics else "", "img_per_s": stats["img_per_s"],
+           **{k: v for k, v in stats.items() if k.startswith("lr/")}, "time_s": seconds}  # fmt: skip
+    ResultsCSV(run.run_dir / "results.csv").append(row)
+    panels = [
+        ("loss", [f"train/{k}" for k in parts]),
+        ("lr", ["lr/pg0", "lr/pg2"]),
+        ("COCO AP", ["val/AP", "val/AP50"]),
+    ]
+    plot_curves(run.run_dir / "results.csv", run.run_dir / "curves.png", panels)
+    if run.tb is not None:
+        for key, value in row.items():
+            if key != "epoch" and value != "":
+                run.tb.add_scalar(key, value, epoch + 1)
+    return row
+
+
+def end_epoch(run: DetRun, epoch: int, stats: dict, start: float) -> None:
+    """Evaluate (every eval.interval epochs and after the last), write the row, best.pt and last.pt, print a line."""
+    cfg, t = run.cfg, run.cfg.train
+    run.position, run.partial_sums = (epoch + 1, 0), None
+    if not run.info.is_main:
+        return
+    metrics: dict[str, Any] = {}
+    if (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == t.epochs:
+        metrics, _, kept = evaluate(run.evaluated, run.loaders[2], run.run_dir / "val_gt.json",
+                                    list(run.train_set.source.category_ids), run.precision, cfg.eval.conf,
+                                    cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, keep_images=8,
+                                    coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
+    row = write_row(run, epoch, stats, metrics, time.perf_counter() - start)
+    run.summary = {k: metrics[k] for k in ("AP", "AP50", "coco_stats", "per_class_AP") if k in metrics}
+    if metrics and row["val/AP"] > run.best["AP"]:
+        run.best = {"AP": row["val/AP"], "AP50": row["val/AP50"], "epoch": epoch + 1}
+        atomic_save(run.checkpoint(run.summary, epoch + 1, False), run.run_dir / "best.pt")
+        save_pictures(run, kept, metrics)
+    atomic_save(run.checkpoint(run.summary, epoch + 1, True), run.run_dir / "last.pt")
+    losses = " ".join(f"{k.removeprefix('train/')} {v:.3f}" for k, v in row.items() if k.startswith("train/"))
+    evaluated = f" | AP {row['val/AP']:.4f} AP50 {row['val/AP50']:.4f}" if metrics else ""
+    best = f"best AP {run.best['AP']:.4f} (epoch {run.best['epoch']})"
+    print(f"epoch {epoch + 1}/{t.epochs}: {losses} | {stats['img_per_s']:.1f} img/s{evaluated} | {best} | "
+          f"{time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
+
+
+def train(run: DetRun) -> None:
+    """The epochs from the resume position; Ctrl-C / SIGTERM saves last.pt at the exact position reached."""
+    t, (train_loader, sampler, _) = run.cfg.train, run.loaders
+    try:
+        for epoch in range(run.position[0], t.epochs):
+            start = time.perf_counter()
+            if epoch >= t.epochs - t.close_mosaic:
+                run.train_set.close_mosaic()  # explicit: YOLOv8's last epochs see plain images
+            sampler.set_epoch(epoch, run.position[1])
+            begin = EpochStart(epoch, run.position[1], run.partial_sums)
+            stats = train_one_epoch(run.model, run.criterion, train_loader, run.opt, run.step, begin, run.precision)
+            # Evaluation, results.csv and checkpoints of this epoch finish together: a Ctrl-C / SIGTERM
+            # waits for last.pt (a second one stops at once), so a resume never misses an epoch's row.
+            with deferred_interrupts():
+                end_epoch(run, epoch, stats, start)
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, TrainingInterrupted):
+            run.position, run.partial_sums = (stop.epoch, stop.batch), stop.sums
+        if run.info.is_main:
+            at_boundary = not isinstance(stop, TrainingInterrupted)
+            last = run.run_dir / "last.pt"
+            atomic_save(run.checkpoint(run.summary if at_boundary else {}, run.position[0], True), last)
+            print(f"\ninterrupted: saved {last} (epoch {run.position[0] + 1}, batch {run.position[1]}); "
+                  f"continue with train.resume={last}", file=sys.stderr)  # fmt: skip
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,113 +208,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg, ckpt = resolve_config(argv)
     info = init_distributed(cfg.train.device)
-    t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
-    ensure_synthetic_data(cfg.data.root, cfg.data.format == "cub" and cfg.data.root == DetDataConfig.root, info)
-    # Everything the user gave is checked (data, model, weights) before the run directory exists (DESIGN §8).
-    train_set, val_set = build_det_datasets(cfg)
-    source = train_set.source
-    num_classes = cfg.model.num_classes or len(source.class_names)
-    if num_classes != len(source.class_names):
-        raise UserError(f"model.num_classes={num_classes} but the data has {len(source.class_names)} classes")
-    model = build_det_model(cfg, num_classes, load_backbone=ckpt is None).to(info.device)
-    criterion = build_det_criterion(cfg, model)
-    optimizer = build_det_optimizer(cfg, model)
-    ema = ModelEMA(model) if t.ema else None
-    scaler = torch.amp.GradScaler("cuda") if info.device.type == "cuda" and t.amp and not t.bf16 else None
-    position, step, best, partial_sums = (0, 0), StepState(), {"AP": -1.0, "epoch": 0}, None
-    if ckpt is not None:
-        position, step.last_step, best, partial_sums = restore_training_state(
-            ckpt["train_state"], model, optimizer, ema, scaler, cfg.train.resume
-        )
-    run_dir = prepare_run(cfg, ckpt is not None, info)
-    gt_path = run_dir / "val_gt.json"
+    run = setup(cfg, ckpt, info)
+    spec = run.arch
     if info.is_main:
-        ResultsCSV(run_dir / "results.csv").truncate(position[0])
-        if not gt_path.exists():
-            write_coco_json(val_set.source, gt_path)
-    model = prepare_model(model, info, t.sync_bn)
-    train_loader, sampler, val_loader = build_det_loaders(train_set, val_set, cfg, info)
-    iters = -(-len(sampler.shard(0)) // train_loader.batch_size)  # batches in a full epoch
-    schedule = build_schedule(cfg, iters)
-    arch, config = detector_arch(cfg, num_classes), config_to_dict(cfg)
-    names, cat_ids = list(source.class_names), list(source.category_ids)
-    tb = open_tensorboard(run_dir) if info.is_main else None
-
-    def checkpoint(metrics: dict, epoch: int, with_state: bool) -> dict:
-        evaluated = ema.ema if ema is not None else unwrap(model)  # never the DDP wrapper
-        state = training_state(model, optimizer, ema, scaler, position, step.last_step, best, partial_sums)
-        state = state if with_state else None
-        return detector_checkpoint(evaluated, arch, names, cat_ids, config, metrics, epoch, state)
-
-    if info.is_main:
-        print(f"train_det: scale {cfg.model.scale}, backbone {cfg.model.backbone or 'cspdarknet_' + cfg.model.scale}, "
-              f"{num_classes} classes, {len(train_set)} train / {len(val_set)} val images at {cfg.data.img_size} px, "
-              f"{t.epochs} epochs on {info.device} x{info.world_size} -> {run_dir}", flush=True)  # fmt: skip
-    summary: dict[str, Any] = {}  # COCO numbers of the last evaluation, stored with the checkpoint
+        print(f"train_det: {spec['backbone']['name']} + {spec['neck']['name']} neck + {spec['head']['name']} head, "
+              f"{spec['num_classes']} classes, {len(run.train_set)} train / {len(run.val_set)} val images at "
+              f"{cfg.data.img_size} px, {cfg.train.epochs} epochs on {info.device} x{info.world_size} -> "
+              f"{run.run_dir}", flush=True)  # fmt: skip
     try:
-        for epoch in range(position[0], t.epochs):
-            start = time.perf_counter()
-            if epoch >= t.epochs - t.close_mosaic:
-                train_set.close_mosaic()  # explicit: YOLOv8's last epochs see plain images
-            sampler.set_epoch(epoch, position[1])
-            stats = train_one_epoch(model, criterion, train_loader, optimizer, ema, schedule, step, epoch, info.device,
-                                    position[1], t.amp, t.bf16, t.channels_last, scaler, t.grad_clip,
-                                    partial_sums)  # fmt: skip
-            # Evaluation, results.csv and checkpoints of this epoch finish together: a Ctrl-C / SIGTERM
-            # waits for last.pt (a second one stops at once), so a resume never misses an epoch's row.
-            with deferred_interrupts():
-                position, partial_sums = (epoch + 1, 0), None
-                last = epoch + 1 == t.epochs
-                metrics: dict[str, Any] = {}
-                if info.is_main and ((epoch + 1) % cfg.eval.interval == 0 or last):
-                    evaluated = ema.ema if ema is not None else unwrap(model)  # never the DDP wrapper
-                    metrics, _, kept = evaluate(evaluated, val_loader, gt_path, cat_ids, info.device, cfg.eval.conf,
-                                                cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, t.bf16,
-                                                t.channels_last, keep_images=8,
-                                                coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
-                if info.is_main:
-                    ap = nan_to_zero(metrics.get("AP", -1.0))
-                    ap50 = nan_to_zero(metrics.get("AP50")) if metrics else ""
-                    row = {"epoch": epoch + 1, **{f"train/{k}": stats[k] for k in ("box", "cls", "dfl")},
-                           "val/AP": ap if metrics else "", "val/AP50": ap50, "img_per_s": stats["img_per_s"],
-                           **{k: v for k, v in stats.items() if k.startswith("lr/")},
-                           "time_s": time.perf_counter() - start}  # fmt: skip
-                    ResultsCSV(run_dir / "results.csv").append(row)
-                    plot_curves(run_dir / "results.csv", run_dir / "curves.png", CURVE_PANELS)
-                    if tb is not None:
-                        for key, value in row.items():
-                            if key != "epoch" and value != "":
-                                tb.add_scalar(key, value, epoch + 1)
-                    summary = {k: metrics[k] for k in ("AP", "AP50", "coco_stats", "per_class_AP") if k in metrics}
-                    if metrics and ap > best["AP"]:
-                        best = {"AP": ap, "AP50": nan_to_zero(metrics["AP50"]), "epoch": epoch + 1}
-                        atomic_save(checkpoint(summary, epoch + 1, False), run_dir / "best.pt")
-                        save_pictures(run_dir, val_set, kept, metrics, names)
-                    atomic_save(checkpoint(summary, epoch + 1, True), run_dir / "last.pt")
-                    print(f"epoch {epoch + 1}/{t.epochs}: box {stats['box']:.3f} cls {stats['cls']:.3f} dfl "
-                          f"{stats['dfl']:.3f} | {stats['img_per_s']:.1f} img/s"
-                          + (f" | AP {ap:.4f} AP50 {nan_to_zero(metrics['AP50']):.4f}" if metrics else "")
-                          + f" | best AP {best['AP']:.4f} (epoch {best['epoch']}) | {time.perf_counter() - start:.1f}s",
-                          flush=True)  # fmt: skip
-    except KeyboardInterrupt as stop:
-        if isinstance(stop, TrainingInterrupted):
-            position, partial_sums = (stop.epoch, stop.batch), stop.sums
-        if info.is_main:
-            at_boundary = not isinstance(stop, TrainingInterrupted)
-            atomic_save(checkpoint(summary if at_boundary else {}, position[0], True), run_dir / "last.pt")
-            print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {position[0] + 1}, batch {position[1]}); "
-                  f"continue with train.resume={run_dir / 'last.pt'}", file=sys.stderr)  # fmt: skip
-        raise
+        train(run)
     finally:
-        if tb is not None:
-            tb.close()
+        if run.tb is not None:
+            run.tb.close()
         cleanup_distributed()
     if info.is_main:
-        print(f"done: best AP {best['AP']:.4f} AP50 {best.get('AP50', 0.0):.4f} at epoch {best['epoch']}; "
-              f"weights: {run_dir / 'best.pt'}")  # fmt: skip
+        print(f"done: best AP {run.best['AP']:.4f} AP50 {run.best.get('AP50', 0.0):.4f} at epoch "
+              f"{run.best['epoch']}; weights: {run.run_dir / 'best.pt'}")  # fmt: skip
     return 0
 
 

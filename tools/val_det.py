@@ -23,13 +23,15 @@ from detect.config import DetConfig, load_config
 from detect.data.build import build_source
 from detect.data.coco import coco_ground_truth
 from detect.data.detection import DetectionDataset
-from detect.distributed import DistInfo, select_device
-from detect.engine import evaluate
-from detect.eval import format_table
-from detect.runs import make_run_dir
-from detect.training import build_det_loaders
-from detect.viz import plot_pr_curve, save_gt_vs_pred_grid
-from detect.weights import load_detector
+from detect.eval.coco import format_table
+from detect.eval.evaluate import evaluate
+from detect.eval.viz import plot_pr_curve, save_gt_vs_pred_grid
+from detect.models.checkpoint import detector_from_checkpoint, read_detector_checkpoint
+from detect.plugins import import_plugins
+from detect.precision import Precision
+from detect.train.builders import build_det_loaders
+from detect.train.distributed import DistInfo, select_device
+from detect.train.runs import make_run_dir
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: usage errors exit 2 after one line; --help exits 0
         return int(exc.code or 0)
     device = select_device(next((o.split("=", 1)[1] for o in overrides if o.startswith("train.device=")), "auto"))
-    model, ckpt = load_detector(args.weights, device, fuse=True, channels_last=True)
+    ckpt = read_detector_checkpoint(args.weights)
     cfg = load_config(DetConfig, None, overrides, base=ckpt["config"])
+    import_plugins(cfg.imports)  # the checkpoint's plugins and any the overrides add, before the model is built
+    model = detector_from_checkpoint(ckpt, device, fuse=True, channels_last=True, where=args.weights)
     source = build_source(cfg.data, "val")
     if list(source.class_names) != list(ckpt["class_names"]):
         raise UserError(f"{args.weights} was trained on classes {ckpt['class_names'][:5]}..., "
@@ -77,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     _, _, loader = build_det_loaders(dataset, dataset, cfg, info)
     gt = coco_ground_truth(source)
     out = make_run_dir(args.out or Path("runs/val") / Path(args.weights).resolve().parent.name)
-    metrics, predictions, kept = evaluate(model, loader, gt, list(source.category_ids), device,
+    precision = Precision(device, bf16=cfg.train.bf16, channels_last=True)
+    metrics, predictions, kept = evaluate(model, loader, gt, list(source.category_ids), precision,
                                           cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
-                                          cfg.train.bf16, channels_last=True, keep_images=8,
-                                          coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
+                                          keep_images=8, coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
     write_json(out / "gt.json", gt)
     write_json(out / "predictions.json", predictions)
     saved = {k: v for k, v in metrics.items() if k != "precision"}

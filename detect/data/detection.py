@@ -286,7 +286,7 @@ def detection_collate(batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, 
 
     Returns:
         (images uint8 [B, 3, S, S] in channels_last memory: the pixels stay HWC, the layout a channels_last model
-        wants, and `detect.engine.to_input` makes them NCHW-contiguous for other models; targets float32 [N, 6] rows
+        wants, and `detect.precision.to_input` makes them NCHW-contiguous for other models; targets float32 [N, 6] rows
         (image_index, class, x1, y1, x2, y2) with N = sum n_b; metas, a list of B dicts).
     """
     images = torch.stack([sample[0].permute(1, 2, 0) for sample in batch]).permute(0, 3, 1, 2)  # [B, 3, S, S]

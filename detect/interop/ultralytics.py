@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from backbones.errors import UserError
-from detect.model import Detector, build_detector
+from detect.models import Detector, build_yolo
 
 logger = logging.getLogger("plugdet")
 
@@ -184,7 +184,7 @@ def from_ultralytics(source: Any, trust_pickle: bool = False) -> Detector:
     reg_max = ours["head.box_branch.0.pred.weight"].shape[0] // 4
     ours[_DFL_KEYS[1]] = ours[_DFL_KEYS[1]].reshape(-1)  # [1, R, 1, 1] -> [R]
     with torch.device("meta"):  # no init work: every tensor comes from `ours` below
-        detector = build_detector(scale, num_classes=num_classes, reg_max=reg_max)
+        detector = build_yolo(scale, num_classes=num_classes, reg_max=reg_max)
     _check_same_layout(detector, ours, scale)
     detector.load_state_dict(ours, strict=True, assign=True)
     logger.info("loaded Ultralytics YOLOv8%s (%d classes): %d tensors", scale, num_classes, len(ours))

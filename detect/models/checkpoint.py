@@ -2,9 +2,10 @@
 
 A detector checkpoint is plain data (loads with `torch.load(weights_only=True)`):
 
-    {"kind": "plugdet-detector", "arch": {"scale", "num_classes", "backbone", "reg_max"},
+    {"kind": "plugdet-detector", "arch": the detector spec (`DetectorSpec.to_arch`: backbone, neck, head + kwargs),
      "model": state_dict used for inference (the EMA weights when EMA is on),
-     "class_names", "category_ids", "metrics", "config" (resolved, plain dict), "epoch",
+     "class_names", "category_ids", "metrics", "config" (resolved, plain dict; its `imports` name the plugin
+     modules that registered the parts), "epoch",
      "train_state": {...} (last.pt only: raw weights, optimizer, EMA, scaler, position, RNG)}
 """
 
@@ -19,7 +20,9 @@ from torch import nn
 
 from backbones.checkpoint import load_checkpoint
 from backbones.errors import UserError
-from detect.model import Detector, build_detector
+from detect.models.build import DetectorSpec, build_detector
+from detect.models.detector import Detector
+from detect.plugins import import_plugins
 
 KIND = "plugdet-detector"
 
@@ -67,33 +70,48 @@ def read_detector_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_detector(
     path: str | os.PathLike, device: str | torch.device = "cpu", fuse: bool = False, channels_last: bool = False
 ) -> tuple[Detector, dict[str, Any]]:
-    """Build the detector a checkpoint describes and load its inference weights.
-
-    Args:
-        path: a `best.pt` / `last.pt` from train_det.py.
-        device: where to put the model.
-        fuse: fold BatchNorm into the convolutions (inference only; same outputs to ~1e-6, faster).
-        channels_last: NHWC memory format (faster convolutions on CPU and CUDA; feed channels_last inputs too).
+    """Build the detector a checkpoint file describes and load its inference weights (`detector_from_checkpoint`).
 
     Returns:
         (detector in eval mode, the checkpoint dict).
     """
     checkpoint = read_detector_checkpoint(path)
+    return detector_from_checkpoint(checkpoint, device, fuse, channels_last, where=str(path)), checkpoint
+
+
+def detector_from_checkpoint(
+    checkpoint: Mapping[str, Any],
+    device: str | torch.device = "cpu",
+    fuse: bool = False,
+    channels_last: bool = False,
+    where: str = "checkpoint",
+) -> Detector:
+    """Build the detector a checkpoint dict describes and load its inference weights.
+
+    The plugin modules of the checkpoint's config (`imports`) are imported first, so parts registered outside
+    plugdet rebuild too; checkpoints written before the detector spec load as the YOLOv8 they describe.
+
+    Args:
+        checkpoint: from `read_detector_checkpoint`.
+        device: where to put the model.
+        fuse: fold BatchNorm into the convolutions (inference only; same outputs to ~1e-6, faster).
+        channels_last: NHWC memory format (faster convolutions on CPU and CUDA; feed channels_last inputs too).
+        where: the file, for messages.
+
+    Returns:
+        The detector in eval mode.
+    """
+    import_plugins((checkpoint.get("config") or {}).get("imports") or [])
     arch = checkpoint["arch"]
-    model = build_detector(
-        scale=arch["scale"],
-        num_classes=int(arch["num_classes"]),
-        backbone=arch.get("backbone"),
-        reg_max=int(arch.get("reg_max", 16)),
-    )
+    model = build_detector(DetectorSpec.from_arch(arch))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise UserError(f"{path}: weights do not fit the architecture {arch}: {first}") from None
+        raise UserError(f"{where}: weights do not fit the architecture {arch}: {first}") from None
     model = model.to(device).eval()
     if fuse:
         model.fuse()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, checkpoint
+    return model

@@ -29,29 +29,13 @@ from backbones import build_backbone
 from backbones.classifier import Classifier
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
-from detect.cli import check_interrupt, deferred_interrupts
+from detect.cli import TrainingInterrupted, check_interrupt, deferred_interrupts
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
-from detect.distributed import DistInfo, all_reduce_sum
-from detect.optim import ModelEMA, lr_at
-from detect.resume import restore_resume_state, resume_state
-from detect.seeding import DistributedEpochSampler
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM during `train_one_epoch`, raised between steps, with the position reached.
-
-    Attributes:
-        epoch: the epoch in progress (0-based).
-        batch: batches of that epoch completed (the next one to run on resume).
-        sums: this process's running [loss * n, correct, n] of the epoch so far (for its results row).
-    """
-
-    def __init__(self, epoch: int, batch: int, sums: list[float]) -> None:
-        super().__init__(f"interrupted at epoch {epoch + 1}, batch {batch}")
-        self.epoch = epoch
-        self.batch = batch
-        self.sums = sums
+from detect.train.distributed import DistInfo, all_reduce_sum
+from detect.train.optim import ModelEMA, lr_at
+from detect.train.resume import restore_resume_state, resume_state
+from detect.train.seeding import DistributedEpochSampler
 
 
 class SeededSamples(Dataset):
@@ -142,7 +126,7 @@ def build_cls_model(cfg: DictConfig, num_classes: int, load_weights: bool = True
 
 
 def build_lr_schedule(cfg: DictConfig) -> Callable[[float], float]:
-    """Learning rate as a function of the fractional epoch, from `cfg.train` (see `detect.optim.lr_at`)."""
+    """Learning rate as a function of the fractional epoch, from `cfg.train` (see `detect.train.optim.lr_at`)."""
     t = cfg.train
     return functools.partial(
         lr_at,

@@ -1,26 +1,38 @@
 """Task-aligned label assignment (TOOD) for anchor-free detection.
 
-Reference: Feng et al., "TOOD: Task-aligned One-stage Object Detection", ICCV 2021, arXiv:2108.07755. YOLOv8 uses
-the same assigner with CIoU as the overlap; this module reproduces YOLOv8's assignments exactly (tested against
-Ultralytics' implementation), written independently.
+Reference: Feng et al., "TOOD: Task-aligned One-stage Object Detection", ICCV 2021, arXiv:2108.07755. YOLOv8 and
+YOLO11 use the same assigner with CIoU as the overlap (the default `iou`; DIoU, GIoU and plain IoU are settings);
+this module reproduces their assignments exactly (tested against Ultralytics' implementation), written
+independently.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from detect.boxes import bbox_iou, cxcywh2xyxy, xyxy2cxcywh
+from detect.boxes import IOU_KINDS, box_overlap, cxcywh2xyxy, xyxy2cxcywh
 
-__all__ = ["TaskAlignedAssigner"]
+__all__ = ["AssignResult", "TaskAlignedAssigner"]
 
-AssignResult = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+class AssignResult(NamedTuple):
+    """Targets per anchor (B images, A anchors, C classes); see `TaskAlignedAssigner.forward`."""
+
+    target_labels: Tensor  # [B, A] int64
+    target_bboxes: Tensor  # [B, A, 4] xyxy
+    target_scores: Tensor  # [B, A, C]
+    fg_mask: Tensor  # [B, A] bool
+    target_gt_idx: Tensor  # [B, A] int64
 
 
 class TaskAlignedAssigner(nn.Module):
     """Assign ground-truth boxes to anchors by the task-alignment metric t = s^alpha * u^beta.
 
-    For every ground truth, ``s`` is the predicted score of its class at an anchor and ``u`` the CIoU (clamped at 0)
+    For every ground truth, ``s`` is the predicted score of its class at an anchor and ``u`` the overlap (``iou``,
+    CIoU by default, clamped at 0)
     between it and the anchor's predicted box. The positives of a ground truth are its ``topk`` anchors by ``t`` among
     the anchors whose centre lies strictly inside it. An anchor claimed by several ground truths goes to the one it
     overlaps most (highest CIoU over all ground truths containing it). The soft class target of a positive anchor is
@@ -38,6 +50,7 @@ class TaskAlignedAssigner(nn.Module):
         min_gt_side: for choosing candidate anchors only, a ground-truth side shorter than this (pixels) is widened
             to it about the box centre, so that tiny objects still contain anchor centres; targets keep the true box.
             YOLOv8 (Ultralytics 8.3+) uses its middle stride, 16. ``0`` turns it off.
+        iou: the overlap ``u``: "ciou" (YOLOv8's), "diou", "giou" or "iou".
     """
 
     def __init__(
@@ -48,8 +61,12 @@ class TaskAlignedAssigner(nn.Module):
         beta: float = 6.0,
         eps: float = 1e-9,
         min_gt_side: float = 16.0,
+        iou: str = "ciou",
     ) -> None:
         super().__init__()
+        if iou not in IOU_KINDS:
+            raise ValueError(f"TaskAlignedAssigner: unknown iou {iou!r}; choose one of {', '.join(IOU_KINDS)}")
+        self.iou = iou
         self.topk = topk
         self.num_classes = num_classes
         self.alpha = alpha
@@ -109,7 +126,7 @@ class TaskAlignedAssigner(nn.Module):
         one_hot = torch.zeros(batch, num_anchors, self.num_classes, dtype=norm.dtype, device=norm.device)
         one_hot.scatter_(2, target_labels.unsqueeze(-1), 1.0)  # [B, A, C]
         target_scores = one_hot * fg_mask.unsqueeze(-1) * norm
-        return target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx
+        return AssignResult(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
 
     def _empty(self, pd_scores: Tensor, pd_bboxes: Tensor) -> AssignResult:
         """Outputs when no image of the batch has a ground truth: everything is background."""
@@ -117,7 +134,7 @@ class TaskAlignedAssigner(nn.Module):
         labels = torch.full((batch, num_anchors), self.num_classes, dtype=torch.long, device=pd_scores.device)
         fg_mask = torch.zeros(batch, num_anchors, dtype=torch.bool, device=pd_scores.device)
         gt_idx = torch.zeros(batch, num_anchors, dtype=torch.long, device=pd_scores.device)
-        return labels, torch.zeros_like(pd_bboxes), torch.zeros_like(pd_scores), fg_mask, gt_idx
+        return AssignResult(labels, torch.zeros_like(pd_bboxes), torch.zeros_like(pd_scores), fg_mask, gt_idx)
 
     def _anchors_inside(self, points: Tensor, gt_bboxes: Tensor, valid: Tensor) -> Tensor:
         """Anchors whose centre lies strictly (by more than ``eps``) inside each ground truth.
@@ -143,7 +160,7 @@ class TaskAlignedAssigner(nn.Module):
     def _pair_metrics(
         self, pd_scores: Tensor, pd_bboxes: Tensor, gt_labels: Tensor, gt_bboxes: Tensor, candidates: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Alignment metric and CIoU for every (image, ground truth, anchor) candidate pair; 0 elsewhere.
+        """Alignment metric and overlap for every (image, ground truth, anchor) candidate pair; 0 elsewhere.
 
         Args:
             pd_scores: ``[B, A, C]``.
@@ -154,12 +171,12 @@ class TaskAlignedAssigner(nn.Module):
 
         Returns:
             align: ``[B, M, A]`` s^alpha * u^beta.
-            overlaps: ``[B, M, A]`` CIoU clamped at 0.
+            overlaps: ``[B, M, A]`` overlap clamped at 0.
         """
         img, gt, anc = candidates.nonzero(as_tuple=True)  # [P] each
         labels = gt_labels[img, gt, 0].long()  # [P]
         scores = pd_scores[img, anc, labels]  # [P]
-        ious = bbox_iou(gt_bboxes[img, gt], pd_bboxes[img, anc], ciou=True).clamp(min=0)  # [P]
+        ious = box_overlap(gt_bboxes[img, gt], pd_bboxes[img, anc], self.iou).clamp(min=0)  # [P]
         overlaps = torch.zeros(candidates.shape, dtype=pd_bboxes.dtype, device=pd_bboxes.device)
         align = torch.zeros(candidates.shape, dtype=pd_scores.dtype, device=pd_scores.device)
         overlaps[img, gt, anc] = ious

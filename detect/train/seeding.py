@@ -4,7 +4,7 @@ Randomness in a run comes from three places, each made a function of (seed, epoc
   - the order of samples: `EpochSampler` / `DistributedEpochSampler` draw the epoch's permutation from
     `torch.Generator().manual_seed(seed + epoch)`, so it does not depend on what ran before;
   - augmentation: a dataset receives `(index, epoch)` and seeds its transforms from `sample_seed(seed, epoch, index)`
-    (`SeededSamples` in detect/classify.py), so worker processes and resumes do not change any image;
+    (`SeededSamples` in detect/train/classify.py), so worker processes and resumes do not change any image;
   - the model (initialisation, dropout): the global torch RNG, saved in checkpoints by `rng_state()`.
 """
 

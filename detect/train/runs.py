@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.config import config_to_yaml
-from detect.distributed import DistInfo, barrier, broadcast_object
+from detect.train.distributed import DistInfo, barrier, broadcast_object
 
 
 def _is_free(path: Path) -> bool:

@@ -1,6 +1,6 @@
 """Detection training set-up: the `build_*` functions that read a `DetConfig`, and last.pt's training state.
 
-`tools/train_det.py` is a linear `main()` over these and `detect/engine.py`'s loops (STYLE 8).
+`tools/train_det.py` is a linear `main()` over these and `detect/train/engine.py`'s loops (STYLE 8).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,15 +18,18 @@ from torch.utils.data import DataLoader
 
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages
+from detect.config import config_to_dict
 from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
-from detect.distributed import DistInfo
-from detect.engine import Schedule, pending_gradients, restore_gradients
-from detect.loss import DetectionLoss
-from detect.model import Detector, build_detector
-from detect.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
-from detect.resume import restore_resume_state, resume_state
-from detect.seeding import DistributedEpochSampler
+from detect.losses.yolo import LEGACY_PART_ORDER
+from detect.models import Detector, DetectorSpec, PartSpec, build_detector, yolo_spec
+from detect.models.build import neck_takes_scale
+from detect.models.registry import build_criterion
+from detect.train.distributed import DistInfo
+from detect.train.engine import Schedule, pending_gradients, restore_gradients
+from detect.train.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
+from detect.train.resume import restore_resume_state, resume_state
+from detect.train.seeding import DistributedEpochSampler
 
 logger = logging.getLogger("plugdet")
 
@@ -116,15 +120,28 @@ def build_det_loaders(
     return train_loader, sampler, val_loader
 
 
-def detector_arch(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
-    """What `build_detector` needs to rebuild this model (stored in every detector checkpoint)."""
-    return {"scale": cfg.model.scale, "num_classes": int(num_classes), "backbone": cfg.model.backbone, "reg_max": 16}
+def detector_spec(cfg: DictConfig, num_classes: int) -> DetectorSpec:
+    """The spec of the configured detector (`model.*`), stored as `arch` in every detector checkpoint.
+
+    `model.backbone` None is the YOLO family's own backbone at `model.scale` (cspdarknet_<scale>, csp11_<scale> for
+    the yolo11 neck); `model.scale` goes to the neck when its factory takes a `scale`.
+    """
+    m = cfg.model
+    family = "yolo11" if m.neck == "yolo11" else "yolov8"
+    backbone = m.backbone or yolo_spec(m.scale, num_classes, family=family).backbone.name
+    neck_kwargs = {"scale": m.scale} if neck_takes_scale(m.neck) else {}
+    return DetectorSpec(
+        num_classes=int(num_classes),
+        backbone=PartSpec(backbone, dict(m.backbone_kwargs)),
+        neck=PartSpec(m.neck, {**neck_kwargs, **m.neck_kwargs}),
+        head=PartSpec(m.head, dict(m.head_kwargs)),
+    )
 
 
 def build_det_model(cfg: DictConfig, num_classes: int, load_backbone: bool = True) -> Detector:
     """The detector, its backbone weights (e.g. train_cls's backbone.pt; not when resuming) and frozen stages."""
     weights = cfg.model.backbone_weights if load_backbone else None
-    model = build_detector(cfg.model.scale, num_classes, cfg.model.backbone, weights)
+    model = build_detector(detector_spec(cfg, num_classes), weights)
     if cfg.train.freeze_stages:
         count = freeze_stages(model.backbone, cfg.train.freeze_stages)
         logger.info("froze %d backbone tensors (train.freeze_stages=%d)", count, cfg.train.freeze_stages)
@@ -133,10 +150,12 @@ def build_det_model(cfg: DictConfig, num_classes: int, load_backbone: bool = Tru
     return model
 
 
-def build_det_criterion(cfg: DictConfig, model: Detector) -> DetectionLoss:
-    t = cfg.train
-    return DetectionLoss(model.num_classes, model.strides, model.reg_max, box_gain=t.box, cls_gain=t.cls,
-                         dfl_gain=t.dfl)  # fmt: skip
+def build_det_criterion(cfg: DictConfig, model: Detector) -> Callable:
+    """The head family's criterion (or the registered `loss.name`), from the `loss.*` and `assign.*` sections."""
+    plain = config_to_dict(cfg)
+    loss = {k: v for k, v in plain["loss"].items() if k not in ("name", "kwargs")}
+    loss.update(plain["loss"]["kwargs"])
+    return build_criterion(model.head, cfg.loss.name, loss, plain["assign"])
 
 
 def build_det_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -162,7 +181,7 @@ def training_state(
     position: tuple[int, int],
     last_step: int,
     best: dict[str, Any],
-    partial_sums: list[float] | None = None,
+    partial_sums: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a resume needs beyond the inference weights (stored as last.pt's `train_state`).
 
@@ -172,7 +191,7 @@ def training_state(
     return {
         **resume_state(model, optimizer, ema, scaler, position, best),
         "last_step": last_step,
-        "partial_sums": list(partial_sums) if partial_sums is not None else None,
+        "partial_sums": dict(partial_sums) if partial_sums is not None else None,
         "gradients": pending_gradients(model),
     }
 
@@ -184,12 +203,18 @@ def restore_training_state(
     ema: ModelEMA | None,
     scaler: torch.amp.GradScaler | None,
     path: str,
-) -> tuple[tuple[int, int], int, dict[str, Any], list[float] | None]:
+) -> tuple[tuple[int, int], int, dict[str, Any], dict[str, Any] | None]:
     """Load `training_state` into the training objects and the global RNGs.
 
+    A last.pt written before the loss parts were named kept its partial sums as the YOLOv8 list [box, cls, dfl,
+    batches]; it is read as those names.
+
     Returns:
-        (position, last_step, best, partial_sums) to continue from.
+        (position, last_step, best, partial_sums `LossSums` state) to continue from.
     """
     position, best = restore_resume_state(state, model, optimizer, ema, scaler, path)
     restore_gradients(model, state.get("gradients") or {})
-    return position, int(state["last_step"]), best, state.get("partial_sums")
+    sums = state.get("partial_sums")
+    if isinstance(sums, list | tuple):
+        sums = {"parts": dict(zip(LEGACY_PART_ORDER, sums[:-1], strict=True)), "batches": int(sums[-1])}
+    return position, int(state["last_step"]), best, sums

@@ -1,7 +1,8 @@
 """The part every resumable checkpoint shares (train_cls's last.pt and train_det's `train_state`).
 
 Weights, optimizer, EMA and AMP scaler states, the position (epoch, batches done), the best score so far and the
-global RNG states; `detect.classify.make_checkpoint` and `detect.training.training_state` add their own keys.
+global RNG states; `detect.train.classify.make_checkpoint` and `detect.train.builders.training_state` add their
+own keys.
 Everything is plain data and tensors, so the checkpoint loads with `weights_only=True`.
 """
 
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from backbones.errors import UserError
-from detect.distributed import unwrap
-from detect.optim import ModelEMA
-from detect.seeding import rng_state, set_rng_state
+from detect.train.distributed import unwrap
+from detect.train.optim import ModelEMA
+from detect.train.seeding import rng_state, set_rng_state
 
 
 def resume_state(

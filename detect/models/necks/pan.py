@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from backbones.csp import CSP_SCALES, scale_depth, scale_width
 from backbones.errors import UserError
 from backbones.layers import C2f, ConvBNAct
+from detect.models.registry import register_neck
 
 # Widths and block count of the neck before scaling (YOLOv8's yaml values for P3 / P4 / P5 and the C2f repeats).
 BASE_WIDTHS = (256, 512, 1024)
@@ -52,6 +53,7 @@ class PAN(nn.Module):
         self.bottom_up_p5 = C2f(w4 + c5, w5, num_blocks, shortcut=False)
         self.in_channels: tuple[int, int, int] = (c3, c4, c5)
         self.out_channels: tuple[int, int, int] = (w3, w4, w5)
+        self.strides: tuple[int, int, int] = (8, 16, 32)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Fuse the pyramid.
@@ -96,3 +98,11 @@ def build_pan(in_channels: Sequence[int], scale: str) -> PAN:
     depth, width, max_channels = CSP_SCALES[scale]
     channels = tuple(scale_width(c, width, max_channels) for c in BASE_WIDTHS)
     return PAN(in_channels, channels, scale_depth(BASE_BLOCKS, depth))
+
+
+@register_neck("yolov8")
+def yolov8_neck(in_channels: Sequence[int], strides: Sequence[int], scale: str = "n") -> PAN:
+    """The registered YOLOv8 neck: `build_pan` on three maps at strides 8/16/32."""
+    if tuple(strides) != (8, 16, 32):
+        raise UserError(f"the yolov8 neck needs backbone maps at strides 8, 16, 32, got {tuple(strides)}")
+    return build_pan(in_channels, scale)

@@ -1,24 +1,32 @@
-"""YOLOv8 detection loss: BCE classification + CIoU box + Distribution Focal Loss, on task-aligned targets.
+"""The YOLO family's loss (YOLOv8, YOLO11): BCE classification + IoU-family box + Distribution Focal Loss, on
+task-aligned targets. Registered as the `yolo` loss, the default criterion of the `yolov8` and `yolo11` heads.
 
 References:
-    - Zheng et al., "Distance-IoU Loss" (CIoU), AAAI 2020, arXiv:1911.08287.
+    - Zheng et al., "Distance-IoU Loss" (DIoU, CIoU), AAAI 2020, arXiv:1911.08287.
+    - Rezatofighi et al., "Generalized Intersection over Union" (GIoU), CVPR 2019, arXiv:1902.09630.
     - Li et al., "Generalized Focal Loss" (DFL), NeurIPS 2020, arXiv:2006.04388.
     - Feng et al., "TOOD" (task-aligned assignment), ICCV 2021, arXiv:2108.07755.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.errors import UserError
-from detect.assign import TaskAlignedAssigner
-from detect.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors
+from detect.boxes import IOU_KINDS, bbox2dist, box_overlap, dist2bbox, make_anchors
+from detect.losses.assign import TaskAlignedAssigner
+from detect.models.heads.yolo import dfl_distances, flatten_levels
+from detect.models.registry import register_loss
 
-__all__ = ["DetectionLoss", "distribution_focal_loss", "pad_targets"]
+__all__ = ["YoloLoss", "build_yolo_loss", "distribution_focal_loss", "pad_targets"]
+
+# The order of the parts in the loss sums of a last.pt written before the parts were named (a list, not a dict).
+LEGACY_PART_ORDER = ("box", "cls", "dfl")
 
 
 def pad_targets(targets: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,15 +80,15 @@ def distribution_focal_loss(pred_logits: Tensor, target: Tensor) -> Tensor:
     return -(nll_left * weight_left + nll_right * weight_right).mean(dim=-1)
 
 
-class DetectionLoss:
-    """YOLOv8 loss computed from raw head maps and flat pixel targets.
+class YoloLoss:
+    """YOLOv8 / YOLO11 loss computed from raw head maps and flat pixel targets.
 
     Parts (each already multiplied by its gain; all are per-batch, normalised by ``S = max(sum of target scores, 1)``
     over the whole batch, not per image):
 
     - ``cls``: BCE-with-logits of every anchor and class against the task-aligned soft targets, summed, / S.
-    - ``box``: ``1 - CIoU`` between decoded and assigned boxes (in grid units of each anchor's level) on positive
-      anchors, weighted by the anchor's target score, summed, / S.
+    - ``box``: ``1 - overlap`` (``iou``: CIoU by default) between decoded and assigned boxes (in grid units of each
+      anchor's level) on positive anchors, weighted by the anchor's target score, summed, / S.
     - ``dfl``: DFL on the ltrb distances of positive anchors (targets clamped to ``reg_max - 1 - 0.01``), weighted
       and normalised as ``box``.
 
@@ -91,36 +99,32 @@ class DetectionLoss:
         num_classes: number of classes C.
         strides: stride of each level, shallow to deep.
         reg_max: DFL bins per side R.
-        box_gain: gain of the CIoU part.
+        assigner: the label assigner (`TaskAlignedAssigner`), called on detached scores and pixel boxes.
+        box_gain: gain of the box part.
         cls_gain: gain of the classification part.
         dfl_gain: gain of the DFL part.
-        topk: positives per ground truth in the assigner.
-        alpha: score exponent of the alignment metric.
-        beta: IoU exponent of the alignment metric.
-        min_gt_side: assigner's minimum ground-truth side for choosing candidates; default the middle stride (as
-            YOLOv8), see ``TaskAlignedAssigner``.
+        iou: the box part's overlap: "ciou", "diou", "giou" or "iou".
     """
 
     def __init__(
         self,
         num_classes: int,
         strides: Sequence[int],
-        reg_max: int = 16,
+        reg_max: int,
+        assigner: TaskAlignedAssigner,
         box_gain: float = 7.5,
         cls_gain: float = 0.5,
         dfl_gain: float = 1.5,
-        topk: int = 10,
-        alpha: float = 0.5,
-        beta: float = 6.0,
-        min_gt_side: float | None = None,
+        iou: str = "ciou",
     ) -> None:
+        if iou not in IOU_KINDS:
+            raise ValueError(f"YoloLoss: unknown iou {iou!r}; choose one of {', '.join(IOU_KINDS)}")
         self.num_classes = num_classes
         self.strides = tuple(strides)
         self.reg_max = reg_max
+        self.assigner = assigner
         self.box_gain, self.cls_gain, self.dfl_gain = box_gain, cls_gain, dfl_gain
-        if min_gt_side is None:
-            min_gt_side = float(self.strides[1] if len(self.strides) > 1 else self.strides[0])
-        self.assigner = TaskAlignedAssigner(topk, num_classes, alpha, beta, min_gt_side=min_gt_side)
+        self.iou = iou
 
     def __call__(self, level_outputs: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute the loss.
@@ -133,18 +137,22 @@ class DetectionLoss:
             total: scalar ``(box + cls + dfl) * B``, differentiable, float32 (the loss runs in float32).
             parts: ``{"box", "cls", "dfl"}`` detached scalars (gains applied, not multiplied by B).
         """
-        box_logits, cls_logits, anchors, stride = self._flatten(level_outputs)
+        self._check_levels(level_outputs)
+        box_flat, cls_flat = flatten_levels(level_outputs, self.reg_max, self.num_classes)  # [B, 4R, A], [B, C, A]
+        shapes = [tuple(out.shape[2:]) for out in level_outputs]
+        anchors, stride = make_anchors(shapes, self.strides, device=box_flat.device, dtype=box_flat.dtype)
+        box_logits = box_flat.permute(0, 2, 1).contiguous()  # [B, A, 4R]
+        cls_logits = cls_flat.permute(0, 2, 1).contiguous()  # [B, A, C]
         batch = cls_logits.shape[0]
         if targets.shape[0] and not ((targets[:, 1] >= 0) & (targets[:, 1] < self.num_classes)).all():
             bad = targets[:, 1][(targets[:, 1] < 0) | (targets[:, 1] >= self.num_classes)].unique().tolist()
             raise UserError(f"targets: class ids {bad} out of range [0, {self.num_classes})")
         gt_labels, gt_boxes, mask_gt = pad_targets(targets.to(cls_logits.device, torch.float32), batch)
 
-        bins = torch.arange(self.reg_max, dtype=box_logits.dtype, device=box_logits.device)
-        distances = box_logits.view(batch, -1, 4, self.reg_max).softmax(-1) @ bins  # [B, A, 4] in grid units
-        pred_boxes = dist2bbox(distances, anchors)  # [B, A, 4] xyxy grid units
+        bins = torch.arange(self.reg_max, dtype=box_flat.dtype, device=box_flat.device)
+        pred_boxes = dist2bbox(dfl_distances(box_flat, bins), anchors)  # [B, A, 4] xyxy grid units
 
-        _, target_boxes, target_scores, fg_mask, _ = self.assigner(
+        assigned = self.assigner(
             cls_logits.detach().sigmoid(),
             (pred_boxes.detach() * stride).to(gt_boxes.dtype),
             anchors * stride,
@@ -152,14 +160,15 @@ class DetectionLoss:
             gt_boxes,
             mask_gt,
         )
+        target_scores, fg_mask = assigned.target_scores, assigned.fg_mask
         score_sum = target_scores.sum().clamp(min=1)
         cls_loss = F.binary_cross_entropy_with_logits(cls_logits, target_scores.to(cls_logits.dtype), reduction="none")
         cls_loss = cls_loss.sum() / score_sum
 
-        target_boxes = target_boxes / stride  # [B, A, 4] grid units
+        target_boxes = assigned.target_bboxes / stride  # [B, A, 4] grid units
         weight = target_scores[fg_mask].sum(-1)  # [P]
-        ciou = bbox_iou(pred_boxes[fg_mask], target_boxes[fg_mask], ciou=True)  # [P]
-        box_loss = ((1.0 - ciou) * weight).sum() / score_sum
+        overlap = box_overlap(pred_boxes[fg_mask], target_boxes[fg_mask], self.iou)  # [P]
+        box_loss = ((1.0 - overlap) * weight).sum() / score_sum
         target_ltrb = bbox2dist(anchors, target_boxes, self.reg_max - 1 - 0.01)  # [B, A, 4]
         fg_logits = box_logits[fg_mask].view(-1, 4, self.reg_max)  # [P, 4, R]
         dfl_loss = (distribution_focal_loss(fg_logits, target_ltrb[fg_mask]) * weight).sum() / score_sum
@@ -168,15 +177,8 @@ class DetectionLoss:
         total = (box_loss + cls_loss + dfl_loss) * batch
         return total, {"box": box_loss.detach(), "cls": cls_loss.detach(), "dfl": dfl_loss.detach()}
 
-    def _flatten(self, level_outputs: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Concatenate the level maps over anchors and build the matching anchor grid.
-
-        Returns:
-            box_logits: ``[B, A, 4 * R]``.
-            cls_logits: ``[B, A, C]``.
-            anchors: ``[A, 2]`` cell centres in grid units.
-            stride: ``[A, 1]``.
-        """
+    def _check_levels(self, level_outputs: Sequence[Tensor]) -> None:
+        """One [B, 4 * R + C, H, W] map per stride, or a UserError naming the level and the expected shape."""
         if len(level_outputs) != len(self.strides):
             raise UserError(f"loss: {len(level_outputs)} head levels but {len(self.strides)} strides {self.strides}")
         channels = 4 * self.reg_max + self.num_classes
@@ -186,11 +188,38 @@ class DetectionLoss:
                     f"loss: head level {level} has shape {tuple(out.shape)}, expected [B, {channels}, H, W] "
                     f"(4 * reg_max {self.reg_max} + num_classes {self.num_classes})"
                 )
-        # float32 whatever the head's dtype (AMP): the assigner's CIoU^6 and the sums need the range
-        flat = torch.cat([out.flatten(2) for out in level_outputs], dim=2).float()  # [B, 4R + C, A]
-        box_logits, cls_logits = flat.split((4 * self.reg_max, self.num_classes), dim=1)
-        box_logits = box_logits.permute(0, 2, 1).contiguous()  # [B, A, 4R]
-        cls_logits = cls_logits.permute(0, 2, 1).contiguous()  # [B, A, C]
-        shapes = [tuple(out.shape[2:]) for out in level_outputs]
-        anchors, stride = make_anchors(shapes, self.strides, device=flat.device, dtype=flat.dtype)
-        return box_logits, cls_logits, anchors, stride
+
+
+def build_yolo_loss(
+    num_classes: int,
+    strides: Sequence[int],
+    reg_max: int = 16,
+    box: float = 7.5,
+    cls: float = 0.5,
+    dfl: float = 1.5,
+    iou: str = "ciou",
+    topk: int = 10,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+    eps: float = 1e-9,
+    assign_iou: str = "ciou",
+    min_gt_side: float | None = None,
+) -> YoloLoss:
+    """The YOLO loss with its TaskAlignedAssigner, from plain numbers (YOLOv8's defaults, DESIGN §5).
+
+    `min_gt_side` None is YOLOv8's choice, the middle stride (see `TaskAlignedAssigner`).
+    """
+    if min_gt_side is None:
+        min_gt_side = float(strides[1] if len(strides) > 1 else strides[0])
+    assigner = TaskAlignedAssigner(topk, num_classes, alpha, beta, eps, min_gt_side=min_gt_side, iou=assign_iou)
+    return YoloLoss(num_classes, strides, reg_max, assigner, box, cls, dfl, iou)
+
+
+@register_loss("yolo")
+def yolo_loss(head: Any, loss: Mapping[str, Any], assign: Mapping[str, Any]) -> YoloLoss:
+    """The registered `yolo` loss of a YOLO head, from the config's `loss.*` (box, cls, dfl, iou) and `assign.*`
+    (topk, alpha, beta, eps, iou, min_gt_side) sections; missing keys take YOLOv8's values."""
+    known_loss, known_assign = {"box", "cls", "dfl", "iou"}, {"topk", "alpha", "beta", "eps", "iou", "min_gt_side"}
+    kwargs = {k: v for k, v in loss.items() if k in known_loss}
+    kwargs.update({("assign_iou" if k == "iou" else k): v for k, v in assign.items() if k in known_assign})
+    return build_yolo_loss(head.num_classes, head.strides, head.reg_max, **kwargs)

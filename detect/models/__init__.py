@@ -1,0 +1,13 @@
+"""The detector and its registered parts: `build_detector(DetectorSpec(...))`, `build_yolo(scale, num_classes)`.
+
+Importing the package registers plugdet's own necks, heads and losses (explicit imports, STYLE §5).
+"""
+
+from __future__ import annotations
+
+from detect import losses  # noqa: F401, E402  (the head families' losses register on import)
+from detect.models import heads, necks  # noqa: F401  (registration happens on import)
+from detect.models.build import DetectorSpec, PartSpec, build_detector, build_yolo, yolo_spec
+from detect.models.detector import Detector
+
+__all__ = ["Detector", "DetectorSpec", "PartSpec", "build_detector", "build_yolo", "yolo_spec"]

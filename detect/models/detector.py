@@ -1,0 +1,116 @@
+"""The detector: any registered backbone -> any registered neck -> any registered head family.
+
+Inference options, for tools (all are the caller's choice; none changes the weights' meaning):
+
+- `detector.eval()` then `detector(images)` -> the head's decoded outputs (YOLO: `[B, A, 4 + C]`), and
+  `detector.detect(images, conf, iou, max_det)` -> detections per image in input pixels.
+- `detector.fuse()`: folds every BatchNorm that follows a convolution into it (inference only, irreversible; the
+  detector refuses `train()` afterwards). Same outputs up to float rounding, fewer kernels, lower latency.
+- channels_last: `detector.to(memory_format=torch.channels_last)` and
+  `images.contiguous(memory_format=torch.channels_last)`; faster convolutions on CPU (oneDNN) and on CUDA.
+- bf16: `with torch.autocast(device.type, dtype=torch.bfloat16): preds = detector(images)` — best with channels_last;
+  the head decodes in float32 whatever the autocast dtype, so `preds` is always float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from detect.models.heads.base import DetectionHead
+
+
+class Detector(nn.Module):
+    """Backbone, neck and head in sequence; any registered parts that keep the contracts of DESIGN §3.
+
+    Args:
+        backbone: returns maps at its `strides` and has `out_channels`.
+        neck: maps the backbone's list of maps to the head's list of maps.
+        head: a head family (`detect.models.heads.base.DetectionHead`) whose inputs are the neck's outputs.
+
+    Attributes:
+        num_classes, strides: copied from the head.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module, head: DetectionHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.num_classes: int = head.num_classes
+        self.strides: tuple[int, ...] = tuple(head.strides)
+        self.fused = False
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
+        """Run the detector.
+
+        Args:
+            images: [B, 3, H, W] float in [0, 1], H and W multiples of the largest stride (32).
+            targets: [N, 6] rows (image_index, class_id, x1, y1, x2, y2); only families whose training forward
+                needs them (`head.needs_targets`, two-stage) read them.
+
+        Returns:
+            Train mode: the head's raw outputs (what its criterion consumes).
+            Eval mode: `head.decode(raw)`; for the YOLO family [B, A, 4 + C] float32, xyxy input pixels then
+            sigmoid scores (also the exported output).
+        """
+        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        raw = self.head(self.neck(self.backbone(images)), image_size, targets if self.training else None)
+        return raw if self.training else self.head.decode(raw, image_size)
+
+    @torch.no_grad()
+    def detect(
+        self, images: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections per image in input pixels: dict(boxes [K, 4] xyxy, scores [K], labels [K]); eval mode.
+
+        The head family turns its decoded outputs into detections (`head.postprocess`); the caller maps them back
+        to original pixels (`detect.postprocess.undo_letterbox`).
+        """
+        return self.head.postprocess(self(images), conf, iou, max_det, multi_label)
+
+    def train(self, mode: bool = True) -> Detector:
+        """Set train/eval mode; a fused detector has no BatchNorm left to train and refuses train mode."""
+        if mode and self.fused:
+            raise RuntimeError("this Detector was fused for inference (BatchNorm folded); build a new one to train it")
+        return super().train(mode)
+
+    @torch.no_grad()
+    def fuse(self) -> Detector:
+        """Fold each BatchNorm into the convolution before it, for inference; switches to eval mode.
+
+        Folds the pairs `conv`/`bn` (`ConvBNAct`: CSP-Darknet, neck, head), `convK`/`bnK` (torchvision ResNets) and a
+        Conv2d directly followed by a BatchNorm2d inside an `nn.Sequential` (torchvision's conv-norm-activation
+        blocks, VGG-BN, ResNet downsample). A BatchNorm in any other place stays (still correct, just not faster).
+
+        Returns:
+            self.
+        """
+        self.eval()
+        for module in self.modules():
+            for conv_name, bn_name in _conv_bn_pairs(module):
+                conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+        self.fused = True
+        return self
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Names of the (Conv2d, BatchNorm2d) children of `module` where the BatchNorm normalises that conv's output."""
+    children = dict(module.named_children())
+    if isinstance(module, nn.Sequential):
+        names = list(children)
+        candidates = list(zip(names, names[1:], strict=False))
+    else:
+        candidates = [(name, "bn" + name[len("conv") :]) for name in children if name.startswith("conv")]
+    return [
+        (conv, bn)
+        for conv, bn in candidates
+        if isinstance(children.get(conv), nn.Conv2d)
+        and isinstance(children.get(bn), nn.BatchNorm2d)
+        and children[bn].num_features == children[conv].out_channels
+    ]

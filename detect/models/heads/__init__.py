@@ -1,0 +1,5 @@
+"""Registered head families; importing the package registers them (explicit imports, STYLE §5)."""
+
+from __future__ import annotations
+
+from detect.models.heads import yolo  # noqa: F401  (registration happens on import)

@@ -1,0 +1,50 @@
+"""What every head family is: the contract `Detector`, the engine, evaluation and predict rely on (DESIGN §3).
+
+A head family owns everything specific to it: its modules, the name of its default loss (registered in
+`detect.models.registry.LOSSES`), how it decodes raw outputs, and how those become detections. Nothing outside a
+family names its loss parts or its internals (reg_max, anchors, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class DetectionHead(nn.Module):
+    """Base class of head families.
+
+    Class attributes:
+        default_loss: the registered loss `build_criterion` uses when the config names none (`loss.name`).
+        needs_targets: True for a family whose training forward needs the targets (two-stage RPN / RoI sampling);
+            `Detector` then passes them in, and its criterion reads the losses from the raw outputs.
+
+    Attributes a subclass sets:
+        num_classes, strides (of its input levels).
+    """
+
+    default_loss: ClassVar[str] = ""
+    needs_targets: ClassVar[bool] = False
+    num_classes: int
+    strides: tuple[int, ...]
+
+    def forward(
+        self, features: list[torch.Tensor], image_size: tuple[int, int], targets: torch.Tensor | None = None
+    ) -> Any:
+        """Raw outputs (what the criterion consumes) from the neck's maps of a batch of `image_size` (H, W) inputs;
+        `targets` [N, 6] only for `needs_targets` families in training."""
+        raise NotImplementedError
+
+    def decode(self, raw: Any, image_size: tuple[int, int]) -> Any:
+        """What the eval-mode detector returns (and exports) for these raw outputs."""
+        raise NotImplementedError
+
+    def postprocess(
+        self, decoded: Any, conf: float, iou: float, max_det: int, multi_label: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Final detections per image: dict(boxes [K, 4] xyxy input pixels, scores [K], labels [K] int64), sorted by
+        decreasing score, K <= max_det, scores > conf. `iou` is the NMS threshold and `multi_label` (one candidate
+        per class above `conf`, the validation setting) applies to families that run NMS over class scores."""
+        raise NotImplementedError

@@ -1,0 +1,5 @@
+"""Registered necks; importing the package registers them (explicit imports, STYLE §5)."""
+
+from __future__ import annotations
+
+from detect.models.necks import pan, pan11  # noqa: F401  (registration happens on import)

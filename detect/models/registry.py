@@ -1,0 +1,85 @@
+"""Registries of the detector's parts: necks, head families and their losses (the shape of `backbones.registry`).
+
+A part of your own registers in your own module, and the config key `imports: [your_module]` imports it before
+anything is built (`detect.plugins.import_plugins`); plugdet is never edited. The contracts (DESIGN §3):
+
+- **Neck factory** `(in_channels: tuple[int, ...], strides: tuple[int, ...], **kwargs) -> nn.Module`: the module maps
+  the backbone's list of maps to its own list and has `out_channels` and `strides` (it may add levels). A factory
+  that takes a `scale` argument gets `model.scale`.
+- **Head factory** `(num_classes: int, in_channels: tuple[int, ...], strides: tuple[int, ...], **kwargs) ->
+  DetectionHead` (see `detect.models.heads.base`): the head owns its modules, names its default loss, decodes its
+  raw outputs and turns them into detections.
+- **Loss factory** `(head, loss: dict, assign: dict) -> criterion`: built from the head's plain numbers and the
+  config's `loss.*` / `assign.*` sections; it builds its own assigner and hands it to the criterion. A criterion is
+  `criterion(raw_outputs, targets [N, 6]) -> (total, parts: dict[str, Tensor])`; the engine sums nothing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from backbones.registry import Registry
+
+NECKS = Registry("neck")
+HEADS = Registry("head")
+LOSSES = Registry("loss")
+
+
+def register_neck(name: str) -> Callable:
+    """Decorator registering a neck factory `(in_channels, strides, **kwargs) -> nn.Module` under `name`."""
+    return NECKS.register(name)
+
+
+def register_head(name: str) -> Callable:
+    """Decorator registering a head factory `(num_classes, in_channels, strides, **kwargs) -> DetectionHead`."""
+    return HEADS.register(name)
+
+
+def register_loss(name: str) -> Callable:
+    """Decorator registering a loss factory `(head, loss: dict, assign: dict) -> criterion` under `name`."""
+    return LOSSES.register(name)
+
+
+def list_necks() -> list[str]:
+    return NECKS.names()
+
+
+def list_heads() -> list[str]:
+    return HEADS.names()
+
+
+def list_losses() -> list[str]:
+    return LOSSES.names()
+
+
+def build_neck(name: str, in_channels: Sequence[int], strides: Sequence[int], **kwargs: Any) -> nn.Module:
+    """A registered neck on maps of `in_channels` at `strides`; an unknown name lists the registered ones."""
+    return NECKS.get(name)(tuple(in_channels), tuple(strides), **kwargs)
+
+
+def build_head(
+    name: str, num_classes: int, in_channels: Sequence[int], strides: Sequence[int], **kwargs: Any
+) -> nn.Module:
+    """A registered head family for `num_classes` classes on maps of `in_channels` at `strides`."""
+    return HEADS.get(name)(int(num_classes), tuple(in_channels), tuple(strides), **kwargs)
+
+
+def build_criterion(
+    head: nn.Module,
+    name: str | None = None,
+    loss: Mapping[str, Any] | None = None,
+    assign: Mapping[str, Any] | None = None,
+) -> Callable:
+    """The criterion of a head: the loss registered as `name` (None: the head's `default_loss`), from plain numbers.
+
+    Args:
+        head: the detector's head (its `num_classes`, `strides` and family-specific numbers).
+        name: a registered loss, or None for the head family's own.
+        loss: the loss settings (config section `loss`, a plain dict).
+        assign: the assigner settings (config section `assign`, a plain dict).
+    """
+    factory = LOSSES.get(name or head.default_loss)
+    return factory(head, dict(loss or {}), dict(assign or {}))
