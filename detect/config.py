@@ -1,9 +1,10 @@
 """Typed configuration: dataclass schemas, YAML files over their defaults, dotted `key=value` overrides.
 
-A config is an OmegaConf `DictConfig` built from a dataclass schema (`ClsConfig`, `DetConfig`), so every key has a
-type and a default; a YAML file only lists what differs, and the command line overrides either. An unknown key, a
-wrong type or a value outside a field's choices is a `UserError` of one line that names the key, the value, where it
-came from (file and line, or the override) and the valid keys of that section.
+A config is an OmegaConf `DictConfig` built from a dataclass schema (`ClsConfig`, `DetConfig`, in `detect.schema`),
+so every key has a type and a default; a YAML file only lists what differs, and the command line overrides either. An
+unknown key, a wrong type or a value outside a field's choices is a `UserError` of one line that names the key, the
+value, where it came from (file and line, or the override) and the valid keys of that section; a key that moved names
+its new place.
 
 Only `build_*` functions and `tools/` read a config (STYLE 4); the resolved config is saved as `config.yaml` in the
 run directory and as a plain dict (`config_to_dict`) in every checkpoint.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,185 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from backbones.errors import UserError
-
-
-def _choice(default: str, *choices: str) -> Any:
-    """A string field that must be one of `choices` (checked by `load_config`)."""
-    return field(default=default, metadata={"choices": (default, *choices)})
-
-
-def _at_least(default: Any, low: float) -> Any:
-    """A number field that must be >= `low` (checked by `load_config`)."""
-    return field(default=default, metadata={"min": low})
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Classification (tools/train_cls.py). The defaults are the synthetic mini-CUB demo run (configs/cls/default.yaml).
-# ----------------------------------------------------------------------------------------------------------------------
-@dataclass
-class ClsDataConfig:
-    root: str = "data/synth_cub"  # folder holding CUB_200_2011/ (or that folder); the default is generated if absent
-    img_size: int = _at_least(128, 8)  # network input side (train crop, val centre crop)
-    resize_size: int = _at_least(146, 8)  # shorter side (val) / square side (train) before cropping
-    random_resized_crop: bool = False  # RandomResizedCrop(img_size) instead of Resize + RandomCrop
-
-
-@dataclass
-class ClsModelConfig:
-    backbone: str = "cspdarknet_n"  # a registered backbone name (backbones.list_backbones())
-    backbone_weights: str | None = None  # local file, or a torchvision weights name already in the torch cache
-    dropout: float = _at_least(0.0, 0.0)  # before the linear classifier
-
-
-@dataclass
-class ClsTrainConfig:
-    epochs: int = _at_least(40, 1)
-    batch_size: int = _at_least(32, 1)  # total over all processes
-    lr: float = _at_least(0.002, 0.0)
-    lrf: float = _at_least(0.01, 0.0)  # final lr = lr * lrf (cosine, linear)
-    optimizer: str = _choice("adamw", "sgd")
-    momentum: float = _at_least(0.9, 0.0)  # SGD momentum (nesterov) or AdamW beta1
-    weight_decay: float = _at_least(0.05, 0.0)  # not applied to norm weights and biases
-    scheduler: str = _choice("cosine", "step", "multistep", "linear")
-    milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr *= gamma
-    step_size: int = _at_least(30, 1)  # step: lr *= gamma every step_size epochs
-    gamma: float = _at_least(0.1, 0.0)
-    warmup_epochs: float = _at_least(1.0, 0.0)  # linear warmup from lr * warmup_start, per iteration
-    warmup_start: float = _at_least(0.1, 0.0)
-    label_smoothing: float = _at_least(0.1, 0.0)
-    amp: bool = False  # CUDA autocast (float16 + GradScaler, or bfloat16 with train.bf16)
-    bf16: bool = False  # bfloat16 autocast (CPU, or CUDA with train.amp)
-    channels_last: bool = False
-    ema: bool = False  # evaluate and save an exponential moving average of the weights
-    finetune: str = _choice("all", "freeze", "classifier")  # freeze: the first train.freeze_stages stages
-    freeze_stages: int = _at_least(0, -1)  # with finetune=freeze: k first stages (-1 = the whole backbone)
-    sync_bn: bool = False  # SyncBatchNorm under torchrun
-    device: str = _choice("auto", "cpu", "cuda")
-    workers: int = _at_least(2, 0)
-    threads: int | None = None  # torch.set_num_threads
-    resume: str | None = None  # a last.pt to continue from (its run directory and config)
-
-
-@dataclass
-class ClsConfig:
-    imports: list[str] = field(default_factory=list)  # plugin modules (registering parts) imported first
-    data: ClsDataConfig = field(default_factory=ClsDataConfig)
-    model: ClsModelConfig = field(default_factory=ClsModelConfig)
-    train: ClsTrainConfig = field(default_factory=ClsTrainConfig)
-    output_dir: str = "runs/cls/default"  # a run never overwrites another: default-2, default-3, ...
-    seed: int = 0
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Detection (tools/train_det.py, val_det.py). YOLOv8 defaults (DESIGN §5).
-# ----------------------------------------------------------------------------------------------------------------------
-@dataclass
-class DetDataConfig:
-    format: str = _choice("cub", "coco", "yolo")
-    root: str = "data/synth_cub"  # cub: folder holding CUB_200_2011/
-    labels: str = _choice("bird", "species")  # cub: one class, or one per species
-    img_size: int = _at_least(256, 32)  # letterboxed square side, a multiple of 32
-    train_json: str | None = None  # coco
-    val_json: str | None = None  # coco
-    image_dir: str | None = None  # coco: images folder (default: beside the json)
-    yaml: str | None = None  # yolo: Ultralytics data.yaml
-    cache: bool = False  # train images decoded once into RAM (N x S^2 x 3 x aspect bytes; see detect/data/detection.py)
-
-
-@dataclass
-class DetModelConfig:
-    scale: str = _choice("n", "s", "m", "l", "x")  # given to the neck when its factory takes a `scale`
-    num_classes: int | None = None  # None: from the data
-    backbone: str | None = None  # None: the family's own at the scale (cspdarknet_<scale>, csp11_<scale> for yolo11)
-    backbone_weights: str | None = None  # e.g. a backbone.pt from train_cls
-    neck: str = "yolov8"  # a registered neck (detect.models.registry.list_necks())
-    head: str = "yolov8"  # a registered head family (list_heads())
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the backbone factory
-    neck_kwargs: dict[str, Any] = field(default_factory=dict)  # ... of the neck factory
-    head_kwargs: dict[str, Any] = field(default_factory=dict)  # ... of the head factory (yolo: reg_max)
-
-
-@dataclass
-class DetTrainConfig:
-    epochs: int = _at_least(30, 1)
-    batch_size: int = _at_least(16, 1)  # total over all processes
-    nominal_batch_size: int = _at_least(64, 1)  # gradients accumulate up to this; weight decay scales with it
-    lr: float = _at_least(0.01, 0.0)
-    lrf: float = _at_least(0.01, 0.0)
-    optimizer: str = _choice("sgd", "adamw")
-    momentum: float = _at_least(0.937, 0.0)
-    weight_decay: float = _at_least(5e-4, 0.0)
-    warmup_epochs: float = _at_least(3.0, 0.0)
-    warmup_bias_lr: float = _at_least(0.1, 0.0)
-    warmup_momentum: float = _at_least(0.8, 0.0)
-    scheduler: str = _choice("linear", "cosine")
-    close_mosaic: int = _at_least(10, 0)  # last epochs without Mosaic
-    mosaic: float = _at_least(1.0, 0.0)
-    hsv_h: float = _at_least(0.015, 0.0)
-    hsv_s: float = _at_least(0.7, 0.0)
-    hsv_v: float = _at_least(0.4, 0.0)
-    fliplr: float = _at_least(0.5, 0.0)
-    scale: float = _at_least(0.5, 0.0)
-    translate: float = _at_least(0.1, 0.0)
-    ema: bool = True
-    grad_clip: float = _at_least(10.0, 0.0)  # max gradient norm (0 = off)
-    freeze_stages: int = _at_least(0, -1)  # backbone stages frozen (-1 = all)
-    amp: bool = True  # CUDA only
-    bf16: bool = False
-    channels_last: bool = True  # NHWC convolutions: ~1.2-1.45x faster training on CPU, faster on CUDA
-    sync_bn: bool = False
-    device: str = _choice("auto", "cpu", "cuda")
-    workers: int = _at_least(2, 0)
-    threads: int | None = None
-    resume: str | None = None
-
-
-@dataclass
-class DetLossConfig:
-    name: str | None = None  # a registered loss (list_losses()); None: the head family's own (yolo heads: "yolo")
-    box: float = _at_least(7.5, 0.0)  # yolo: gain of the box (IoU) part
-    cls: float = _at_least(0.5, 0.0)  # yolo: gain of the classification part
-    dfl: float = _at_least(1.5, 0.0)  # yolo: gain of the DFL part
-    iou: str = _choice("ciou", "diou", "giou", "iou")  # yolo: the box part's overlap
-    kwargs: dict[str, Any] = field(default_factory=dict)  # settings of a plugin loss
-
-
-@dataclass
-class DetAssignConfig:
-    topk: int = _at_least(10, 1)  # TaskAligned assigner (TOOD): positives per ground truth
-    alpha: float = _at_least(0.5, 0.0)  # score exponent of the alignment metric
-    beta: float = _at_least(6.0, 0.0)  # IoU exponent of the alignment metric
-    eps: float = _at_least(1e-9, 0.0)
-    iou: str = _choice("ciou", "diou", "giou", "iou")  # the alignment metric's overlap
-    min_gt_side: float | None = None  # candidates of boxes smaller than this (px) widen to it; None: middle stride
-
-
-@dataclass
-class DetEvalConfig:
-    interval: int = _at_least(1, 1)  # evaluate every k epochs (and after the last)
-    conf: float = _at_least(0.001, 0.0)
-    iou: float = _at_least(0.7, 0.0)
-    max_det: int = _at_least(300, 1)
-    coco_max_dets: int = _at_least(100, 10)  # COCO's last maxDets cap (AP, AR rows); 300 counts every kept box
-    backend: str = _choice("pycocotools", "faster")
-
-
-@dataclass
-class DetConfig:
-    imports: list[str] = field(default_factory=list)  # plugin modules (registering parts) imported first
-    data: DetDataConfig = field(default_factory=DetDataConfig)
-    model: DetModelConfig = field(default_factory=DetModelConfig)
-    train: DetTrainConfig = field(default_factory=DetTrainConfig)
-    loss: DetLossConfig = field(default_factory=DetLossConfig)
-    assign: DetAssignConfig = field(default_factory=DetAssignConfig)
-    eval: DetEvalConfig = field(default_factory=DetEvalConfig)
-    output_dir: str = "runs/det/default"
-    seed: int = 0
-
-
-# Keys that moved: an old key in a file or an override is one line naming the new key; a checkpoint's saved config
-# (written before the move) is mapped silently, so old runs still load and resume.
-MOVED_KEYS: dict[str, str] = {"train.box": "loss.box", "train.cls": "loss.cls", "train.dfl": "loss.dfl"}
+from detect.schema import MOVED_KEYS, ClsConfig, ClsDataConfig, DetConfig, DetDataConfig  # noqa: F401  (re-exported)
 
 
 def migrate_config(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from detect.config import DetConfig, load_config
 from detect.data.build import SPLITS, build_source
 from detect.data.coco import coco_ground_truth
 from detect.data.yolo import export_yolo
+from detect.plugins import import_plugins
 
 USAGE = "usage: export.py --to coco|yolo --out DIR [--overwrite] [--relative-to FOLDER] [CONFIG.yaml] [key=value ...]"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if path is None and DEFAULT_CONFIG.is_file():
         path = str(DEFAULT_CONFIG)
     cfg = load_config(DetConfig, path, overrides)
+    import_plugins(cfg.imports)
     relative_to = Path(args.relative_to) if args.relative_to else None
     result = export_dataset(cfg.data, args.to, Path(args.out), args.overwrite, relative_to)
     print(f"done: {result}")

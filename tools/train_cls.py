@@ -23,6 +23,7 @@ from backbones.errors import UserError
 from detect.cli import check_interrupt, deferred_interrupts, run_tool
 from detect.config import ClsConfig, ClsDataConfig, config_to_dict, load_config
 from detect.eval.viz import plot_confusion_matrix, plot_curves
+from detect.plugins import import_plugins
 from detect.train.classify import (
     TrainingInterrupted,
     autocast_dtype,
@@ -61,15 +62,17 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
-    """The run's config and, with train.resume, the checkpoint (its config is the base, CONFIG and argv on top)."""
+    """The run's config and, with train.resume, the checkpoint (its config is the base, CONFIG and argv on top); the
+    config's plugin modules (`imports`, e.g. a backbone of your own) are imported."""
     path, overrides = parse_args(argv)
-    cfg = load_config(ClsConfig, path, overrides)
-    if not cfg.train.resume:
-        return cfg, None
-    ckpt = load_checkpoint(cfg.train.resume)
-    if not isinstance(ckpt.get("config"), dict):
-        raise UserError(f"{cfg.train.resume} holds no config; is it a train_cls last.pt?")
-    return load_config(ClsConfig, path, overrides, base=ckpt["config"]), ckpt
+    cfg, ckpt = load_config(ClsConfig, path, overrides), None
+    if cfg.train.resume:
+        ckpt = load_checkpoint(cfg.train.resume)
+        if not isinstance(ckpt.get("config"), dict):
+            raise UserError(f"{cfg.train.resume} holds no config; is it a train_cls last.pt?")
+        cfg = load_config(ClsConfig, path, overrides, base=ckpt["config"])
+    import_plugins(cfg.imports)
+    return cfg, ckpt
 
 
 def record_epoch(run_dir: Path, epoch: int, stats: dict, metrics: dict, best: dict, state: dict[str, Any]) -> dict:

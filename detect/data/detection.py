@@ -103,11 +103,11 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise UserError(f"img_size must be a positive number of pixels, got {img_size}: data.img_size")
         for name, p in (("mosaic", mosaic), ("fliplr", fliplr)):
             if not 0.0 <= p <= 1.0:
-                raise UserError(f"{name} is a probability in [0, 1], got {p}: augment.{name}")
+                raise UserError(f"{name} is a probability in [0, 1], got {p}: train.{name}")
         if len(hsv) != 3 or not 0.0 <= scale < 1.0 or not 0.0 <= translate <= 0.5:
             raise UserError(
                 f"need 3 hsv gains, 0 <= scale < 1, 0 <= translate <= 0.5; got hsv={tuple(hsv)} scale={scale} "
-                f"translate={translate}: augment"
+                f"translate={translate}: train.hsv_h/hsv_s/hsv_v, train.scale, train.translate"
             )
         self.source = source
         self.img_size = int(img_size)

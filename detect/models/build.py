@@ -5,8 +5,8 @@ A spec names the backbone, the neck and the head, each with its keyword argument
 
     {"spec": 2, "num_classes": C, "backbone": {"name", "kwargs"}, "neck": {"name", "kwargs"}, "head": {...}}
 
-Checkpoints written before the spec (`{"scale", "num_classes", "backbone", "reg_max"}`, main at 7293d08) are read
-as the YOLOv8 family they describe (`DetectorSpec.from_arch`).
+Checkpoints written before the spec (main at 7293d08) are read as the YOLOv8 family they describe
+(`DetectorSpec.from_arch`, `detect.models.yolo.legacy_yolo_spec`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from backbones.checkpoint import load_backbone_weights
-from backbones.csp import CSP_SCALES
 from backbones.errors import UserError
 from backbones.registry import build_backbone
 from detect.models.detector import Detector
@@ -58,37 +57,15 @@ class DetectorSpec:
     @classmethod
     def from_arch(cls, arch: Mapping[str, Any]) -> DetectorSpec:
         """Read a checkpoint's `arch`: the spec form, or the YOLOv8 form of checkpoints written before it."""
-        if "spec" not in arch:  # {"scale", "num_classes", "backbone", "reg_max"}: YOLOv8 on any backbone
-            scale = arch.get("scale", "n")
-            return yolo_spec(
-                scale, int(arch["num_classes"]), arch.get("backbone"), reg_max=int(arch.get("reg_max", 16))
-            )
+        if "spec" not in arch:  # written before the spec: YOLOv8 on any backbone
+            from detect.models.yolo import legacy_yolo_spec  # the YOLO family module builds on this one
+
+            return legacy_yolo_spec(arch)
         if int(arch["spec"]) > SPEC_VERSION:
             raise UserError(f"detector spec version {arch['spec']} is newer than this plugdet's ({SPEC_VERSION})")
         parts = {key: PartSpec(str(arch[key]["name"]), dict(arch[key].get("kwargs") or {}))
                  for key in ("backbone", "neck", "head")}  # fmt: skip
         return cls(int(arch["num_classes"]), **parts)
-
-
-def yolo_spec(
-    scale: str = "n",
-    num_classes: int = 80,
-    backbone: str | None = None,
-    family: str = "yolov8",
-    reg_max: int = 16,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-) -> DetectorSpec:
-    """The spec of a YOLO-family detector: `family` ("yolov8" or "yolo11") neck and head at `scale` on any backbone
-    (default: the family's own, `cspdarknet_<scale>` or `csp11_<scale>`)."""
-    if scale not in CSP_SCALES:
-        raise UserError(f"unknown detector scale {scale!r}: choose one of {', '.join(CSP_SCALES)}")
-    default_backbone = {"yolov8": "cspdarknet", "yolo11": "csp11"}.get(family, "cspdarknet") + f"_{scale}"
-    return DetectorSpec(
-        num_classes=int(num_classes),
-        backbone=PartSpec(backbone or default_backbone, dict(backbone_kwargs or {})),
-        neck=PartSpec(family, {"scale": scale}),
-        head=PartSpec(family, {"reg_max": int(reg_max)}),
-    )
 
 
 def neck_takes_scale(name: str) -> bool:
@@ -118,22 +95,3 @@ def build_detector(spec: DetectorSpec, backbone_weights: str | Path | Mapping[st
     neck = build_neck(spec.neck.name, body.out_channels, strides, **spec.neck.kwargs)
     head = build_head(spec.head.name, spec.num_classes, neck.out_channels, neck.strides, **spec.head.kwargs)
     return Detector(body, neck, head)
-
-
-def build_yolo(
-    scale: str = "n",
-    num_classes: int = 80,
-    backbone: str | None = None,
-    backbone_weights: str | Path | Mapping[str, Any] | None = None,
-    reg_max: int = 16,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    family: str = "yolov8",
-) -> Detector:
-    """A YOLOv8 (or YOLO11, `family="yolo11"`) detector at a scale, on any registered backbone.
-
-    With the default backbone and 80 classes the parameter counts are exactly Ultralytics': YOLOv8 n 3,157,200,
-    s 11,166,560, m 25,902,640, l 43,691,520, x 68,229,648; YOLO11 n 2,624,080, s 9,458,752, m 20,114,688,
-    l 25,372,160, x 56,966,176.
-    """
-    spec = yolo_spec(scale, num_classes, backbone, family, reg_max, backbone_kwargs)
-    return build_detector(spec, backbone_weights)

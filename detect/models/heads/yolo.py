@@ -28,8 +28,6 @@ from detect.models.heads.base import DetectionHead
 from detect.models.registry import register_head
 from detect.postprocess import postprocess
 
-CLASS_BRANCHES = ("yolov8", "yolo11")
-
 
 def _box_branch(c_in: int, hidden: int, c_out: int) -> nn.Sequential:
     """3x3 ConvBNAct -> 3x3 ConvBNAct -> 1x1 Conv2d with bias: [B, c_in, H, W] -> [B, c_out, H, W]."""
@@ -100,7 +98,9 @@ class YoloHead(DetectionHead):
         in_channels: channels of each input level (shallow to deep).
         strides: stride of each level in input pixels.
         reg_max: number of distance bins per box side; distances cover [0, reg_max - 1] grid cells.
-        class_branch: "yolov8" (two 3x3 convolutions) or "yolo11" (depthwise-separable).
+
+    A variant overrides `box_branch_for` / `cls_branch_for` (`Yolo11Head` does); the loss, the decode and NMS come
+    with the family. Every branch ends in a 1x1 `pred` convolution with a bias (`reset_bias` sets its prior).
     """
 
     default_loss = "yolo"
@@ -111,15 +111,12 @@ class YoloHead(DetectionHead):
         in_channels: Sequence[int],
         strides: Sequence[int],
         reg_max: int = 16,
-        class_branch: str = "yolov8",
     ) -> None:
         super().__init__()
         if len(in_channels) != len(strides):
             raise ValueError(f"YoloHead: {len(in_channels)} levels of channels but {len(strides)} strides")
         if num_classes < 1 or reg_max < 1:
             raise ValueError(f"YoloHead: num_classes ({num_classes}) and reg_max ({reg_max}) must be >= 1")
-        if class_branch not in CLASS_BRANCHES:
-            raise ValueError(f"YoloHead: class_branch {class_branch!r} is not one of {CLASS_BRANCHES}")
         self.num_classes = int(num_classes)
         self.reg_max = int(reg_max)
         self.strides: tuple[int, ...] = tuple(int(s) for s in strides)
@@ -127,9 +124,8 @@ class YoloHead(DetectionHead):
         c0 = self.in_channels[0]
         box_hidden = max(16, c0 // 4, 4 * self.reg_max)
         cls_hidden = max(c0, min(self.num_classes, 100))
-        cls_branch = _box_branch if class_branch == "yolov8" else _separable_branch
-        self.box_branch = nn.ModuleList(_box_branch(c, box_hidden, 4 * self.reg_max) for c in self.in_channels)
-        self.cls_branch = nn.ModuleList(cls_branch(c, cls_hidden, self.num_classes) for c in self.in_channels)
+        self.box_branch = nn.ModuleList(self.box_branch_for(c, box_hidden, 4 * self.reg_max) for c in self.in_channels)
+        self.cls_branch = nn.ModuleList(self.cls_branch_for(c, cls_hidden, self.num_classes) for c in self.in_channels)
         # The bin values 0..reg_max-1 of the DFL integral. A frozen Parameter rather than a buffer on purpose: YOLOv8
         # keeps them as the weight of a frozen 1x1 conv, which its parameter counts include (yolov8n: 3,157,200
         # parameters, 3,157,184 trainable), and we match those counts exactly. Optimisers must skip it
@@ -137,6 +133,14 @@ class YoloHead(DetectionHead):
         self.dfl_bins = nn.Parameter(torch.arange(self.reg_max, dtype=torch.float32), requires_grad=False)
         self._anchor_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self.reset_bias()
+
+    def box_branch_for(self, c_in: int, hidden: int, c_out: int) -> nn.Module:
+        """One level's box branch: [B, c_in, H, W] -> [B, c_out = 4 * reg_max, H, W] (YOLOv8's: two 3x3 convs)."""
+        return _box_branch(c_in, hidden, c_out)
+
+    def cls_branch_for(self, c_in: int, hidden: int, c_out: int) -> nn.Module:
+        """One level's class branch: [B, c_in, H, W] -> [B, c_out = C, H, W] (YOLOv8's: two 3x3 convs)."""
+        return _box_branch(c_in, hidden, c_out)
 
     @property
     def num_outputs(self) -> int:
@@ -215,13 +219,20 @@ class YoloHead(DetectionHead):
         return postprocess(decoded.float(), conf, iou, max_det, multi_label=multi_label)
 
 
+class Yolo11Head(YoloHead):
+    """YOLO11's head (`Detect` of yolo11*.yaml): YOLOv8's box branch, a depthwise-separable class branch."""
+
+    def cls_branch_for(self, c_in: int, hidden: int, c_out: int) -> nn.Module:
+        return _separable_branch(c_in, hidden, c_out)
+
+
 @register_head("yolov8")
 def yolov8_head(num_classes: int, in_channels: Sequence[int], strides: Sequence[int], reg_max: int = 16) -> YoloHead:
     """YOLOv8's head (`Detect` of yolov8*.yaml)."""
-    return YoloHead(num_classes, in_channels, strides, reg_max, class_branch="yolov8")
+    return YoloHead(num_classes, in_channels, strides, reg_max)
 
 
 @register_head("yolo11")
 def yolo11_head(num_classes: int, in_channels: Sequence[int], strides: Sequence[int], reg_max: int = 16) -> YoloHead:
-    """YOLO11's head (`Detect` of yolo11*.yaml): the v8 box branch, a depthwise-separable class branch."""
-    return YoloHead(num_classes, in_channels, strides, reg_max, class_branch="yolo11")
+    """YOLO11's head."""
+    return Yolo11Head(num_classes, in_channels, strides, reg_max)
