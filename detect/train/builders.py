@@ -206,15 +206,17 @@ def restore_training_state(
 ) -> tuple[tuple[int, int], int, dict[str, Any], dict[str, Any] | None]:
     """Load `training_state` into the training objects and the global RNGs.
 
-    A last.pt written before the loss parts were named kept its partial sums as the YOLOv8 list [box, cls, dfl,
-    batches]; it is read as those names.
-
     Returns:
         (position, last_step, best, partial_sums `LossSums` state) to continue from.
     """
     position, best = restore_resume_state(state, model, optimizer, ema, scaler, path)
     restore_gradients(model, state.get("gradients") or {})
-    sums = state.get("partial_sums")
-    if isinstance(sums, list | tuple):
-        sums = {"parts": dict(zip(LEGACY_PART_ORDER, sums[:-1], strict=True)), "batches": int(sums[-1])}
-    return position, int(state["last_step"]), best, sums
+    return position, int(state["last_step"]), best, read_loss_sums(state.get("partial_sums"))
+
+
+def read_loss_sums(saved: Any) -> dict[str, Any] | None:
+    """An interrupted epoch's saved loss sums as a `LossSums` state; the YOLOv8 list [box, cls, dfl, batches] of a
+    last.pt written before the parts were named is read as those names."""
+    if isinstance(saved, list | tuple):
+        return {"parts": dict(zip(LEGACY_PART_ORDER, saved[:-1], strict=True)), "batches": int(saved[-1])}
+    return saved

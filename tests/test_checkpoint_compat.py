@@ -1,0 +1,81 @@
+"""Checkpoints written before the detector spec (main at 7293d08: `arch` = scale, num_classes, backbone, reg_max; the
+config with train.box/cls/dfl and no loss, assign, imports or neck/head keys) still load in val_det, predict and
+the API, and their last.pt resumes with the config keys mapped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_end_to_end import load_tool
+
+from backbones.checkpoint import atomic_save, load_checkpoint
+from detect.cli import run_tool
+from detect.models.checkpoint import load_detector
+from detect.train.builders import read_loss_sums
+
+
+def to_old_format(checkpoint: dict) -> dict:
+    """The checkpoint as main at 7293d08 wrote it."""
+    old = dict(checkpoint)
+    old["arch"] = {"scale": "n", "num_classes": checkpoint["arch"]["num_classes"], "backbone": None, "reg_max": 16}
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in checkpoint["config"].items()}
+    loss = config.pop("loss")
+    config["train"].update(box=loss["box"], cls=loss["cls"], dfl=loss["dfl"])
+    for key in ("assign", "imports"):
+        config.pop(key)
+    for key in ("neck", "head", "backbone_kwargs", "neck_kwargs", "head_kwargs"):
+        config["model"].pop(key)
+    old["config"] = config
+    return old
+
+
+@pytest.fixture(scope="module")
+def runs(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("compat")
+    argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=1", "train.batch_size=4",
+            "train.workers=0", "train.close_mosaic=0", "loss.box=5.0", "model.backbone_weights=null",
+            f"output_dir={out / 'new'}"]  # fmt: skip
+    assert run_tool(load_tool("train_det").main, argv) == 0
+    shutil.copytree(out / "new", out / "old")  # results.csv, config.yaml, ... of the run, then old-format weights
+    for name in ("best.pt", "last.pt"):
+        atomic_save(to_old_format(load_checkpoint(out / "new" / name)), out / "old" / name)
+    return {"new": out / "new", "old": out / "old", "out": out}
+
+
+def test_the_api_loads_an_old_checkpoint_as_the_same_yolov8(runs: dict[str, Path]) -> None:
+    old, _ = load_detector(runs["old"] / "best.pt")
+    new, _ = load_detector(runs["new"] / "best.pt")
+    images = torch.rand(2, 3, 64, 96)
+    assert torch.equal(old(images), new(images))
+
+
+def test_val_det_and_predict_read_an_old_checkpoint(runs: dict[str, Path], synth_cub_root: Path) -> None:
+    for kind in ("old", "new"):
+        argv = ["--weights", str(runs[kind] / "best.pt"), "--out", str(runs["out"] / f"val-{kind}")]
+        assert run_tool(load_tool("val_det").main, argv) == 0
+    old, new = (json.loads((runs["out"] / f"val-{k}" / "metrics.json").read_text()) for k in ("old", "new"))
+    assert old["coco_stats"] == new["coco_stats"]
+    images = str(synth_cub_root / "CUB_200_2011" / "images" / "*" / "*_0000.jpg")
+    argv = ["--weights", str(runs["old"] / "best.pt"), "--source", images, "--out", str(runs["out"] / "pred")]
+    assert run_tool(load_tool("predict").main, argv) == 0
+    assert len(json.loads((runs["out"] / "pred" / "predictions.json").read_text())) == 4
+
+
+def test_an_old_last_pt_resumes_with_its_keys_mapped(runs: dict[str, Path]) -> None:
+    argv = [f"train.resume={runs['old'] / 'last.pt'}", "train.epochs=2"]
+    assert run_tool(load_tool("train_det").main, argv) == 0
+    resumed = load_checkpoint(runs["old"] / "last.pt")
+    assert resumed["train_state"]["epoch"] == 2 and resumed["arch"]["head"]["name"] == "yolov8"
+    assert resumed["config"]["loss"]["box"] == 5.0 and "box" not in resumed["config"]["train"]
+    assert len((runs["old"] / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+
+
+def test_old_partial_loss_sums_read_as_the_yolov8_parts() -> None:
+    assert read_loss_sums([1.5, 0.5, 2.0, 3]) == {"parts": {"box": 1.5, "cls": 0.5, "dfl": 2.0}, "batches": 3}
+    assert read_loss_sums(None) is None
+    state = {"parts": {"a": 1.0}, "batches": 1}
+    assert read_loss_sums(state) == state
