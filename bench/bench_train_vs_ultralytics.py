@@ -1,6 +1,6 @@
 """Detection training side by side: plugdet `tools/train_det.py` vs Ultralytics YOLOv8n, same images, same epochs.
 
-Both train YOLOv8n from scratch (no pretrained weights) on the synthetic mini-CUB (bird labels) exported to YOLO txt
+Both train YOLOv8n (or YOLO11n, `--family yolo11`) from scratch (no pretrained weights) on the synthetic mini-CUB (bird labels) exported to YOLO txt
 (`detect.data.yolo.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics' `optimizer=auto` would pick AdamW
 for short runs; `--ul-optimizer auto` restores it), the same close_mosaic, torch threads and loader workers, each in
 its own subprocess, one run after the other. Reported per seed:
@@ -55,14 +55,17 @@ VARIANT_LABELS = {
     "cl": "plugdet fp32 channels_last (default)",
     "bf16": "plugdet bf16 + channels_last",
 }
-UL = "Ultralytics yolov8n"
+UL = "Ultralytics"  # the run label; `--family` says which model (yolov8n or yolo11n)
+# --family -> plugdet model overrides of the same model as Ultralytics' <family>n.yaml
+FAMILIES = {"yolov8": ["model.backbone=cspdarknet_n", "model.neck=yolov8", "model.head=yolov8"],
+            "yolo11": ["model.backbone=csp11_n", "model.neck=yolo11", "model.head=yolo11"]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The Ultralytics subprocess (`bench_train_vs_ultralytics.py _ultralytics SPEC.json`)
 # ----------------------------------------------------------------------------------------------------------------------
 def ultralytics_worker(spec_path: str) -> int:
-    """Train Ultralytics' YOLOv8n as the spec says; write epoch timings, threads and its own metrics to spec["out"]."""
+    """Train Ultralytics' YOLOv8n or YOLO11n as the spec says; epoch timings, threads, its own metrics -> spec["out"]."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
     import ultralytics.utils.torch_utils as ul_torch_utils
@@ -87,7 +90,7 @@ def ultralytics_worker(spec_path: str) -> int:
     def train_end(trainer: Any) -> None:
         record["own"] = {k: float(v) for k, v in (trainer.metrics or {}).items() if isinstance(v, int | float)}
 
-    model = YOLO("yolov8n.yaml")
+    model = YOLO(f"{spec['family']}n.yaml")
     for event, fn in (("on_pretrain_routine_start", restore_workers), ("on_train_epoch_start", epoch_start),
                       ("on_train_epoch_end", epoch_end), ("on_train_end", train_end)):  # fmt: skip
         model.add_callback(event, fn)
@@ -123,8 +126,8 @@ def run_ultralytics(args: argparse.Namespace, data_yaml: Path, seed: int, work: 
     """Ultralytics training run of one seed; returns img/s (median epoch), its last.pt and its own metrics."""
     project, name = work / "ultralytics", f"seed{seed}"
     shutil.rmtree(project / name, ignore_errors=True)
-    spec = {"data": str(data_yaml), "imgsz": args.img_size, "batch": args.batch, "epochs": args.epochs,
-            "threads": args.threads, "workers": args.ul_workers, "seed": seed, "optimizer": args.ul_optimizer,
+    spec = {"family": args.family, "data": str(data_yaml), "imgsz": args.img_size, "batch": args.batch,
+            "epochs": args.epochs, "threads": args.threads, "workers": args.ul_workers, "seed": seed, "optimizer": args.ul_optimizer,
             "cache": args.ul_cache == "ram",
             "close_mosaic": args.close_mosaic, "project": str(project.resolve()), "name": name,
             "out": str((work / f"ul_seed{seed}.json").resolve())}  # fmt: skip
@@ -146,7 +149,7 @@ def run_plugdet(args: argparse.Namespace, data_yaml: Path, seed: int, variant: s
     shutil.rmtree(out, ignore_errors=True)
     overrides = ["data.format=yolo", f"data.yaml={data_yaml}", f"data.img_size={args.img_size}",
                  f"train.batch_size={args.batch}", f"train.epochs={args.epochs}", "model.backbone_weights=null",
-                 "model.scale=n", "model.backbone=cspdarknet_n", f"train.threads={args.threads}",
+                 "model.scale=n", *FAMILIES[args.family], f"train.threads={args.threads}",
                  f"train.workers={args.workers}", f"train.close_mosaic={args.close_mosaic}", "train.device=cpu",
                  f"eval.interval={args.epochs}", f"seed={seed}", f"output_dir={out}",
                  f"data.cache={args.cache == 'ram'}", *VARIANTS[variant]]  # fmt: skip
@@ -281,6 +284,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ul-optimizer", default="SGD", help="Ultralytics optimizer (SGD = ours, auto = its default)")
     parser.add_argument("--no-ultralytics", action="store_true", help="plugdet runs only (no ratio column)")
     parser.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before a training run is stopped")
+    parser.add_argument("--family", choices=list(FAMILIES), default="yolov8", help="the model both sides train (n)")
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 16 tiny images, seed 0, batch 8")
@@ -320,10 +324,15 @@ def main(argv: list[str]) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     data_yaml = prepare_data(args, work)
     runs = ([] if args.no_ultralytics else [UL]) + [VARIANT_LABELS[v] for v in args.variants]
-    print(f"train vs Ultralytics: data {data_yaml}, {args.epochs} epochs (close_mosaic {args.close_mosaic}), "
+    import torch
+
+    print(f"train vs Ultralytics: {args.family}n, data {data_yaml}, {args.epochs} epochs "
+          f"(close_mosaic {args.close_mosaic}), "
           f"{args.img_size} px, batch {args.batch}, {args.threads} threads, workers plugdet {args.workers} / "
           f"Ultralytics {args.ul_workers}, image cache plugdet {args.cache} / Ultralytics {args.ul_cache}, seeds "
-          f"{args.seeds}; logs in {work / 'logs'}", flush=True)  # fmt: skip
+          f"{args.seeds}; logs in {work / 'logs'}; torch {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}",
+          flush=True)  # fmt: skip
     evaluator = Evaluator(args, data_yaml, work)
     try:
         results = run_all(args, data_yaml, work, runs, evaluator)

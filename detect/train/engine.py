@@ -177,6 +177,13 @@ def _train_step(
     return criterion(outputs, targets)
 
 
+def _step(model: nn.Module, opt: Optimization, where: str) -> None:
+    """The optimizer step (see `_optimizer_step`) and the EMA update after it."""
+    _optimizer_step(model, opt.optimizer, opt.scaler, opt.grad_clip, where)
+    if opt.ema is not None:
+        opt.ema.update(model)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: Callable,
@@ -201,9 +208,8 @@ def train_one_epoch(
         the last lr of each group (`lr/pg0`, ...).
 
     Raises:
-        TrainingInterrupted: Ctrl-C / SIGTERM, between two steps, with the batches of this epoch done (the resume
-            point) and their `LossSums` state; gradients not yet stepped stay on the parameters
-            (`pending_gradients`).
+        TrainingInterrupted: Ctrl-C / SIGTERM, between two steps, with the batches of this epoch done and their
+            `LossSums` state; gradients not yet stepped stay on the parameters (`pending_gradients`).
     """
     model.train()
     keep_frozen_bn_eval(model)
@@ -223,10 +229,7 @@ def train_one_epoch(
                 (opt.scaler.scale(loss) if opt.scaler is not None else loss).backward()
                 # An epoch ends with a step, so an epoch-boundary checkpoint holds no half-accumulated gradient.
                 if iteration - state.last_step >= accumulate or batch_index == iters_per_epoch - 1:
-                    where = f"at epoch {epoch + 1}, batch {batch_index + 1} (iteration {iteration})"
-                    _optimizer_step(model, opt.optimizer, opt.scaler, opt.grad_clip, where)
-                    if opt.ema is not None:
-                        opt.ema.update(model)
+                    _step(model, opt, f"at epoch {epoch + 1}, batch {batch_index + 1} (iteration {iteration})")
                     state.last_step = iteration
                 sums.add(parts)
                 completed = batch_index + 1
