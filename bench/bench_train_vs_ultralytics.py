@@ -1,7 +1,7 @@
 """Detection training side by side: plugdet `tools/train_det.py` vs Ultralytics YOLOv8n, same images, same epochs.
 
-Both train YOLOv8n (or YOLO11n, `--family yolo11`) from scratch (no pretrained weights) on the synthetic mini-CUB (bird labels) exported to YOLO txt
-(`detect.data.yolo.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics' `optimizer=auto` would pick AdamW
+Both train YOLOv8n (or YOLO11n, `--family yolo11`) from scratch (no pretrained weights) on the synthetic mini-CUB
+(bird labels) exported to YOLO txt (`detect.data.yolo.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics' `optimizer=auto` would pick AdamW
 for short runs; `--ul-optimizer auto` restores it), the same close_mosaic, torch threads and loader workers, each in
 its own subprocess, one run after the other. Reported per seed:
 
@@ -65,7 +65,7 @@ FAMILIES = {"yolov8": ["model.backbone=cspdarknet_n", "model.neck=yolov8", "mode
 # The Ultralytics subprocess (`bench_train_vs_ultralytics.py _ultralytics SPEC.json`)
 # ----------------------------------------------------------------------------------------------------------------------
 def ultralytics_worker(spec_path: str) -> int:
-    """Train Ultralytics' YOLOv8n or YOLO11n as the spec says; epoch timings, threads, its own metrics -> spec["out"]."""
+    """Train Ultralytics' YOLOv8n / YOLO11n as the spec says; epoch timings, threads, its own metrics -> spec["out"]."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
     import ultralytics.utils.torch_utils as ul_torch_utils
@@ -127,7 +127,8 @@ def run_ultralytics(args: argparse.Namespace, data_yaml: Path, seed: int, work: 
     project, name = work / "ultralytics", f"seed{seed}"
     shutil.rmtree(project / name, ignore_errors=True)
     spec = {"family": args.family, "data": str(data_yaml), "imgsz": args.img_size, "batch": args.batch,
-            "epochs": args.epochs, "threads": args.threads, "workers": args.ul_workers, "seed": seed, "optimizer": args.ul_optimizer,
+            "epochs": args.epochs, "threads": args.threads, "workers": args.ul_workers, "seed": seed,
+            "optimizer": args.ul_optimizer,
             "cache": args.ul_cache == "ram",
             "close_mosaic": args.close_mosaic, "project": str(project.resolve()), "name": name,
             "out": str((work / f"ul_seed{seed}.json").resolve())}  # fmt: skip
