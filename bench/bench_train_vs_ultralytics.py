@@ -1,9 +1,9 @@
 """Detection training side by side: plugdet `tools/train_det.py` vs Ultralytics YOLOv8n, same images, same epochs.
 
 Both train YOLOv8n (or YOLO11n, `--family yolo11`) from scratch (no pretrained weights) on the synthetic mini-CUB
-(bird labels) exported to YOLO txt (`detect.data.yolo.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics' `optimizer=auto` would pick AdamW
-for short runs; `--ul-optimizer auto` restores it), the same close_mosaic, torch threads and loader workers, each in
-its own subprocess, one run after the other. Reported per seed:
+(bird labels) exported to YOLO txt (`detect.data.yolo.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics'
+`optimizer=auto` would pick AdamW for short runs; `--ul-optimizer auto` restores it), the same close_mosaic, torch
+threads and loader workers, each in its own subprocess, one run after the other. Reported per seed:
 
 - img/s: training images per second of each epoch, validation excluded, median over the epochs. plugdet: the
   `img_per_s` column of its results.csv. Ultralytics: the epoch's images over the time between its
