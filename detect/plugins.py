@@ -50,6 +50,7 @@ def import_plugins(modules: Iterable[str]) -> list[ModuleType]:
         UserError: a plugin failed to import; one line naming the module (config key `imports`) and the error.
     """
     import backbones  # noqa: F401  (plugdet's own parts register first: a plugin's duplicate name is an error)
+    import detect.losses  # noqa: F401
     import detect.models  # noqa: F401
 
     if os.getcwd() not in sys.path and "" not in sys.path:

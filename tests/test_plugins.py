@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_end_to_end import load_tool
 
 from detect.cli import run_tool
-from test_end_to_end import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = "[tests.plugins.my_parts,tests.plugins.more_parts]"

@@ -1,11 +1,11 @@
 """The detector and its registered parts: `build_detector(DetectorSpec(...))`, `build_yolo(scale, num_classes)`.
 
-Importing the package registers plugdet's own necks, heads and losses (explicit imports, STYLE §5).
+Importing the package registers plugdet's own necks and heads (explicit imports, STYLE §5); `detect.losses`
+registers the losses.
 """
 
 from __future__ import annotations
 
-from detect import losses  # noqa: F401, E402  (the head families' losses register on import)
 from detect.models import heads, necks  # noqa: F401  (registration happens on import)
 from detect.models.build import DetectorSpec, PartSpec, build_detector
 from detect.models.detector import Detector

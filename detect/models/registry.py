@@ -12,11 +12,12 @@ anything is built (`detect.plugins.import_plugins`); plugdet is never edited. Th
 - **Loss factory** `(head, loss: dict, assign: dict) -> criterion`: built from the head's plain numbers and the
   config's `loss.*` / `assign.*` sections; it builds its own assigner and hands it to the criterion. A criterion is
   `criterion(raw_outputs, targets [N, 6]) -> (total, parts: dict[str, Tensor])`; the engine sums nothing itself.
+  `detect.losses.build_criterion` picks the factory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -65,21 +66,3 @@ def build_head(
 ) -> nn.Module:
     """A registered head family for `num_classes` classes on maps of `in_channels` at `strides`."""
     return HEADS.get(name)(int(num_classes), tuple(in_channels), tuple(strides), **kwargs)
-
-
-def build_criterion(
-    head: nn.Module,
-    name: str | None = None,
-    loss: Mapping[str, Any] | None = None,
-    assign: Mapping[str, Any] | None = None,
-) -> Callable:
-    """The criterion of a head: the loss registered as `name` (None: the head's `default_loss`), from plain numbers.
-
-    Args:
-        head: the detector's head (its `num_classes`, `strides` and family-specific numbers).
-        name: a registered loss, or None for the head family's own.
-        loss: the loss settings (config section `loss`, a plain dict).
-        assign: the assigner settings (config section `assign`, a plain dict).
-    """
-    factory = LOSSES.get(name or head.default_loss)
-    return factory(head, dict(loss or {}), dict(assign or {}))

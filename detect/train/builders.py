@@ -21,10 +21,10 @@ from backbones.freeze import freeze_stages
 from detect.config import config_to_dict
 from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
+from detect.losses import build_criterion
 from detect.losses.yolo import LEGACY_PART_ORDER
 from detect.models import Detector, DetectorSpec, PartSpec, build_detector, yolo_spec
 from detect.models.build import neck_takes_scale
-from detect.models.registry import build_criterion
 from detect.train.distributed import DistInfo
 from detect.train.engine import Schedule, pending_gradients, restore_gradients
 from detect.train.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
