@@ -25,6 +25,8 @@ from detect.config import ClsConfig, ClsDataConfig, config_to_dict, load_config
 from detect.eval.viz import plot_confusion_matrix, plot_curves
 from detect.plugins import import_plugins
 from detect.train.classify import (
+    ClsEpochStart,
+    ClsStepper,
     TrainingInterrupted,
     autocast_dtype,
     build_cls_datasets,
@@ -157,7 +159,8 @@ def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
     model = prepare_model(model, info, t.sync_bn)
     train_loader, train_sampler, val_loader = build_cls_loaders(train_set, val_set, cfg, info)
     iters = -(-len(train_sampler.shard(0)) // train_loader.batch_size)  # ceil: batches per full epoch
-    lr_fn, loss_fn = build_lr_schedule(cfg), nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    stepper = ClsStepper(optimizer, loss_fn, build_lr_schedule(cfg), ema, scaler, amp_dtype)
     state = {"model": model, "optimizer": optimizer, "ema": ema, "scaler": scaler, "best": best,
              "config": config_to_dict(cfg), "class_names": train_set.class_names}  # fmt: skip
     if info.is_main:
@@ -168,8 +171,8 @@ def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
             for epoch in range(position[0], t.epochs):
                 start = time.perf_counter()
                 train_sampler.set_epoch(epoch, position[1])
-                stats = train_one_epoch(model, train_loader, optimizer, loss_fn, info.device, epoch, lr_fn, iters,
-                                        position[1], ema, scaler, amp_dtype, info.is_main, sums)  # fmt: skip
+                begin = ClsEpochStart(epoch, iters, position[1], sums)
+                stats = train_one_epoch(model, train_loader, stepper, info.device, begin, info.is_main)
                 position, sums = (epoch, iters), None
                 evaluated = ema.ema if ema is not None else model
                 metrics = evaluate(

@@ -15,6 +15,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -154,64 +155,76 @@ def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Loops (plain arguments)
 # ----------------------------------------------------------------------------------------------------------------------
-def _train_step(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    amp_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, step; returns (loss, logits) detached. The loss is checked before it touches the weights."""
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(images)  # [B, C]
-        loss = loss_fn(logits.float(), labels)
-    if not torch.isfinite(loss):
+@dataclass
+class ClsStepper:
+    """What one classification step needs besides the batch: the optimizer and criterion, the lr at a fractional
+    epoch, the EMA, the fp16 scaler and the autocast dtype (None: fp32)."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    lr_fn: Callable[[float], float]
+    ema: ModelEMA | None = None
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+
+    def step(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward, optimizer step, EMA update; returns (loss, logits [B, C]) detached. A non-finite loss
+        is a UserError raised before it touches the weights (`where` names the position)."""
+        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = model(images)  # [B, C]
+            loss = self.loss_fn(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite training loss ({loss.item()}) {where}: lower train.lr or turn off "
+                            "train.amp / train.bf16; last.pt keeps the last good state")  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(model)
         return loss.detach(), logits.detach()
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return loss.detach(), logits.detach()
+
+    def set_lr(self, fractional_epoch: float) -> float:
+        lr = self.lr_fn(fractional_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+@dataclass(frozen=True)
+class ClsEpochStart:
+    """Where a classification epoch starts: 0-based `epoch` of `iters_per_epoch` batches, `batch` of them done
+    (resume) and `sums` [loss * n, correct, n] of those (from `TrainingInterrupted.sums`)."""
+
+    epoch: int
+    iters_per_epoch: int
+    batch: int = 0
+    sums: list[float] | None = None
 
 
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
+    stepper: ClsStepper,
     device: torch.device,
-    epoch: int,
-    lr_fn: Callable[[float], float],
-    iters_per_epoch: int,
-    start_batch: int = 0,
-    ema: ModelEMA | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
+    start: ClsEpochStart,
     show_progress: bool = True,
-    start_sums: list[float] | None = None,
 ) -> dict[str, float]:
-    """One epoch of supervised training, from batch `start_batch` (the loader must already skip the earlier ones).
+    """One epoch of supervised training, from batch `start.batch` (the loader must already skip the earlier ones).
 
     Args:
         model: the classifier (or its DDP wrapper); frozen BatchNorm is kept in eval mode.
         loader: yields `(images [B, 3, S, S] float, labels [B] int64)`.
-        optimizer, loss_fn: the step and the criterion on logits [B, C].
+        stepper: the step (optimizer, criterion, lr per fractional epoch, EMA, scaler, autocast).
         device: where the model lives.
-        epoch: 0-based epoch index.
-        lr_fn: learning rate at a fractional epoch (epoch + batch / iters_per_epoch), set before every step.
-        iters_per_epoch: batches in a full epoch.
-        start_batch: batches of this epoch already done (resume).
-        ema: updated after every step.
-        scaler: GradScaler for float16 autocast.
-        amp_dtype: autocast dtype or None.
+        start: the epoch and the resume position inside it.
         show_progress: tqdm bar (loss, accuracy, img/s, ETA).
-        start_sums: [loss * n, correct, n] of the batches before `start_batch` (from `TrainingInterrupted.sums`).
 
     Returns:
         {"loss", "acc", "lr" (of the last step)} over the epoch's batches of all processes, and "img_s" (this call).
@@ -222,31 +235,22 @@ def train_one_epoch(
     """
     model.train()
     keep_frozen_bn_eval(model)
-    sums = torch.tensor(start_sums or [0.0, 0.0, 0.0], dtype=torch.float64)  # loss * n, correct, n
-    done, seen, start = start_batch, 0, time.perf_counter()
-    lr = lr_fn(epoch + max(start_batch - 1, 0) / iters_per_epoch)
-    bar = tqdm(total=iters_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}", disable=not show_progress)
+    epoch, iters = start.epoch, start.iters_per_epoch
+    sums = torch.tensor(start.sums or [0.0, 0.0, 0.0], dtype=torch.float64)  # loss * n, correct, n
+    done, seen, t0 = start.batch, 0, time.perf_counter()
+    lr = stepper.lr_fn(epoch + max(start.batch - 1, 0) / iters)
+    bar = tqdm(total=iters, initial=start.batch, desc=f"epoch {epoch + 1}", disable=not show_progress)
     try:
-        for batch_index, (images, labels) in enumerate(loader, start=start_batch):
+        for batch_index, (images, labels) in enumerate(loader, start=start.batch):
             check_interrupt()  # a signal held back while the batch loaded: stop before the step
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            lr = lr_fn(epoch + batch_index / iters_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            lr = stepper.set_lr(epoch + batch_index / iters)
             with deferred_interrupts():
-                loss, logits = _train_step(model, images, labels, optimizer, loss_fn, amp_dtype, scaler)
-                if not torch.isfinite(loss):
-                    raise UserError(
-                        f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, step {batch_index + 1}: "
-                        "lower train.lr or turn off train.amp / train.bf16; last.pt keeps the last good state"
-                    )
-                if ema is not None:
-                    ema.update(model)
+                loss, logits = stepper.step(model, images, labels, f"at epoch {epoch + 1}, step {batch_index + 1}")
                 n, correct = labels.numel(), (logits.argmax(1) == labels).sum().item()
                 sums += torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
                 done, seen = batch_index + 1, seen + n
-            img_s = seen / max(time.perf_counter() - start, 1e-9)
+            img_s = seen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", img_s=f"{img_s:.1f}")
             bar.update(1)
     except TrainingInterrupted:
@@ -255,7 +259,7 @@ def train_one_epoch(
         raise TrainingInterrupted(epoch, done, sums.tolist()) from None
     finally:
         bar.close()
-    img_s = seen / max(time.perf_counter() - start, 1e-9)
+    img_s = seen / max(time.perf_counter() - t0, 1e-9)
     all_reduce_sum(sums)
     n = max(sums[2].item(), 1.0)
     return {"loss": sums[0].item() / n, "acc": sums[1].item() / n, "img_s": img_s, "lr": lr}
