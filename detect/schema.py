@@ -99,6 +99,7 @@ class DetModelConfig:
     num_classes: int | None = None  # None: from the data
     backbone: str | None = None  # None: the family's own at the scale (cspdarknet_<scale>, csp11_<scale> for yolo11)
     backbone_weights: str | None = None  # e.g. a backbone.pt from train_cls
+    weights: str | None = None  # the whole detector's initial weights: a detector checkpoint (fine-tuning)
     neck: str = "yolov8"  # a registered neck (detect.models.registry.list_necks())
     head: str = "yolov8"  # a registered head family (list_heads())
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the backbone factory

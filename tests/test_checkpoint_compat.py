@@ -79,3 +79,33 @@ def test_old_partial_loss_sums_read_as_the_yolov8_parts() -> None:
     assert read_loss_sums(None) is None
     state = {"parts": {"a": 1.0}, "batches": 1}
     assert read_loss_sums(state) == state
+
+
+def test_model_weights_fine_tunes_a_whole_detector_to_other_classes(
+    runs: dict[str, Path], synth_cub_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`model.weights` initialises every tensor of the same shape from a detector checkpoint (here one in the old
+    format, trained on 1 class); the class layers of a 4-species model keep their initialisation."""
+    out = runs["out"] / "finetune"
+    argv = [f"data.root={synth_cub_root}", "data.labels=species", "data.img_size=64", "train.epochs=1",
+            "train.batch_size=4", "train.workers=0", "train.close_mosaic=0", "model.backbone_weights=null",
+            f"model.weights={runs['old'] / 'best.pt'}", "train.lr=0", "train.warmup_bias_lr=0", "train.ema=false",
+            f"output_dir={out}"]  # fmt: skip
+    with caplog.at_level("INFO", logger="plugdet"):
+        assert run_tool(load_tool("train_det").main, argv) == 0
+    source = load_checkpoint(runs["old"] / "best.pt")["model"]
+    tuned = load_checkpoint(out / "last.pt")["model"]
+    reshaped = [k for k in tuned if tuned[k].shape != source[k].shape]
+    assert reshaped == [f"head.cls_branch.{level}.pred.{p}" for level in range(3) for p in ("weight", "bias")]
+    conv = "backbone.stem.conv.weight"
+    assert torch.equal(tuned[conv], source[conv])  # lr 0: the copied weights are still there after an epoch
+    assert any("model.weights: copied" in r.getMessage() and "kept 6 of other shapes" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+def test_model_weights_of_another_architecture_is_one_line(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    argv = ["model.backbone=resnet18", "model.backbone_weights=null", f"model.weights={runs['new'] / 'best.pt'}",
+            f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert run_tool(load_tool("train_det").main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the checkpoint has no 'backbone." in err[0] and "another architecture" in err[0]

@@ -225,7 +225,9 @@ def test_inner_blocks_equal_ultralytics(ours: Any, theirs: tuple, prefixes: tupl
     torch.testing.assert_close(block(x), reference(x), **EXACT)
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize(
+    "scale", ["n", "s", "m", pytest.param("l", marks=pytest.mark.slow), pytest.param("x", marks=pytest.mark.slow)]
+)
 @torch.no_grad()
 def test_backbone_and_neck_outputs_equal_ultralytics(scale: str) -> None:
     """Weights copied by the key map: our C3/C4/C5 equal layers 4, 6, 10 and our P3/P4/P5 layers 16, 19, 22."""

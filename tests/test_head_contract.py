@@ -44,9 +44,8 @@ class BoxPerImageHead(DetectionHead):
 
     def decode(self, raw: dict, image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
         scores, labels = raw["logits"].sigmoid().max(dim=1)
-        return [
-            {"boxes": b[None], "scores": s[None], "labels": l[None]} for b, s, l in zip(raw["boxes"], scores, labels)
-        ]
+        rows = zip(raw["boxes"], scores, labels, strict=True)
+        return [{"boxes": b[None], "scores": s[None], "labels": c[None]} for b, s, c in rows]
 
     def postprocess(self, decoded: list[dict], conf: float, iou: float, max_det: int, multi_label: bool = False):
         return [{k: v[d["scores"] > conf][:max_det] for k, v in d.items()} for d in decoded]

@@ -148,7 +148,7 @@ def test_bad_sources_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
         from_ultralytics(tmp_path / "missing.pt")
     with pytest.raises(UserError, match="not a YOLOv8 detection model"):
-        from_ultralytics(tasks.DetectionModel("yolo11n.yaml", nc=80, verbose=False))
+        from_ultralytics(tasks.DetectionModel("yolo12n.yaml", nc=80, verbose=False))  # YOLO11 loads: test_yolo11.py
     with pytest.raises(UserError, match="expected a YOLO"):
         from_ultralytics(torch.nn.Linear(2, 2))
     fused = tasks.DetectionModel("yolov8n.yaml", nc=80, verbose=False).fuse(verbose=False)

@@ -1,8 +1,10 @@
-"""Ultralytics YOLOv8 detection weights <-> plugdet `Detector` (default CSP-Darknet backbone), every scale n..x.
+"""Ultralytics YOLOv8 and YOLO11 detection weights <-> plugdet `Detector` (the family's own backbone), scales n..x.
 
 The two models compute the same function; only the parameter names differ. The names are mapped explicitly, layer
 by layer (`ULTRALYTICS_LAYERS`) and child by child (`CHILD_NAMES`), never by position, so a foreign layout fails with
-the first key that has no counterpart instead of loading silently into the wrong place.
+the first key that has no counterpart instead of loading silently into the wrong place. This module holds YOLOv8's
+map; YOLO11's is in `detect.interop.ultralytics11`, and `from_ultralytics` tells the two families apart
+(`ultralytics_family`).
 
 SECURITY — read before loading a file. An Ultralytics `.pt` is a pickle of Python objects (the whole model), and
 unpickling a file can run arbitrary code. `from_ultralytics(path)` therefore first uses Ultralytics' own restricted
@@ -15,7 +17,7 @@ else reads checkpoints with `weights_only=True`. Loading a file needs the `ultra
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,14 @@ import torch
 from torch import nn
 
 from backbones.errors import UserError
-from detect.models import Detector, build_yolo
+from detect.interop.ultralytics11 import (
+    is_yolo11_layout,
+    our_key_to_yolo11,
+    uses_c3k_everywhere,
+    yolo11_key_to_ours,
+    yolo11_scale,
+)
+from detect.models import Detector, build_detector, yolo_spec
 
 logger = logging.getLogger("plugdet")
 
@@ -60,6 +69,7 @@ _REVERSED = {kind: {ours: theirs for theirs, ours in table.items()} for kind, ta
 _DFL_KEYS = ("model.22.dfl.conv.weight", "head.dfl_bins")  # the frozen DFL bins: [1, R, 1, 1] theirs, [R] ours
 # Stem width -> scale (scale_width(64, width): 16, 32, 48, 64, 80 — one per scale).
 _SCALE_BY_STEM = {16: "n", 32: "s", 48: "m", 64: "l", 80: "x"}
+FAMILY_NAMES = {"yolov8": "YOLOv8", "yolo11": "YOLO11"}  # our family (neck and head name) -> how Ultralytics says it
 
 
 def _rename_tail(kind: str, parts: list[str], tables: Mapping[str, Mapping[str, str]]) -> list[str]:
@@ -149,12 +159,20 @@ def _load_checkpoint_model(path: Path, trust_pickle: bool) -> nn.Module:
     raise UserError(f"{path}: not an Ultralytics checkpoint (no model object under 'ema' or 'model')")
 
 
-def from_ultralytics(source: Any, trust_pickle: bool = False) -> Detector:
-    """Build a plugdet `Detector` holding the weights of an Ultralytics YOLOv8 detection model.
+def ultralytics_family(keys: Iterable[str]) -> str:
+    """The family of an Ultralytics detection state dict: "yolo11" for YOLO11's layout (C2PSA attention in layer 10,
+    Detect in layer 23), else "yolov8" (whose map then names the first key that does not fit)."""
+    return "yolo11" if is_yolo11_layout(keys) else "yolov8"
 
-    The scale comes from the stem width (checked against the model's yaml `scale` when present), the number of
-    classes and reg_max from the head's shapes. Outputs match Ultralytics' eval outputs (boxes there are cxcywh
-    `[B, 4 + C, A]`; ours are xyxy `[B, A, 4 + C]`).
+
+def from_ultralytics(source: Any, trust_pickle: bool = False) -> Detector:
+    """Build a plugdet `Detector` holding the weights of an Ultralytics YOLOv8 or YOLO11 detection model.
+
+    The family comes from the layout (`ultralytics_family`) and is logged ("loaded Ultralytics YOLO11n ..."); the
+    detector is the family's own backbone, neck and head (`cspdarknet_<scale>` or `csp11_<scale>`, neck and head
+    "yolov8" or "yolo11"). The scale comes from the stem width (YOLO11 m and l share it: the depth tells them apart),
+    checked against the model's yaml `scale` when present; the number of classes and reg_max from the head's shapes.
+    Outputs match Ultralytics' eval outputs (boxes there are cxcywh `[B, 4 + C, A]`; ours are xyxy `[B, A, 4 + C]`).
 
     Args:
         source: an `ultralytics.YOLO`, a `DetectionModel`, or the path of a local Ultralytics `.pt` checkpoint.
@@ -165,40 +183,68 @@ def from_ultralytics(source: Any, trust_pickle: bool = False) -> Detector:
         A `Detector` in eval mode (call `.train()` to fine-tune it).
     """
     model = _resolve_model(source, trust_pickle)
-    try:  # float32 copies: checkpoints hold fp16, and the detector must not share storage with `model`
-        ours = {
-            ultralytics_key_to_ours(k): v.detach().to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
-            for k, v in model.state_dict().items()
-        }
-    except KeyError as err:
-        raise UserError(f"not a YOLOv8 detection model: no plugdet counterpart for key {err.args[0]!r}") from err
-    stem = ours.get("backbone.stem.conv.weight")
-    if stem is None or stem.shape[0] not in _SCALE_BY_STEM:
-        raise UserError(f"not a YOLOv8 detection model: unexpected stem {None if stem is None else tuple(stem.shape)}")
-    scale = _SCALE_BY_STEM[stem.shape[0]]
+    state = model.state_dict()
+    family = ultralytics_family(state)
+    ours, scale = _translate_yolo11(state) if family == "yolo11" else _translate_yolov8(state)
+    label = f"{FAMILY_NAMES[family]}{scale}"
     yaml = getattr(model, "yaml", None)
     yaml_scale = yaml.get("scale") if isinstance(yaml, dict) else None
     if yaml_scale and yaml_scale != scale:
-        raise UserError(f"Ultralytics model says scale {yaml_scale!r} but its stem width is that of {scale!r}")
+        evidence = "stem width and depth are" if family == "yolo11" else "stem width is"
+        raise UserError(f"Ultralytics model says scale {yaml_scale!r} but its {evidence} that of {scale!r}")
     num_classes = ours["head.cls_branch.0.pred.weight"].shape[0]
     reg_max = ours["head.box_branch.0.pred.weight"].shape[0] // 4
     ours[_DFL_KEYS[1]] = ours[_DFL_KEYS[1]].reshape(-1)  # [1, R, 1, 1] -> [R]
     with torch.device("meta"):  # no init work: every tensor comes from `ours` below
-        detector = build_yolo(scale, num_classes=num_classes, reg_max=reg_max)
-    _check_same_layout(detector, ours, scale)
+        detector = build_detector(yolo_spec(scale, num_classes, family=family, reg_max=reg_max))
+    _check_same_layout(detector, ours, label)
     detector.load_state_dict(ours, strict=True, assign=True)
-    logger.info("loaded Ultralytics YOLOv8%s (%d classes): %d tensors", scale, num_classes, len(ours))
+    logger.info("loaded Ultralytics %s (%d classes): %d tensors", label, num_classes, len(ours))
     return detector.eval()
 
 
-def _check_same_layout(detector: Detector, ours: Mapping[str, torch.Tensor], scale: str) -> None:
+def _float_copy(value: torch.Tensor) -> torch.Tensor:
+    """A float32 copy (checkpoints hold fp16, and the detector must not share storage with the source model)."""
+    return value.detach().to(torch.float32, copy=True) if value.is_floating_point() else value.clone()
+
+
+def _translate_yolov8(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """YOLOv8 keys -> ours, and the scale from the stem width; a UserError for a key or stem of no YOLOv8."""
+    ours = {}
+    for key, value in state.items():
+        try:
+            ours[ultralytics_key_to_ours(key)] = _float_copy(value)
+        except KeyError as err:
+            raise UserError(f"not a YOLOv8 detection model: no plugdet counterpart for key {key!r}") from err
+    stem = ours.get("backbone.stem.conv.weight")
+    if stem is None or stem.shape[0] not in _SCALE_BY_STEM:
+        raise UserError(f"not a YOLOv8 detection model: unexpected stem {None if stem is None else tuple(stem.shape)}")
+    return ours, _SCALE_BY_STEM[stem.shape[0]]
+
+
+def _translate_yolo11(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """YOLO11 keys -> ours, and the scale from the stem width and depth; a UserError for a key or shape of no
+    YOLO11."""
+    scale = yolo11_scale(state)
+    if scale is None:
+        stem = tuple(state["model.0.conv.weight"].shape) if "model.0.conv.weight" in state else None
+        raise UserError(f"not a YOLO11 detection model: stem {stem} and the depth of layer 2 are no yolo11.yaml scale")
+    c3k_everywhere = uses_c3k_everywhere(state)
+    try:
+        ours = {yolo11_key_to_ours(k, c3k_everywhere): _float_copy(v) for k, v in state.items()}
+    except KeyError as err:
+        raise UserError(f"not a YOLO11 detection model: no plugdet counterpart for key {err.args[0]!r}") from err
+    return ours, scale
+
+
+def _check_same_layout(detector: Detector, ours: Mapping[str, torch.Tensor], label: str) -> None:
     """Raise a `UserError` naming the first key or shape that differs between the translated and built models."""
     expected = detector.state_dict()
     missing = [k for k in expected if k not in ours]
     unexpected = [k for k in ours if k not in expected]
     if missing or unexpected:
         raise UserError(
-            f"not a YOLOv8{scale} detection layout: missing {missing[:3]}, unexpected {unexpected[:3]} "
+            f"not a {label} detection layout: missing {missing[:3]}, unexpected {unexpected[:3]} "
             f"({len(missing)} missing, {len(unexpected)} unexpected)"
         )
     for key, value in expected.items():
@@ -209,20 +255,25 @@ def _check_same_layout(detector: Detector, ours: Mapping[str, torch.Tensor], sca
 
 
 def to_ultralytics_state_dict(detector: Detector) -> dict[str, torch.Tensor]:
-    """The state dict of an Ultralytics YOLOv8 `DetectionModel` with the same weights (default backbone only).
+    """The state dict of an Ultralytics YOLOv8 or YOLO11 `DetectionModel` with the same weights (the family's own
+    backbone only; a `csp11` backbone, which has a C2PSA, means YOLO11).
 
-    Load it with `DetectionModel(f"yolov8{scale}.yaml", nc=C).load_state_dict(sd)`.
+    Load it with `DetectionModel(f"yolov8{scale}.yaml", nc=C).load_state_dict(sd)` (or `yolo11{scale}.yaml`).
 
     Args:
-        detector: a `Detector` on `cspdarknet_<scale>`, not fused.
+        detector: a `Detector` on `cspdarknet_<scale>` with the yolov8 neck and head, or on `csp11_<scale>` with the
+            yolo11 neck and head; not fused.
 
     Returns:
         {Ultralytics key: tensor (detached copy)}.
     """
+    state = detector.state_dict()
+    yolo11 = any(key.startswith("backbone.stages.3.c2psa.") for key in state)
+    to_theirs = our_key_to_yolo11 if yolo11 else our_key_to_ultralytics
     out = {}
-    for key, value in detector.state_dict().items():
+    for key, value in state.items():
         try:
-            theirs = our_key_to_ultralytics(key)
+            theirs = to_theirs(key)
         except KeyError as err:
             raise UserError(f"to_ultralytics_state_dict: no Ultralytics counterpart for {key!r}") from err
         value = value.detach().clone()

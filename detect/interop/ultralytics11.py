@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
+
 # Layer index in Ultralytics' yolo11.yaml -> (our module path, kind of block), with the C3k flags the yaml writes.
 # Indices 11, 12, 14, 15, 18, 21 are Upsample/Concat (no parameters).
 YOLO11_LAYERS: dict[int, tuple[str, str]] = {
@@ -76,6 +78,8 @@ CHILD_NAMES: dict[str, dict[str, Child]] = {
         "2": ("pred", "conv2d"),
     },
 }
+# (stem width, inner blocks per C3k2) -> scale. m and l share the stem width (64); l has two blocks per C3k2.
+SCALE_BY_STEM_AND_DEPTH = {(16, 1): "n", (32, 1): "s", (64, 1): "m", (64, 2): "l", (96, 2): "x"}
 DFL_KEYS = (f"model.{HEAD_LAYER}.dfl.conv.weight", "head.dfl_bins")  # the frozen DFL bins: [1, R, 1, 1] / [R]
 _LEAF_NAMES = {"conv": {"conv", "bn"}, "conv2d": {"weight", "bias"}}
 
@@ -164,3 +168,13 @@ def is_yolo11_layout(keys: Iterable[str]) -> bool:
     """Whether Ultralytics state-dict keys look like YOLO11 (a C2PSA attention in layer 10, the head in layer 23)."""
     keys = set(keys)
     return DFL_KEYS[0] in keys and any(key.startswith("model.10.m.0.attn.") for key in keys)
+
+
+def yolo11_scale(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The yolo11.yaml scale of an Ultralytics YOLO11 state dict (from its stem width and the blocks of layer 2), or
+    None for a stem or depth of no scale."""
+    stem = state.get("model.0.conv.weight")
+    if stem is None:
+        return None
+    blocks = 2 if any(key.startswith("model.2.m.1.") for key in state) else 1
+    return SCALE_BY_STEM_AND_DEPTH.get((int(stem.shape[0]), blocks))

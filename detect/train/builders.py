@@ -25,6 +25,7 @@ from detect.losses import build_criterion
 from detect.losses.yolo import LEGACY_PART_ORDER
 from detect.models import Detector, DetectorSpec, PartSpec, build_detector, yolo_spec
 from detect.models.build import neck_takes_scale
+from detect.models.checkpoint import read_detector_checkpoint
 from detect.train.distributed import DistInfo
 from detect.train.engine import Schedule, pending_gradients, restore_gradients
 from detect.train.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
@@ -139,15 +140,43 @@ def detector_spec(cfg: DictConfig, num_classes: int) -> DetectorSpec:
 
 
 def build_det_model(cfg: DictConfig, num_classes: int, load_backbone: bool = True) -> Detector:
-    """The detector, its backbone weights (e.g. train_cls's backbone.pt; not when resuming) and frozen stages."""
+    """The detector, its initial weights (not when resuming): the backbone's (`model.backbone_weights`, e.g. train_cls's
+    backbone.pt) or the whole detector's (`model.weights`, a detector checkpoint), and its frozen stages."""
+    if cfg.model.weights and cfg.model.backbone_weights and load_backbone:
+        raise UserError("model.weights (the whole detector) and model.backbone_weights are both set: keep one "
+                        "(model.backbone_weights=null to fine-tune from model.weights)")  # fmt: skip
     weights = cfg.model.backbone_weights if load_backbone else None
     model = build_detector(detector_spec(cfg, num_classes), weights)
+    if cfg.model.weights and load_backbone:
+        load_detector_weights(model, cfg.model.weights)
     if cfg.train.freeze_stages:
         count = freeze_stages(model.backbone, cfg.train.freeze_stages)
         logger.info("froze %d backbone tensors (train.freeze_stages=%d)", count, cfg.train.freeze_stages)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def load_detector_weights(model: Detector, path: str) -> int:
+    """Initialise a detector from a detector checkpoint (`model.weights`: a train_det best.pt / last.pt, or an
+    imported Ultralytics file), as fine-tuning does: every tensor whose name and shape match is copied; tensors of
+    another shape (the class layers, for another number of classes) keep their initialisation and are listed in the
+    log. A checkpoint that shares no tensor, or lacks one of the model's, is a UserError naming the key.
+
+    Returns:
+        The number of tensors copied.
+    """
+    saved = read_detector_checkpoint(path)["model"]
+    own = model.state_dict()
+    missing = [key for key in own if key not in saved]
+    if missing:
+        raise UserError(f"model.weights={path}: the checkpoint has no {missing[0]!r} ({len(missing)} of the model's "
+                        f"{len(own)} tensors missing): it is another architecture than model.*")  # fmt: skip
+    reshaped = [key for key in own if saved[key].shape != own[key].shape]
+    model.load_state_dict({k: saved[k] if k not in reshaped else v for k, v in own.items()})
+    kept = f"; kept {len(reshaped)} of other shapes ({', '.join(reshaped[:3])}...)" if reshaped else ""
+    logger.info("model.weights: copied %d of %d tensors from %s%s", len(own) - len(reshaped), len(own), path, kept)
+    return len(own) - len(reshaped)
 
 
 def build_det_criterion(cfg: DictConfig, model: Detector) -> Callable:

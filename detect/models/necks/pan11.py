@@ -22,6 +22,7 @@ from backbones.csp import scale_depth, scale_width
 from backbones.csp11 import C3K2_REPEATS, C3K_EVERYWHERE, CSP11_SCALES
 from backbones.errors import UserError
 from backbones.layers import C3k2, ConvBNAct
+from detect.models.registry import register_neck
 
 # Widths of the neck before scaling (yolo11.yaml's values for P3 / P4 / P5).
 BASE_WIDTHS = (256, 512, 1024)
@@ -102,8 +103,9 @@ def _upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return up
 
 
+@register_neck("yolo11")
 def build_yolo11_neck(in_channels: Sequence[int], strides: Sequence[int], scale: str = "n") -> PAN11:
-    """The YOLO11 neck at one of its scales, on top of any backbone's three maps.
+    """The registered YOLO11 neck at one of its scales, on top of any backbone's three maps.
 
     Args:
         in_channels: the backbone's `out_channels` (three levels).
