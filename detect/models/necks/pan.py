@@ -9,7 +9,7 @@ without residuals. The neck takes any backbone's three maps (strides 8/16/32), s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,10 +25,10 @@ BASE_WIDTHS = (256, 512, 1024)
 BASE_BLOCKS = 3
 
 
-class PAN(nn.Module):
-    """Top-down then bottom-up fusion of three feature maps (strides 8, 16, 32).
+class PathAggregation(nn.Module):
+    """Top-down then bottom-up fusion of three feature maps, a merge block after every concatenation.
 
-    Data flow (`cat` is channel concatenation, the first operand first, as in YOLOv8 so that its weights load):
+    Data flow (`cat` is channel concatenation, the first operand first, as in YOLOv8 / YOLO11 so their weights load):
 
     - top-down:  t4 = top_down_p4(cat(up(c5), c4));   p3 = top_down_p3(cat(up(t4), c3))
     - bottom-up: p4 = bottom_up_p4(cat(downsample_p3(p3), t4));   p5 = bottom_up_p5(cat(downsample_p4(p4), c5))
@@ -36,24 +36,33 @@ class PAN(nn.Module):
     Args:
         in_channels: channels of the backbone's (c3, c4, c5).
         channels: output channels of (p3, p4, p5); `top_down_p4` also has the p4 width.
-        num_blocks: bottlenecks in every C2f.
+        make_block: `(c_in, c_out, position) -> module` for the four merges, position 0..3 in the order
+            top_down_p4, top_down_p3, bottom_up_p4, bottom_up_p5 (YOLOv8: C2f; YOLO11: C3k2).
+        strides: strides of the three levels.
     """
 
-    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], num_blocks: int) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        channels: Sequence[int],
+        make_block: Callable[[int, int, int], nn.Module],
+        strides: Sequence[int] = (8, 16, 32),
+    ) -> None:
         super().__init__()
-        if len(in_channels) != 3 or len(channels) != 3:
-            raise ValueError(f"PAN needs three levels, got in_channels={in_channels}, channels={channels}")
+        if len(in_channels) != 3 or len(channels) != 3 or len(strides) != 3:
+            raise ValueError(f"{type(self).__name__} needs three levels, got in_channels={in_channels}, "
+                             f"channels={channels}, strides={strides}")  # fmt: skip
         c3, c4, c5 = (int(c) for c in in_channels)
         w3, w4, w5 = (int(c) for c in channels)
-        self.top_down_p4 = C2f(c5 + c4, w4, num_blocks, shortcut=False)
-        self.top_down_p3 = C2f(w4 + c3, w3, num_blocks, shortcut=False)
+        self.top_down_p4 = make_block(c5 + c4, w4, 0)
+        self.top_down_p3 = make_block(w4 + c3, w3, 1)
         self.downsample_p3 = ConvBNAct(w3, w3, 3, 2)
-        self.bottom_up_p4 = C2f(w3 + w4, w4, num_blocks, shortcut=False)
+        self.bottom_up_p4 = make_block(w3 + w4, w4, 2)
         self.downsample_p4 = ConvBNAct(w4, w4, 3, 2)
-        self.bottom_up_p5 = C2f(w4 + c5, w5, num_blocks, shortcut=False)
+        self.bottom_up_p5 = make_block(w4 + c5, w5, 3)
         self.in_channels: tuple[int, int, int] = (c3, c4, c5)
         self.out_channels: tuple[int, int, int] = (w3, w4, w5)
-        self.strides: tuple[int, int, int] = (8, 16, 32)
+        self.strides: tuple[int, int, int] = tuple(int(s) for s in strides)  # type: ignore[assignment]
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Fuse the pyramid.
@@ -72,12 +81,25 @@ class PAN(nn.Module):
         return [p3, p4, p5]
 
 
+class PAN(PathAggregation):
+    """YOLOv8's neck: `PathAggregation` with a C2f (no residuals) of `num_blocks` bottlenecks at every merge.
+
+    Args:
+        in_channels: channels of the backbone's (c3, c4, c5).
+        channels: output channels of (p3, p4, p5).
+        num_blocks: bottlenecks in every C2f.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: Sequence[int], num_blocks: int) -> None:
+        super().__init__(in_channels, channels, lambda c_in, c_out, _: C2f(c_in, c_out, num_blocks, shortcut=False))
+
+
 def _upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Nearest 2x upsampling of `x` [B, C, h, w] -> [B, C, 2h, 2w] (the sizes must then equal `ref`'s)."""
     up = F.interpolate(x, scale_factor=2.0, mode="nearest")
     if up.shape[-2:] != ref.shape[-2:]:
         raise ValueError(
-            f"PAN: upsampled map {tuple(up.shape[-2:])} does not match {tuple(ref.shape[-2:])}; "
+            f"neck: upsampled map {tuple(up.shape[-2:])} does not match {tuple(ref.shape[-2:])}; "
             "input height and width must be multiples of 32"
         )
     return up

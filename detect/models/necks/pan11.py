@@ -14,14 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-from torch.nn import functional as F
-
 from backbones.csp import scale_depth, scale_width
 from backbones.csp11 import C3K2_REPEATS, C3K_EVERYWHERE, CSP11_SCALES
 from backbones.errors import UserError
-from backbones.layers import C3k2, ConvBNAct
+from backbones.layers import C3k2
+from detect.models.necks.pan import PathAggregation
 from detect.models.registry import register_neck
 
 # Widths of the neck before scaling (yolo11.yaml's values for P3 / P4 / P5).
@@ -31,13 +28,8 @@ BASE_WIDTHS = (256, 512, 1024)
 YAML_C3K = (False, False, False, True)
 
 
-class PAN11(nn.Module):
-    """Top-down then bottom-up fusion of three feature maps (strides 8, 16, 32) with C3k2 blocks.
-
-    Data flow (`cat` is channel concatenation, the first operand first, as in YOLO11 so that its weights load):
-
-    - top-down:  t4 = top_down_p4(cat(up(c5), c4));   p3 = top_down_p3(cat(up(t4), c3))
-    - bottom-up: p4 = bottom_up_p4(cat(downsample_p3(p3), t4));   p5 = bottom_up_p5(cat(downsample_p4(p4), c5))
+class PAN11(PathAggregation):
+    """YOLO11's neck: YOLOv8's data flow (`PathAggregation`) with a C3k2 block at every merge.
 
     Args:
         in_channels: channels of the backbone's (c3, c4, c5).
@@ -56,51 +48,9 @@ class PAN11(nn.Module):
         c3k: Sequence[bool] = YAML_C3K,
         strides: Sequence[int] = (8, 16, 32),
     ) -> None:
-        super().__init__()
-        if len(in_channels) != 3 or len(channels) != 3 or len(strides) != 3 or len(c3k) != 4:
-            raise ValueError(
-                f"PAN11 needs three levels and four C3k flags, got in_channels={in_channels}, channels={channels}, "
-                f"strides={strides}, c3k={c3k}"
-            )
-        c3, c4, c5 = (int(c) for c in in_channels)
-        w3, w4, w5 = (int(c) for c in channels)
-        self.top_down_p4 = C3k2(c5 + c4, w4, num_blocks, c3k[0])
-        self.top_down_p3 = C3k2(w4 + c3, w3, num_blocks, c3k[1])
-        self.downsample_p3 = ConvBNAct(w3, w3, 3, 2)
-        self.bottom_up_p4 = C3k2(w3 + w4, w4, num_blocks, c3k[2])
-        self.downsample_p4 = ConvBNAct(w4, w4, 3, 2)
-        self.bottom_up_p5 = C3k2(w4 + c5, w5, num_blocks, c3k[3])
-        self.in_channels: tuple[int, int, int] = (c3, c4, c5)
-        self.out_channels: tuple[int, int, int] = (w3, w4, w5)
-        s3, s4, s5 = (int(s) for s in strides)
-        self.strides: tuple[int, int, int] = (s3, s4, s5)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Fuse the pyramid.
-
-        Args:
-            features: (c3 [B, C3, H/8, W/8], c4 [B, C4, H/16, W/16], c5 [B, C5, H/32, W/32]).
-
-        Returns:
-            [p3 [B, w3, H/8, W/8], p4 [B, w4, H/16, W/16], p5 [B, w5, H/32, W/32]].
-        """
-        c3, c4, c5 = features
-        t4 = self.top_down_p4(torch.cat((_upsample_to(c5, c4), c4), dim=1))  # [B, C5 + C4, H/16, W/16] -> w4
-        p3 = self.top_down_p3(torch.cat((_upsample_to(t4, c3), c3), dim=1))  # [B, w4 + C3, H/8, W/8] -> w3
-        p4 = self.bottom_up_p4(torch.cat((self.downsample_p3(p3), t4), dim=1))  # [B, w3 + w4, H/16, W/16] -> w4
-        p5 = self.bottom_up_p5(torch.cat((self.downsample_p4(p4), c5), dim=1))  # [B, w4 + C5, H/32, W/32] -> w5
-        return [p3, p4, p5]
-
-
-def _upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Nearest 2x upsampling of `x` [B, C, h, w] -> [B, C, 2h, 2w] (the sizes must then equal `ref`'s)."""
-    up = F.interpolate(x, scale_factor=2.0, mode="nearest")
-    if up.shape[-2:] != ref.shape[-2:]:
-        raise ValueError(
-            f"PAN11: upsampled map {tuple(up.shape[-2:])} does not match {tuple(ref.shape[-2:])}; "
-            "input height and width must be multiples of 32"
-        )
-    return up
+        if len(c3k) != 4:
+            raise ValueError(f"PAN11 needs four C3k flags, got {c3k}")
+        super().__init__(in_channels, channels, lambda c_in, c_out, i: C3k2(c_in, c_out, num_blocks, c3k[i]), strides)
 
 
 @register_neck("yolo11")
