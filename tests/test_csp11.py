@@ -291,3 +291,17 @@ def test_key_map_is_a_bijection(scale: str) -> None:
         neck = build_yolo11_neck(backbone.out_channels, backbone.strides, scale)
     ours = {f"backbone.{k}" for k in backbone.state_dict()} | {f"neck.{k}" for k in neck.state_dict()}
     assert {k for k in mapped if not k.startswith("head.")} == ours
+
+
+def test_a_pretrained_csp11_backbone_transfers_into_the_yolo11_detector(tmp_path) -> None:
+    """What train_cls writes for csp11_n (`save_backbone`) loads strictly into a YOLO11 detector's backbone."""
+    from backbones.checkpoint import save_backbone
+    from backbones.registry import build_backbone
+    from detect.models import build_yolo
+
+    backbone = build_backbone("csp11_n")
+    path = tmp_path / "backbone.pt"
+    save_backbone(path, backbone, "csp11_n")
+    detector = build_yolo("n", 3, family="yolo11", backbone_weights=path)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(detector.backbone.state_dict()[key], value)

@@ -144,3 +144,16 @@ def test_parity_with_ultralytics(ultralytics_model: tuple, counts: list[int], no
         assert parts["box"] > 0 and parts["dfl"] > 0
     else:
         assert parts["box"] == 0 and parts["dfl"] == 0
+
+
+@pytest.mark.parametrize("kind", ["ciou", "diou", "giou", "iou"])
+def test_the_box_overlap_kind_is_a_setting_of_the_loss_and_the_assigner(kind: str) -> None:
+    """`loss.iou` / `assign.iou`: the box part is 1 - that overlap; the four kinds give four different box parts."""
+    torch.manual_seed(0)
+    levels = [torch.randn(2, 4 * 16 + NUM_CLASSES, 256 // s, 256 // s) for s in STRIDES]
+    targets = torch.tensor([[0, 1, 30.0, 40, 120, 160], [1, 0, 10, 10, 200, 90]])
+    loss = build_yolo_loss(NUM_CLASSES, STRIDES, iou=kind, assign_iou=kind)
+    assert loss.iou == kind and loss.assigner.iou == kind
+    _, parts = loss(levels, targets)
+    ciou = build_yolo_loss(NUM_CLASSES, STRIDES)(levels, targets)[1]["box"]
+    assert torch.isfinite(parts["box"]) and (kind == "ciou") == bool(torch.equal(parts["box"], ciou))
