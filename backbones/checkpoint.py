@@ -7,6 +7,7 @@ that would import or call anything but tensors and plain containers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
@@ -14,12 +15,65 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
-from backbones.errors import UserError
+from backbones.errors import OutputError, UserError
+
+
+def current_umask() -> int:
+    """The process's umask (from /proc where Linux has it, else by setting and restoring it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_failure(path: Path, exc: OSError) -> str:
+    """One line for a failed write: the file, the cause as the OS words it, and whether an older version survived."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    cause = cause[:1].lower() + cause[1:]
+    code = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+    if not path.parent.is_dir():
+        kept = f"its folder {path.parent} is gone"
+    elif path.is_file():
+        kept = "the previous version of that file is intact"
+    else:
+        kept = "nothing was written"
+    return f"cannot write {path}: {cause}{code}; {kept}"
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError a write raised: torch's zip writer turns one into a RuntimeError
+    ("unexpected pos ...") that no longer says the disk is full."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # fileno, tell, seek, seekable, writable, ...
+        return getattr(self.file, name)
 
 
 @contextlib.contextmanager
@@ -29,21 +83,35 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     This is plugdet's one way of writing a file (checkpoints, json, csv, yaml, pictures): the bytes go to a temporary
     file in the same directory, are flushed and fsynced, then `os.replace` swaps it in, so `path` is always either
     the old or the new complete file. On any failure the temporary file is removed and the old file is untouched.
+    The file gets the mode any program's new file gets (0o666 less the umask), not mkstemp's private 0o600.
 
     Args:
         path: the target file; its directory is created if needed.
+
+    Raises:
+        OutputError: the file could not be written (no space left, a read-only or vanished folder, ...): one line
+            naming the file and the cause; the error raised by the write is its `__cause__`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(write_failure(path, exc)) from exc
+    recording = _RecordingFile(os.fdopen(fd, "wb"))
+    try:
+        with recording.file:
+            yield recording  # type: ignore[misc]
+            recording.flush()
+            os.fsync(recording.fileno())
+        os.chmod(tmp_name, 0o666 & ~current_umask())
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp_name).unlink(missing_ok=True)
+        cause = exc if isinstance(exc, OSError) else recording.error
+        if isinstance(exc, Exception) and cause is not None and not isinstance(exc, OutputError):
+            raise OutputError(write_failure(path, cause)) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -88,6 +156,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         UserError: missing file, unreadable or truncated file, a pickle holding code (refused), or not a dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -262,8 +332,8 @@ def read_weights(weights: str | os.PathLike, arch: str, torchvision_model: str |
             to place where).
     """
     path = Path(weights)
-    if path.is_file():
-        return load_checkpoint(path)
+    if path.is_file() or path.is_dir():
+        return load_checkpoint(path)  # a folder: "is a folder, not a checkpoint file"
     if torchvision_model is None:
         raise UserError(f"weights for {arch}: no such file {str(weights)!r}")
     import torchvision

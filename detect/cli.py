@@ -1,18 +1,24 @@
 """What every tool shares: one-line errors with exit code 2, Ctrl-C / SIGTERM handling (DESIGN §8).
 
 `run_tool(main)` runs a tool's `main(argv)`: a `UserError`, a config error or a missing file prints
-`error: <one line>` on stderr and exits 2 (a traceback only with `--debug`); Ctrl-C exits 130 and SIGTERM 143, after
-the tool has saved what it had (training catches `KeyboardInterrupt`, writes `last.pt`, and re-raises).
+`error: <one line>` on stderr and exits 2 (a traceback only with `--debug`); a `RunError` (a full disk, a loader
+worker killed) prints its line and exits 1; Ctrl-C exits 130 and SIGTERM 143, after the tool has saved what it had
+(training catches `KeyboardInterrupt`, writes `last.pt`, and re-raises).
 
 `deferred_interrupts()` holds Ctrl-C / SIGTERM back until the block ends or the code reaches `check_interrupt()`, so
 a training step (forward, backward, optimizer step, EMA update) or a checkpoint write is never cut in half and the
-`last.pt` written after the interrupt is consistent. Pressing Ctrl-C twice stops at once.
+`last.pt` written after the interrupt is consistent. A second signal is held too (two Ctrl-C in a row still save);
+a third one stops at once (`ForcedStop`), and the tool then says plainly that `last.pt` was not updated.
+`shielded_from_signals()` covers the save after an interrupt: signals that arrive while it writes only count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -23,7 +29,7 @@ from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
-from backbones.errors import UserError
+from backbones.errors import RunError, UserError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # signals turned into KeyboardInterrupt, latest last (SIGTERM -> exit 143)
@@ -48,6 +54,11 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.sums = sums
 
 
+class ForcedStop(KeyboardInterrupt):
+    """A third Ctrl-C / SIGTERM inside `deferred_interrupts`: raised at once, possibly in the middle of a step, so the
+    training state may be half-updated and must not be saved."""
+
+
 def _name(signum: int) -> str:
     return signal.Signals(signum).name
 
@@ -59,11 +70,39 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _record_interrupt(signum: int, frame: FrameType | None) -> None:
-    """Signal handler inside `deferred_interrupts`: remember the first signal; a second one stops at once."""
-    if _pending:
-        _received.append(signum)
-        raise KeyboardInterrupt(_name(signum))
+    """Signal handler inside `deferred_interrupts`: remember the signal; the third one in a row stops at once."""
     _pending.append(signum)
+    if len(_pending) >= 3:
+        _pending.clear()
+        _received.append(signum)
+        raise ForcedStop(_name(signum))
+
+
+def _note_signal(signum: int, frame: FrameType | None) -> None:
+    """Signal handler inside `shielded_from_signals`: the signal only counts for the exit code."""
+    _received.append(signum)
+
+
+@contextlib.contextmanager
+def shielded_from_signals() -> Iterator[None]:
+    """Run the block to its end whatever Ctrl-C / SIGTERM arrive (they only decide the exit code): the save of
+    `last.pt` after an interrupt, the last lines of a finished run. Outside the main thread this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    for signum in _SIGNALS:
+        signal.signal(signum, _note_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def signals_received() -> list[int]:
+    """The Ctrl-C / SIGTERM signals this tool run has received so far (oldest first)."""
+    return list(_received)
 
 
 def install_signal_handlers() -> dict[int, object]:
@@ -88,7 +127,8 @@ def check_interrupt() -> None:
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Hold Ctrl-C / SIGTERM back inside the block: they raise KeyboardInterrupt at its end or at a
-    `check_interrupt()` call, never in the middle of a step or a file write. A second signal raises at once.
+    `check_interrupt()` call, never in the middle of a step or a file write. A second signal is held as well; the
+    third raises `ForcedStop` at once.
 
     Blocks nest (a training loop, and each step inside it). Outside the main thread this is a no-op.
     """
@@ -129,6 +169,68 @@ def _error_message(exc: BaseException) -> str:
     return _one_line(exc)
 
 
+_KILLED = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)"
+)
+_CAUGHT = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.")
+_SIGNAL_NAMES = {"Killed": "SIGKILL", "Terminated": "SIGTERM", "Segmentation fault": "SIGSEGV", "Aborted": "SIGABRT",
+                 "Bus error": "SIGBUS", "Interrupt": "SIGINT"}  # fmt: skip
+MEMORY_ADVICE = "if memory is short, fewer loader processes (train.workers) use less"
+
+
+def loader_failure(
+    exc: BaseException, worker_pids: list[int] | None = None, exit_codes: dict[int, int | None] | None = None
+) -> str | None:
+    """One line for a DataLoader worker that died (a signal: kill -9, the out-of-memory killer) or raised, else None.
+
+    Args:
+        exc: what the DataLoader raised in the main process.
+        worker_pids: the loader's worker pids in worker order, to name the worker a kill message gives by pid.
+        exit_codes: the workers' exit codes by pid (negative: the signal), to name the signal torch did not.
+
+    Returns:
+        e.g. "loader worker 1 (pid 4242) was killed by signal SIGKILL (Killed: the out-of-memory killer sends it)"
+        or "loader worker 0 raised ValueError: bad pixel (sample index 5)"; None for any other error. A `UserError`
+        raised in a worker (bad data) is not a loader failure: it stays bad input.
+    """
+    text = (exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)).strip()  # KeyError: unquoted
+    killed = _KILLED.search(text) if isinstance(exc, RuntimeError) else None
+    if killed:
+        pids = [int(p) for p in killed.group(1).replace(",", " ").split()]
+        workers = [f"{worker_pids.index(p)} (pid {p})" if worker_pids and p in worker_pids else f"(pid {p})"
+                   for p in pids]  # fmt: skip
+        how = killed.group(2)
+        signums = [-code for code in ((exit_codes or {}).get(p) for p in pids) if code is not None and code < 0]
+        if not how and signums:
+            how = signal.strsignal(signums[0]) or signal.Signals(signums[0]).name
+        if how:
+            name = _SIGNAL_NAMES.get(how.strip(), how.strip())
+            cause = f"was killed by signal {name} ({how.strip()}" + (
+                ": the out-of-memory killer sends it)" if name == "SIGKILL" else ")"
+            )
+        else:
+            cause = "exited unexpectedly (killed, or crashed)"
+        return f"loader worker {', '.join(workers)} {cause}"
+    lines = text.splitlines()
+    caught = _CAUGHT.match(lines[0]) if lines else None
+    if caught is None or isinstance(exc, UserError):
+        return None
+    name = caught.group(1)
+    message = next((line.split(":", 1)[1].strip() for line in reversed(lines)
+                    if line[:1].strip() and line.split(":", 1)[0].endswith(name) and ":" in line), "")  # fmt: skip
+    sample = next((line.strip() for line in lines if line.strip().startswith("(sample index")), "")
+    detail = f"{name}: {message}" if message else name
+    return f"loader worker {caught.group(2)} raised {detail}" + (f" {sample}" if sample else "")
+
+
+def _os_failure(exc: BaseException) -> str | None:
+    """One line for an OS error of the surroundings (disk full, read-only file system, quota), else None."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        cause = (exc.strerror or str(exc)).lower()
+        return f"cannot write {exc.filename}: {cause}" if exc.filename else cause
+    return None
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (test harnesses swap it), as plain lines."""
 
@@ -166,7 +268,8 @@ def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = N
 
     Returns:
         0 (or main's own code) on success, 2 on bad input (`UserError`, a config error, a missing file; one line
-        `error: ...` on stderr, the traceback only with `--debug`), 130 on Ctrl-C, 143 on SIGTERM.
+        `error: ...` on stderr, the traceback only with `--debug`), 1 when the surroundings stopped the run
+        (`RunError`, a DataLoader worker that died or raised, a full disk: one line), 130 on Ctrl-C, 143 on SIGTERM.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -180,8 +283,23 @@ def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     except (UserError, OmegaConfBaseException, FileNotFoundError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {_error_message(exc)}", file=sys.stderr)
+        if not (getattr(exc, "rank0_reports", False) and os.environ.get("RANK", "0") != "0"):
+            print(f"error: {_error_message(exc)}", file=sys.stderr)  # an error every rank raised: rank 0 says it
         return 2
+    except RunError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        message = loader_failure(exc) or _os_failure(exc)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        advice = f"; {MEMORY_ADVICE}" if message.startswith("loader worker") else ""
+        print(f"error: {message}{advice}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

@@ -2,9 +2,10 @@
 
 A config is an OmegaConf `DictConfig` built from a dataclass schema (`ClsConfig`, `DetConfig`, in `detect.schema`),
 so every key has a type and a default; a YAML file only lists what differs, and the command line overrides either. An
-unknown key, a wrong type or a value outside a field's choices is a `UserError` of one line that names the key, the
-value, where it came from (file and line, or the override) and the valid keys of that section; a key that moved names
-its new place.
+unknown key, a wrong type or a value outside a field's choices or range is a `UserError` of one line that names the
+key, the value, where it came from (file and line, or the override) and the valid keys of that section; a key that
+moved names its new place, and an unknown key close to a known one (or Ultralytics' name for it: `epochs`, `imgsz`)
+says "did you mean". Every range is checked here, when the config is resolved, before a tool does any work.
 
 Only `build_*` functions and `tools/` read a config (STYLE 4); the resolved config is saved as `config.yaml` in the
 run directory and as a plain dict (`config_to_dict`) in every checkpoint.
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from backbones.errors import UserError
+from detect.config_help import describe_bounds, did_you_mean, is_section
 from detect.schema import MOVED_KEYS, ClsConfig, ClsDataConfig, DetConfig, DetDataConfig  # noqa: F401  (re-exported)
 
 
@@ -50,9 +52,7 @@ def _section(schema: type, dotted: str) -> tuple[type, str]:
     return cls, ".".join(walked)
 
 
-def _is_section(f: dataclasses.Field) -> bool:
-    """A field whose default is a dataclass instance built by its factory: a section such as `train`."""
-    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+_is_section = is_section
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -72,8 +72,17 @@ def _valid_keys(schema: type, dotted: str) -> str:
     return _valid_keys_of(cls, f"{name}." if name else "")
 
 
-def _flatten(schema: type, node: Any, prefix: str, where: Callable[[str], str]) -> dict[str, Any]:
+def _hint(root: type, dotted: str) -> str:
+    """' did you mean 'train.epochs'?' for an unknown key close to a known one (or named as Ultralytics names it)."""
+    guess = did_you_mean(root, dotted)
+    return f" did you mean {guess!r}?" if guess else ""
+
+
+def _flatten(
+    schema: type, node: Any, prefix: str, where: Callable[[str], str], root: type | None = None
+) -> dict[str, Any]:
     """Dotted leaf keys of a user mapping, each checked against the schema; unknown keys raise UserError."""
+    root = root or schema
     fields = {f.name: f for f in dataclasses.fields(schema)}
     leaves: dict[str, Any] = {}
     for key, value in node.items():
@@ -82,16 +91,17 @@ def _flatten(schema: type, node: Any, prefix: str, where: Callable[[str], str]) 
             raise UserError(f"config key {dotted!r} {where(dotted)} is now {MOVED_KEYS[dotted]!r}: rename it")
         if key not in fields:
             raise UserError(
-                f"unknown config key {dotted!r} (value {value!r}) {where(dotted)}; {_valid_keys_of(schema, prefix)}"
+                f"unknown config key {dotted!r} (value {value!r}) {where(dotted)};{_hint(root, dotted)} "
+                f"{_valid_keys_of(schema, prefix)}"
             )
         f = fields[key]
         if _is_section(f):
             if not isinstance(value, dict):
                 raise UserError(
-                    f"config key {dotted!r} is a section, got value {value!r} {where(dotted)}; "
+                    f"config key {dotted!r} is a section, got value {value!r} {where(dotted)};{_hint(root, dotted)} "
                     f"set its keys instead ({dotted}.KEY=VALUE): {_valid_keys_of(_field_type(f), dotted + '.')}"
                 )
-            leaves.update(_flatten(_field_type(f), value, dotted + ".", where))
+            leaves.update(_flatten(_field_type(f), value, dotted + ".", where, root))
         else:
             leaves[dotted] = value
     return leaves
@@ -147,19 +157,49 @@ def _parse_override(item: str) -> dict[str, Any]:
         raise UserError(f"cannot parse override {item!r}: {str(exc).splitlines()[0]}") from None
 
 
+def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> bool:
+    """True when a number lies outside the field's declared range (or is not its declared multiple)."""
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value < low or (meta.get("min_open") and value == low)):
+        return True
+    if high is not None and (value > high or (meta.get("max_open") and value == high)):
+        return True
+    return bool(meta.get("multiple")) and value % meta["multiple"] != 0
+
+
+def _bounds_advice(value: Any, meta: Mapping[str, Any]) -> str:
+    """For a size that is no multiple of the stride: the two nearest sizes that are."""
+    step = meta.get("multiple")
+    if not step or value % step == 0:
+        return ""
+    below, above = value // step * step, (value // step + 1) * step
+    nearest = [str(size) for size in (below, above) if size >= (meta.get("min") or 0)]
+    return f": use {' or '.join(nearest)} (sizes are multiples of the network's largest stride, {step})"
+
+
 def _check_values(schema: type, cfg: DictConfig, where: Callable[[str], str], prefix: str = "") -> None:
-    """Choices and lower bounds declared in the schema's field metadata."""
+    """Choices, ranges and multiples declared in the schema's field metadata."""
     for f in dataclasses.fields(schema):
         dotted = f"{prefix}{f.name}"
         value = cfg[f.name]
         if _is_section(f):
             _check_values(_field_type(f), value, where, dotted + ".")
             continue
-        choices, low = f.metadata.get("choices"), f.metadata.get("min")
+        choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise UserError(f"config key {dotted!r} = {value!r} {where(dotted)}: must be one of {', '.join(choices)}")
-        if low is not None and value is not None and value < low:
-            raise UserError(f"config key {dotted!r} = {value!r} {where(dotted)}: must be >= {low}")
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if choices is None and f.metadata and numeric and _out_of_bounds(value, f.metadata):
+            raise UserError(f"config key {dotted!r} = {value!r} {where(dotted)}: must be "
+                            f"{describe_bounds(f.metadata)}{_bounds_advice(value, f.metadata)}")  # fmt: skip
+
+
+def _check_relations(cfg: DictConfig, where: Callable[[str], str]) -> None:
+    """Rules between keys: a classification crop cannot be larger than the image it is cut from."""
+    data = cfg.get("data")
+    if "resize_size" in (data or {}) and data.resize_size < data.img_size:
+        raise UserError(f"config key 'data.resize_size' = {data.resize_size} {where('data.resize_size')}: must be >= "
+                        f"data.img_size ({data.img_size}, the crop cut from the resized image)")  # fmt: skip
 
 
 def _merge(schema: type, cfg: DictConfig, data: dict[str, Any], where: Callable[[str], str]) -> DictConfig:
@@ -215,7 +255,12 @@ def load_config(
 
         cfg = _merge(schema, cfg, data, in_override)
         origins.update({key: in_override(key) for key in _flatten(schema, data, "", in_override)})
-    _check_values(schema, cfg, lambda key: origins.get(key, "(default)" if base is None else "(checkpoint config)"))
+
+    def where(key: str) -> str:
+        return origins.get(key, "(default)" if base is None else "(checkpoint config)")
+
+    _check_values(schema, cfg, where)
+    _check_relations(cfg, where)
     return cfg
 
 
@@ -227,3 +272,30 @@ def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
 def config_to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML text (what a run directory's config.yaml holds)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def _looks_like_path(value: str) -> bool:
+    """A file path rather than a registry-style name such as torchvision's "IMAGENET1K_V1"."""
+    return "/" in value or "\\" in value or value.lower().endswith(_WEIGHT_SUFFIXES)
+
+
+def check_input_files(cfg: DictConfig, keys: Sequence[str], ways_out: Mapping[str, str] | None = None) -> None:
+    """Each dotted key of `keys` that names a file must name one: a folder or a missing path is one line naming the
+    key (`ways_out[key]` adds what to do instead). Names that are not paths (torchvision weights names) pass.
+
+    Raises:
+        UserError: "model.backbone_weights=runs/x is a folder, not a checkpoint file", or "... no such file; ...".
+    """
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not value:
+            continue
+        path = Path(str(value))
+        if path.is_dir():
+            raise UserError(f"{key}={value} is a folder, not a checkpoint file (e.g. {path / 'last.pt'})")
+        if not path.exists() and _looks_like_path(str(value)):
+            extra = (ways_out or {}).get(key)
+            raise UserError(f"{key}={value}: no such file" + (f"; {extra}" if extra else ""))

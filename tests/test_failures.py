@@ -474,6 +474,21 @@ CONFIG_CASES = [
     ("unknown-backbone", ["model.backbone=nope_net"], ["unknown backbone 'nope_net'", "cspdarknet_n", "resnet18"]),
     ("unknown-scale", ["model.scale=q"], ["config key 'model.scale' = 'q'", "must be one of n, s, m, l, x"]),
     ("out-of-bounds", ["train.batch_size=0"], ["config key 'train.batch_size' = 0", "must be >= 1"]),
+    ("img-size-not-multiple", ["data.img_size=100"], ["'data.img_size' = 100", "multiple of 32", "use 96 or 128"]),
+    ("eval-conf-above-1", ["eval.conf=2"], ["'eval.conf' = 2.0", "must be in [0, 1]"]),
+    ("eval-iou-above-1", ["eval.iou=2"], ["'eval.iou' = 2.0", "must be in [0, 1]"]),
+    ("momentum-1.5", ["train.momentum=1.5"], ["'train.momentum' = 1.5", "must be in [0, 1)"]),
+    ("mosaic-probability", ["train.mosaic=1.2"], ["'train.mosaic' = 1.2", "must be in [0, 1]"]),
+    ("threads-0", ["train.threads=0"], ["'train.threads' = 0", "must be >= 1"]),
+    ("ultralytics-epochs", ["epochs=1"], ["unknown config key 'epochs'", "did you mean 'train.epochs'?"]),
+    ("ultralytics-imgsz", ["imgsz=64"], ["unknown config key 'imgsz'", "did you mean 'data.img_size'?"]),
+    ("misspelt", ["train.epochz=3"], ["did you mean 'train.epochs'?"]),
+]  # fmt: skip
+CLS_CONFIG_CASES = [
+    ("label-smoothing-1.5", ["train.label_smoothing=1.5"], ["'train.label_smoothing' = 1.5", "must be in [0, 1)"]),
+    ("momentum-1", ["train.momentum=1"], ["'train.momentum' = 1.0", "must be in [0, 1)"]),
+    ("crop-larger-than-resize", ["data.img_size=64"], ["'data.resize_size' = 36", "must be >= data.img_size (64"]),
+    ("ultralytics-lr0", ["lr0=0.1"], ["did you mean 'train.lr'?"]),
 ]  # fmt: skip
 
 
@@ -486,13 +501,76 @@ def test_bad_config_train_det(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(("name", "extra", "texts"), CONFIG_CASES[:3], ids=[c[0] for c in CONFIG_CASES[:3]])
+@pytest.mark.parametrize(("name", "extra", "texts"), CONFIG_CASES[:3] + CLS_CONFIG_CASES,
+                         ids=[c[0] for c in CONFIG_CASES[:3] + CLS_CONFIG_CASES])  # fmt: skip
 def test_bad_config_train_cls(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, name: str, extra: list[str], texts: list[str]
 ) -> None:
     code, lines = run("train_cls", cls_args(synth_cub_root, tmp_path / "run", *extra), capsys)
     assert_one_error(code, lines, *texts)
     assert not list((tmp_path / "run").glob("*.pt")) if (tmp_path / "run").exists() else True
+
+
+@pytest.mark.parametrize("extra", [["data.img_size=100"], ["eval.conf=2"], ["eval.iou=-1"]])
+def test_bad_config_val_det(det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
+    """val_det reads the same DetConfig: the ranges hold there too, before anything is written."""
+    code, lines = run("val_det", ["--weights", str(det_weights), "--out", str(tmp_path / "val"), *extra], capsys)
+    assert_one_error(code, lines, f"'{extra[0].split('=')[0]}'")
+    assert not (tmp_path / "val").exists()
+
+
+def test_first_run_without_the_pretrained_backbone(
+    synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default config's runs/cls/default/backbone.pt, absent on a first run: the key and both ways out."""
+    monkeypatch.chdir(tmp_path)
+    argv = [arg for arg in det_args(synth_cub_root, tmp_path / "run") if not arg.startswith("model.backbone_weights")]
+    code, lines = run("train_det", argv, capsys)
+    assert_one_error(code, lines, "model.backbone_weights=runs/cls/default/backbone.pt: no such file",
+                     "model.backbone_weights=null", "python tools/train_cls.py")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["train.resume", "model.backbone_weights", "model.weights"])
+def test_a_folder_given_as_a_checkpoint(
+    synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, key: str
+) -> None:
+    folder = tmp_path / "a_run"
+    folder.mkdir()
+    code, lines = run("train_det", det_args(synth_cub_root, tmp_path / "run", f"{key}={folder}"), capsys)
+    assert_one_error(code, lines, f"{key}={folder} is a folder, not a checkpoint file")
+    if key == "train.resume":
+        code, lines = run("train_cls", cls_args(synth_cub_root, tmp_path / "run", f"{key}={folder}"), capsys)
+        assert_one_error(code, lines, "is a folder, not a checkpoint file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_given_as_weights_to_val_det(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, lines = run("val_det", ["--weights", str(tmp_path)], capsys)
+    assert_one_error(code, lines, f"{tmp_path} is a folder, not a checkpoint file")
+
+
+@pytest.mark.parametrize("which", ["train_det", "train_cls"])
+def test_help_lists_every_key_and_print_config_exits(
+    synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, which: str
+) -> None:
+    from detect.config_help import leaf_keys
+    from detect.schema import ClsConfig
+
+    schema = DetConfig if which == "train_det" else ClsConfig
+    capsys.readouterr()
+    assert run_tool(tool(which).main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    for key in leaf_keys(schema):
+        assert f"{key}=" in out, key
+    assert "train.momentum=" in out and "in [0, 1)" in out and "one of" in out
+    args = (det_args if which == "train_det" else cls_args)(synth_cub_root, tmp_path / "run", "train.epochs=7")
+    assert run_tool(tool(which).main, [*args, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "epochs: 7" in printed and not (tmp_path / "run").exists()
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create(printed).train.epochs == 7
 
 
 def test_backbone_weights_of_another_architecture(

@@ -8,12 +8,25 @@ or `output_dir-2`, ...): config.yaml, val_gt.json (COCO ground truth), results.c
 curves.png, last.pt, best.pt (best COCO AP), val_predictions.jpg, pr_curve.png, and TensorBoard events when
 tensorboard is installed. `train.resume=RUN/last.pt` continues that run exactly. Ctrl-C / SIGTERM saves last.pt.
 Under `torchrun --nproc_per_node=N` the processes train with DDP (train.batch_size is the global batch); rank 0
-evaluates and writes. Bad input: one line on stderr, exit code 2.
+evaluates and writes. Bad input: one line on stderr, exit code 2, before any work; a full disk or a killed loader
+worker: one line saying which last.pt survived, exit code 1. `--print-config` prints the resolved config and exits.
 """
 
+# ruff: noqa: E402  (the imports below come after the light --help answer)
 from __future__ import annotations
 
 import sys
+
+USAGE = ("usage: train_det.py [CONFIG.yaml] [key=value ...] [--print-config] [--debug]   "
+         "(e.g. train.epochs=5 model.backbone=resnet50)")  # fmt: skip
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answered from the schema alone, without torch
+    from detect.config_help import tool_help
+    from detect.schema import DetConfig
+
+    print(tool_help(__doc__, USAGE, DetConfig))
+    sys.exit(0)
+
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +35,16 @@ import torch
 
 from backbones.checkpoint import atomic_save
 from backbones.errors import UserError
-from detect.cli import TrainingInterrupted, deferred_interrupts, run_tool
-from detect.config import DetConfig, DetDataConfig, load_config
+from detect.cli import (
+    ForcedStop,
+    TrainingInterrupted,
+    deferred_interrupts,
+    run_tool,
+    shielded_from_signals,
+    signals_received,
+)
+from detect.config import DetConfig, DetDataConfig, check_input_files, config_to_yaml, load_config
+from detect.config_help import tool_help
 from detect.data.coco import write_coco_json
 from detect.eval.evaluate import evaluate, nan_to_zero
 from detect.eval.viz import plot_curves, plot_pr_curve, save_gt_vs_pred_grid
@@ -44,11 +65,21 @@ from detect.train.det_run import DetRun
 from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model
 from detect.train.engine import EpochStart, Optimization, StepState, train_one_epoch
 from detect.train.optim import ModelEMA
-from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run
+from detect.train.runs import (
+    ResultsCSV,
+    discard_run_dir,
+    ensure_synthetic_data,
+    prepare_run,
+    require_run_dir,
+    stopped_run_error,
+    survivor_note,
+)
 from detect.train.seeding import seed_everything
 
-USAGE = "usage: train_det.py [CONFIG.yaml] [key=value ...] [--debug]   (e.g. train.epochs=5 model.backbone=resnet50)"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
+FIRST_RUN = ("train without pretrained backbone weights with model.backbone_weights=null, or pretrain them first with "
+             "`python tools/train_cls.py` (it writes runs/cls/default/backbone.pt)")  # fmt: skip
+MEMORY_ADVICE = "if memory is short, fewer loader processes (train.workers) and data.cache=false use less"
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -59,20 +90,32 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return (paths[0] if paths else None), [arg for arg in argv if "=" in arg]
 
 
-def resolve_config(argv: list[str]) -> tuple[Any, dict | None]:
+def first_run_hint() -> str:
+    """The ways out when model.backbone_weights names a file that is not there (the default's, on a first run)."""
+    demo = Path("runs/demo/cls/backbone.pt")
+    return FIRST_RUN + (f"; `make demo` left one at {demo}" if demo.is_file() else "")
+
+
+def resolve_config(argv: list[str], check_files: bool = True) -> tuple[Any, dict | None]:
     """The config (CONFIG, default configs/det/default.yaml) and, with train.resume, the last.pt whose config is
-    the base (CONFIG and overrides on top); the config's plugin modules (`imports`) are imported."""
+    the base (CONFIG and overrides on top); the config's plugin modules (`imports`) are imported. The files the
+    config names (weights, train.resume) are checked here, before any work (not with `check_files=False`)."""
     path, overrides = parse_args(argv)
     resuming = any(arg.startswith("train.resume=") and arg != "train.resume=null" for arg in overrides)
     if path is None and not resuming and DEFAULT_CONFIG.is_file():
         path = str(DEFAULT_CONFIG)
     cfg, ckpt = load_config(DetConfig, path, overrides), None
+    if check_files:
+        check_input_files(cfg, ["train.resume"])
     if cfg.train.resume:
         ckpt = read_detector_checkpoint(cfg.train.resume)
         if "train_state" not in ckpt:
             raise UserError(f"{cfg.train.resume} holds no training state (best.pt?): resume from the run's last.pt")
         cfg = load_config(DetConfig, path, overrides, base=ckpt["config"])
     import_plugins(cfg.imports)
+    if check_files and ckpt is None:  # a resume loads no initial weights
+        hints = {"model.backbone_weights": first_run_hint()}
+        check_input_files(cfg, ["model.backbone_weights", "model.weights"], hints)
     return cfg, ckpt
 
 
@@ -103,18 +146,24 @@ def setup(cfg: Any, ckpt: dict | None, info: DistInfo) -> DetRun:
             ckpt["train_state"], model, optimizer, ema, scaler, cfg.train.resume
         )
     run_dir = prepare_run(cfg, ckpt is not None, info)
-    if info.is_main:
-        ResultsCSV(run_dir / "results.csv").truncate(position[0])
-        if not (run_dir / "val_gt.json").exists():
-            write_coco_json(val_set.source, run_dir / "val_gt.json")
-    model = prepare_model(model, info, t.sync_bn)
-    loaders = build_det_loaders(train_set, val_set, cfg, info)
-    iters = -(-len(loaders[1].shard(0)) // loaders[0].batch_size)  # batches in a full epoch
-    opt = Optimization(optimizer, build_schedule(cfg, iters), ema, scaler, t.grad_clip)
-    precision = Precision(info.device, t.amp, t.bf16, t.channels_last)
+    try:
+        if info.is_main:
+            ResultsCSV(run_dir / "results.csv").truncate(position[0])
+            if not (run_dir / "val_gt.json").exists():
+                write_coco_json(val_set.source, run_dir / "val_gt.json")
+        model = prepare_model(model, info, t.sync_bn)
+        loaders = build_det_loaders(train_set, val_set, cfg, info)
+        iters = -(-len(loaders[1].shard(0)) // loaders[0].batch_size)  # batches in a full epoch
+        opt = Optimization(optimizer, build_schedule(cfg, iters), ema, scaler, t.grad_clip)
+        precision = Precision(info.device, t.amp, t.bf16, t.channels_last)
+        tb = open_tensorboard(run_dir) if info.is_main else None
+    except BaseException:
+        if info.is_main:
+            discard_run_dir(run_dir)
+        raise
     return DetRun(cfg, info, model, criterion, opt, precision, train_set, val_set, loaders, run_dir,
-                  detector_spec(cfg, num_classes).to_arch(), step, position, partial_sums, best,
-                  tb=open_tensorboard(run_dir) if info.is_main else None)  # fmt: skip
+                  detector_spec(cfg, num_classes).to_arch(), step, position, partial_sums, best, tb=tb,
+                  saved=position if ckpt is not None else None)  # fmt: skip
 
 
 def save_pictures(run: DetRun, kept: list, metrics: dict) -> None:
@@ -154,6 +203,7 @@ def end_epoch(run: DetRun, epoch: int, stats: dict, start: float) -> None:
     run.position, run.partial_sums = (epoch + 1, 0), None
     if not run.info.is_main:
         return
+    require_run_dir(run.run_dir)
     metrics: dict[str, Any] = {}
     if (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == t.epochs:
         metrics, _, kept = evaluate(run.evaluated, run.loaders[2], run.run_dir / "val_gt.json",
@@ -167,11 +217,23 @@ def end_epoch(run: DetRun, epoch: int, stats: dict, start: float) -> None:
         atomic_save(run.checkpoint(run.summary, epoch + 1, False), run.run_dir / "best.pt")
         save_pictures(run, kept, metrics)
     atomic_save(run.checkpoint(run.summary, epoch + 1, True), run.run_dir / "last.pt")
+    run.saved = run.position
     losses = " ".join(f"{k.removeprefix('train/')} {v:.3f}" for k, v in row.items() if k.startswith("train/"))
     evaluated = f" | AP {row['val/AP']:.4f} AP50 {row['val/AP50']:.4f}" if metrics else ""
-    best = f"best AP {run.best['AP']:.4f} (epoch {run.best['epoch']})"
-    print(f"epoch {epoch + 1}/{t.epochs}: {losses} | {stats['img_per_s']:.1f} img/s{evaluated} | {best} | "
+    best = f" | best AP {run.best['AP']:.4f} (epoch {run.best['epoch']})" if run.best["epoch"] > 0 else ""
+    print(f"epoch {epoch + 1}/{t.epochs}: {losses} | {stats['img_per_s']:.1f} img/s{evaluated}{best} | "
           f"{time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
+
+
+def save_interrupted(run: DetRun, at_boundary: bool) -> None:
+    """Rank 0 after Ctrl-C / SIGTERM: last.pt at the position reached, written whatever further signals arrive."""
+    last = run.run_dir / "last.pt"
+    with shielded_from_signals():
+        atomic_save(run.checkpoint(run.summary if at_boundary else {}, run.position[0], True), last)
+        run.saved = run.position
+    epoch, batch = run.position
+    where = f"after epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
+    print(f"\ninterrupted: saved {last} ({where}); continue with train.resume={last}", file=sys.stderr)
 
 
 def train(run: DetRun) -> None:
@@ -189,22 +251,40 @@ def train(run: DetRun) -> None:
             # waits for last.pt (a second one stops at once), so a resume never misses an epoch's row.
             with deferred_interrupts():
                 end_epoch(run, epoch, stats, start)
+    except ForcedStop:
+        if run.info.is_main:
+            print(f"\nstopped at once by a third signal, possibly in the middle of a step: last.pt was not updated; "
+                  f"{survivor_note(run.run_dir, run.saved)}", file=sys.stderr)  # fmt: skip
+        raise
     except KeyboardInterrupt as stop:
+        if run.position[0] >= t.epochs and not isinstance(stop, TrainingInterrupted):
+            return  # the signal came after the last epoch's last.pt: the run is complete, nothing to save again
         if isinstance(stop, TrainingInterrupted):
             run.position, run.partial_sums = (stop.epoch, stop.batch), stop.sums
         if run.info.is_main:
-            at_boundary = not isinstance(stop, TrainingInterrupted)
-            last = run.run_dir / "last.pt"
-            atomic_save(run.checkpoint(run.summary if at_boundary else {}, run.position[0], True), last)
-            print(f"\ninterrupted: saved {last} (epoch {run.position[0] + 1}, batch {run.position[1]}); "
-                  f"continue with train.resume={last}", file=sys.stderr)  # fmt: skip
+            save_interrupted(run, at_boundary=not isinstance(stop, TrainingInterrupted))
         raise
+    except Exception as exc:
+        error = stopped_run_error(exc, run.loaders[::2], run.run_dir, run.saved, MEMORY_ADVICE)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def close_run(run: DetRun) -> None:
+    if run.tb is not None:
+        run.tb.close()
+    cleanup_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
-        print(__doc__.strip().splitlines()[0] + "\n" + USAGE)
+        print(tool_help(__doc__, USAGE, DetConfig))
+        return 0
+    if "--print-config" in argv:
+        cfg, _ = resolve_config([arg for arg in argv if arg != "--print-config"], check_files=False)
+        print(config_to_yaml(cfg), end="")
         return 0
     cfg, ckpt = resolve_config(argv)
     info = init_distributed(cfg.train.device)
@@ -220,13 +300,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.run_dir}", flush=True)  # fmt: skip
     try:
         train(run)
-    finally:
-        if run.tb is not None:
-            run.tb.close()
-        cleanup_distributed()
-    if info.is_main:
-        print(f"done: best AP {run.best['AP']:.4f} AP50 {run.best.get('AP50', 0.0):.4f} at epoch "
-              f"{run.best['epoch']}; weights: {run.run_dir / 'best.pt'}")  # fmt: skip
+    except BaseException:
+        close_run(run)
+        if info.is_main:
+            discard_run_dir(run.run_dir)  # only a new run that never reached a last.pt
+        raise
+    with shielded_from_signals():  # a signal now only comes after the work: the last lines still print
+        close_run(run)
+        if info.is_main:
+            print(f"done: best AP {run.best['AP']:.4f} AP50 {run.best.get('AP50', 0.0):.4f} at epoch "
+                  f"{run.best['epoch']}; weights: {run.run_dir / 'best.pt'}", flush=True)  # fmt: skip
+            if signals_received():
+                print("(the stop signal came after the last epoch was saved: the run is complete, nothing lost)",
+                      file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -9,12 +9,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages
@@ -65,16 +66,108 @@ def quiet_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the system can give new allocations (Linux `MemAvailable`); None where it cannot be read."""
+def _read_int(path: Path) -> int | None:
+    """The integer a one-line cgroup file holds; None for "max", an absent or unreadable file."""
     try:
-        with open("/proc/meminfo") as f:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_paths(proc: Path) -> tuple[str | None, str | None]:
+    """This process's cgroup v2 path and v1 memory-controller path, from `<proc>/self/cgroup`."""
+    v2 = v1 = None
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1 = parts[2]
+    return v2, v1
+
+
+def cgroup_memory_left(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process's container (cgroup) still lets it allocate: the smallest limit minus usage over its own
+    cgroup and the ones above it, v2 (`memory.max`, `memory.current`) or v1 (`memory.limit_in_bytes`,
+    `memory.usage_in_bytes`); None without a limit.
+
+    Args:
+        proc: the proc file system (a parameter so that tests can fake one).
+        cgroup_root: where the cgroup file systems are mounted.
+    """
+    v2, v1 = _cgroup_paths(proc)
+    candidates: list[tuple[Path, str, str]] = []
+    for relative, base, limit, usage in ((v2, cgroup_root, "memory.max", "memory.current"),
+                                         (v1, cgroup_root / "memory", "memory.limit_in_bytes",
+                                          "memory.usage_in_bytes")):  # fmt: skip
+        if relative is None:
+            continue
+        folder = base / relative.lstrip("/")
+        while True:  # the process's own cgroup, then each parent up to the mount point (a parent's limit binds too)
+            candidates.append((folder, limit, usage))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    left = None
+    for folder, limit_name, usage_name in candidates:
+        limit = _read_int(folder / limit_name)
+        if limit is None or limit >= 1 << 60:  # "max", or v1's "no limit" (a huge page-rounded number)
+            continue
+        room = max(limit - (_read_int(folder / usage_name) or 0), 0)
+        left = room if left is None else min(left, room)
+    return left
+
+
+def available_memory(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory new allocations can get: the smaller of Linux's `MemAvailable` (the host's view) and what the
+    container's cgroup limit leaves (`cgroup_memory_left`); None where neither can be read."""
+    host = None
+    try:
+        with open(proc / "meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        host = None
+    container = cgroup_memory_left(proc, cgroup_root)
+    known = [value for value in (host, container) if value is not None]
+    return min(known) if known else None
+
+
+class NamedSamples(Dataset):
+    """A dataset whose errors name the sample: an exception raised while loading index i carries the note
+    "(sample index i)", which a DataLoader worker's re-raised error keeps (`detect.cli.loader_failure` reads it).
+    A `UserError` (bad data, already naming its file) passes unchanged. Other attributes are the wrapped dataset's.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        try:
+            return self.dataset[item]
+        except UserError:
+            raise
+        except Exception as exc:
+            index = item[0] if isinstance(item, tuple) else item
+            exc.add_note(f"(sample index {index})")
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def cache_train_images(train: DetectionDataset) -> bool:
@@ -116,8 +209,8 @@ def build_det_loaders(
     workers = cfg.train.workers
     common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
               "persistent_workers": workers > 0, "worker_init_fn": quiet_worker}  # fmt: skip
-    train_loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=False, **common)
-    val_loader = DataLoader(val, batch_size=batch * 2, shuffle=False, **common)
+    train_loader = DataLoader(NamedSamples(train), batch_size=batch, sampler=sampler, drop_last=False, **common)
+    val_loader = DataLoader(NamedSamples(val), batch_size=batch * 2, shuffle=False, **common)
     return train_loader, sampler, val_loader
 
 

@@ -30,7 +30,7 @@ from backbones import build_backbone
 from backbones.classifier import Classifier
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
-from detect.cli import TrainingInterrupted, check_interrupt, deferred_interrupts
+from detect.cli import ForcedStop, TrainingInterrupted, check_interrupt, deferred_interrupts
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
 from detect.train.distributed import DistInfo, all_reduce_sum
@@ -59,7 +59,13 @@ class SeededSamples(Dataset):
         transform = getattr(self.dataset, "transform", None)
         if transform is not None and hasattr(transform, "set_random_state"):
             seed_transform(transform, (self.seed, epoch, index))
-        return self.dataset[index]
+        try:
+            return self.dataset[index]
+        except UserError:
+            raise
+        except Exception as exc:  # a loader worker's re-raised error keeps the note (`detect.cli.loader_failure`)
+            exc.add_note(f"(sample index {index})")
+            raise
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,8 +259,8 @@ def train_one_epoch(
             img_s = seen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", img_s=f"{img_s:.1f}")
             bar.update(1)
-    except TrainingInterrupted:
-        raise
+    except (TrainingInterrupted, ForcedStop):
+        raise  # ForcedStop: possibly mid-step, the state is not one to save
     except KeyboardInterrupt:
         raise TrainingInterrupted(epoch, done, sums.tolist()) from None
     finally:

@@ -36,6 +36,7 @@ class DetRun:
     partial_sums: dict | None = None
     best: dict = field(default_factory=lambda: {"AP": -1.0, "epoch": 0})
     summary: dict = field(default_factory=dict)  # COCO numbers of the last evaluation, stored with the checkpoint
+    saved: tuple[int, int] | None = None  # the position last.pt holds (None: no last.pt yet)
     tb: Any = None
 
     @property

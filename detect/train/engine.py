@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from backbones.errors import UserError
 from backbones.freeze import keep_frozen_bn_eval
-from detect.cli import TrainingInterrupted, deferred_interrupts
+from detect.cli import ForcedStop, TrainingInterrupted, deferred_interrupts
 from detect.precision import Precision
-from detect.train.distributed import all_reduce_sum, get_world_size, is_main_process, unwrap
+from detect.train.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process, unwrap
 from detect.train.optim import ModelEMA, set_group_values, warmup_accumulate, warmup_values, yolo_lr_factor
 
 
@@ -66,15 +66,32 @@ class StepState:
 
 
 def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch: int, batch: int, step: int) -> None:
-    """A non-finite loss stops training before it reaches the weights (DESIGN §8); names the part and the step."""
-    if torch.isfinite(total):
+    """A non-finite loss stops training before it reaches the weights (DESIGN §8); names the part and the step.
+
+    Under DDP every process learns of any process's non-finite loss at the same step (one small all-reduce of the
+    flags), so all stop together, before the backward pass that would otherwise wait for the missing rank forever;
+    the message names the rank, and only rank 0 prints it (`rank0_reports`).
+    """
+    names, world = list(parts), get_world_size()
+    flags = torch.zeros(world, len(names) + 1, dtype=torch.float64)  # [ranks, parts + total]: 1 = non-finite
+    values = torch.stack([v.detach().double().reshape(()) for v in (*parts.values(), total)]).cpu()
+    flags[get_rank()] = (~torch.isfinite(values)).double()
+    if world > 1:
+        all_reduce_sum(flags)
+    bad_ranks = [rank for rank in range(world) if flags[rank].any()]
+    if not bad_ranks:
         return
-    bad = [name for name, value in parts.items() if not torch.isfinite(value)] or ["total"]
-    raise UserError(
-        f"non-finite loss ({', '.join(f'{name}={float(parts.get(name, total))}' for name in bad)}) at epoch "
-        f"{epoch + 1}, batch {batch + 1} (iteration {step}): stopped before the weights changed; last.pt keeps the "
-        "last good epoch (try a lower train.lr, or train.amp=false)"
+    rank = bad_ranks[0]
+    bad = [name for k, name in enumerate(names) if flags[rank, k]] or ["total"]
+    mine = rank == get_rank()
+    shown = ", ".join(f"{name}={float(parts.get(name, total))}" if mine else name for name in bad)
+    where = f" on rank {rank}" if world > 1 else ""
+    error = UserError(
+        f"non-finite loss ({shown}){where} at epoch {epoch + 1}, batch {batch + 1} (iteration {step}): stopped "
+        "before the weights changed; last.pt keeps the last good epoch (try a lower train.lr, or train.amp=false)"
     )
+    error.rank0_reports = True  # every rank raises it; run_tool prints it on rank 0 only
+    raise error
 
 
 def pending_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -237,6 +254,8 @@ def train_one_epoch(
             rate = images_seen * world / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in sums.means().items()}, "inst": int(targets.shape[0]),
                              "img_s": f"{rate:.1f}"})  # fmt: skip
+    except ForcedStop:
+        raise  # possibly mid-step: the state is not one to save
     except KeyboardInterrupt:
         # Gradients accumulated since the last optimizer step travel in last.pt (`pending_gradients`).
         raise TrainingInterrupted(epoch, completed, sums.to_state()) from None
