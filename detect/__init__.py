@@ -10,16 +10,21 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 if TYPE_CHECKING:
+    from detect.api import load
     from detect.models import Detector, DetectorSpec, PartSpec, build_detector, build_yolo
 
-__all__ = ["Detector", "DetectorSpec", "PartSpec", "build_detector", "build_yolo"]
+__all__ = ["Detector", "DetectorSpec", "PartSpec", "build_detector", "build_yolo", "load"]
 
 
 def __getattr__(name: str) -> Any:
-    """Resolve `detect.Detector`, `detect.build_yolo`, ... on first use (PEP 562).
+    """Resolve `detect.load`, `detect.Detector`, `detect.build_yolo`, ... on first use (PEP 562).
 
     Lazy so that `import detect.boxes` (or any light submodule) does not build the model stack and its imports.
     """
+    if name == "load":
+        from detect.api import load
+
+        return load
     if name in __all__:
         from detect import models
 

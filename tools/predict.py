@@ -1,13 +1,20 @@
-"""Draw a detector's boxes on images: `python tools/predict.py --weights W --source IMG|DIR|GLOB [options]`.
+"""Draw a detector's boxes on images: `python tools/predict.py --weights W --source IMG|DIR|GLOB|VIDEO [options]`.
 
-Writes annotated copies (box, class name, score) and `predictions.json` (per file: xyxy boxes in original-image
-pixels, scores, labels, class names) to `--out` (default `runs/predict/<run name>`, never overwriting). Videos
-(.mp4 .avi .mov .mkv) are read and written frame by frame through OpenCV. Options: `--conf 0.25 --iou 0.7
---max-det 300 --img-size N (default: the training size) --device auto|cpu|cuda --bf16`.
+W is a plugdet checkpoint (train_det's best.pt, or tools/import_ultralytics.py's output) or an `.onnx` from
+tools/export.py (run by onnxruntime). Writes annotated copies (box, class name, score) and `predictions.json` (per
+file: xyxy boxes in original-image pixels, scores, labels, class names) to `--out` (default
+`runs/predict/<run name>`, never overwriting). A folder gives its files (`--recursive`: every file below it); a glob
+is expanded by Python (`'data/**/*.jpg'` matches any depth; quote it so the shell does not). Videos (.mp4 .avi .mov
+.mkv) are read and written frame by frame through OpenCV. Options: `--conf 0.25 --iou 0.7 --max-det 300 --img-size N
+(default: the training size; a multiple of 32) --square --device auto|cpu|cuda|cuda:K --bf16 --info`.
+
+Each image is letterboxed to the smallest rectangle whose sides are multiples of the stride, its long side at the
+image size, as Ultralytics' predictor does (`--square`: to S x S). A fixed-size ONNX file gets its export size.
 
 Output files are named after the input files (`<name>`, or `<folder>_<name>`, `<folder>_<name>-2`, ... when names
 repeat), always directly inside `--out`. An unreadable image (missing, corrupt, truncated) is skipped with a
-`warning:` line naming it and listed under "skipped" in the summary; if no input can be read, exit code 2.
+`warning:` line naming it and listed under "skipped" in the summary; if no input can be read, exit code 2. A bad
+option value (`--conf 2`, `--img-size 100`) is one line and exit code 2 before anything is read.
 """
 
 from __future__ import annotations
@@ -15,36 +22,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
+from detect.api import Model, Result, check_settings, load
 from detect.cli import run_tool
 from detect.data.source import read_image_rgb
-from detect.eval.viz import draw_detections
-from detect.inference import VIDEO_SUFFIXES, detect_image, detections_to_json, find_inputs
-from detect.models.checkpoint import load_detector
-from detect.train.distributed import select_device
+from detect.inference import VIDEO_SUFFIXES, find_inputs
 from detect.train.runs import make_run_dir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--weights", required=True, help="best.pt / last.pt from train_det.py")
-    parser.add_argument("--source", required=True, help="an image, a folder, a glob ('imgs/*.jpg') or a video")
+    parser.add_argument("--weights", required=True, help="best.pt / last.pt, an imported Ultralytics .pt, an .onnx")
+    parser.add_argument("--source", required=True, help="an image, a folder, a glob ('imgs/**/*.jpg') or a video")
     parser.add_argument("--out", default=None, help="output folder (default runs/predict/<run name>)")
-    parser.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
-    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
+    parser.add_argument("--conf", type=float, default=0.25, help="score threshold in [0, 1] (default 0.25)")
+    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold in [0, 1] (default 0.7)")
     parser.add_argument("--max-det", type=int, default=300, help="most boxes per image (default 300)")
-    parser.add_argument("--img-size", type=int, default=None, help="letterbox side (default: the training size)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on recent CPUs)")
+    parser.add_argument("--img-size", type=int, default=None, help="letterbox long side (default: the training size)")
+    parser.add_argument("--square", action="store_true", help="letterbox to S x S instead of the stride rectangle")
+    parser.add_argument("--recursive", action="store_true", help="a --source folder's sub-folders too")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 with a warning on CPUs without "
+                        "native bf16)")  # fmt: skip
+    parser.add_argument("--info", action="store_true", help="print parameters, GFLOPs at the image size and layers")
     return parser.parse_args(argv)
 
 
-def predict_video(path: Path, out_path: Path, run: callable, names: list[str]) -> list[dict]:
+def predict_video(path: Path, out_path: Path, run: Callable[[np.ndarray], Result]) -> list[dict]:
     """Annotate every frame of a video; returns one detections entry per frame."""
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
@@ -55,14 +66,12 @@ def predict_video(path: Path, out_path: Path, run: callable, names: list[str]) -
         ok, frame = capture.read()
         if not ok:
             break
-        rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        result = run(rgb)
-        drawn = draw_detections(rgb, result["boxes"], result["labels"], result["scores"], names)
+        result = run(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
         if writer is None:
             fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-            writer = cv2.VideoWriter(str(out_path), fourcc, fps, (rgb.shape[1], rgb.shape[0]))
-        writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-        entries.append({**detections_to_json(path, result, names), "frame": frame_index})
+            writer = cv2.VideoWriter(str(out_path), fourcc, fps, (frame.shape[1], frame.shape[0]))
+        writer.write(cv2.cvtColor(result.plot(), cv2.COLOR_RGB2BGR))
+        entries.append({**result.to_json(), "file": str(path), "frame": frame_index})
         frame_index += 1
     capture.release()
     if writer is not None:
@@ -89,21 +98,21 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    files = find_inputs(args.source)
-    device = select_device(args.device)
-    model, ckpt = load_detector(args.weights, device, fuse=True, channels_last=True)
-    names = list(ckpt["class_names"])
-    img_size = args.img_size or int(ckpt["config"]["data"]["img_size"])
+    check_settings(args.conf, args.iou, args.img_size, args.max_det)  # before any work
+    files = find_inputs(args.source, args.recursive)
+    model: Model = load(args.weights, device=args.device, precision="bf16" if args.bf16 else "fp32")
+    if args.info:
+        model.info(args.img_size)
     out = make_run_dir(args.out or Path("runs/predict") / Path(args.weights).resolve().parent.name)
 
-    def run(image):
-        return detect_image(model, image, img_size, device, args.conf, args.iou, args.max_det, args.bf16)
+    def run(image: np.ndarray) -> Result:
+        return model.predict(image, args.conf, args.iou, args.img_size, args.max_det, rect=not args.square)[0]
 
     entries, used, skipped = [], set(), []
     for path in files:
         name = output_name(path, used)
         if path.suffix.lower() in VIDEO_SUFFIXES:
-            entries += predict_video(path, out / (Path(name).stem + ".mp4"), run, names)
+            entries += predict_video(path, out / (Path(name).stem + ".mp4"), run)
             continue
         try:
             image = read_image_rgb(path)
@@ -112,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(str(path))
             continue
         result = run(image)
-        drawn = draw_detections(image, result["boxes"], result["labels"], result["scores"], names)
-        cv2.imwrite(str(out / name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-        entries.append(detections_to_json(path, result, names))
+        cv2.imwrite(str(out / name), cv2.cvtColor(result.plot(), cv2.COLOR_RGB2BGR))
+        entries.append({**result.to_json(), "file": str(path)})
     if skipped and len(skipped) == len(files):
         raise UserError(f"none of the {len(files)} input file(s) could be read; the first: {skipped[0]}")
     atomic_write_bytes(json.dumps(entries, indent=1).encode("utf-8"), out / "predictions.json")

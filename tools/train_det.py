@@ -15,6 +15,8 @@ worker: one line saying which last.pt survived, exit code 1. `--print-config` pr
 # ruff: noqa: E402  (the imports below come after the light --help answer)
 from __future__ import annotations
 
+import json
+import logging
 import sys
 
 USAGE = ("usage: train_det.py [CONFIG.yaml] [key=value ...] [--print-config] [--debug]   "
@@ -46,11 +48,13 @@ from detect.cli import (
 from detect.config import DetConfig, DetDataConfig, check_input_files, config_to_yaml, load_config
 from detect.config_help import tool_help
 from detect.data.coco import write_coco_json
+from detect.eval.analysis import save_analysis
 from detect.eval.evaluate import evaluate, nan_to_zero
 from detect.eval.viz import plot_curves, plot_pr_curve, save_gt_vs_pred_grid
 from detect.models.checkpoint import read_detector_checkpoint
+from detect.models.info import format_info, model_info
 from detect.plugins import import_plugins
-from detect.precision import Precision
+from detect.precision import Precision, choose_bf16
 from detect.train.builders import (
     build_det_criterion,
     build_det_datasets,
@@ -76,6 +80,7 @@ from detect.train.runs import (
 )
 from detect.train.seeding import seed_everything
 
+logger = logging.getLogger("plugdet")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 FIRST_RUN = ("train without pretrained backbone weights with model.backbone_weights=null, or pretrain them first with "
              "`python tools/train_cls.py` (it writes runs/cls/default/backbone.pt)")  # fmt: skip
@@ -155,7 +160,7 @@ def setup(cfg: Any, ckpt: dict | None, info: DistInfo) -> DetRun:
         loaders = build_det_loaders(train_set, val_set, cfg, info)
         iters = -(-len(loaders[1].shard(0)) // loaders[0].batch_size)  # batches in a full epoch
         opt = Optimization(optimizer, build_schedule(cfg, iters), ema, scaler, t.grad_clip)
-        precision = Precision(info.device, t.amp, t.bf16, t.channels_last)
+        precision = Precision(info.device, t.amp, choose_bf16(info.device, t.bf16, "train.bf16"), t.channels_last)
         tb = open_tensorboard(run_dir) if info.is_main else None
     except BaseException:
         if info.is_main:
@@ -206,7 +211,7 @@ def end_epoch(run: DetRun, epoch: int, stats: dict, start: float) -> None:
     require_run_dir(run.run_dir)
     metrics: dict[str, Any] = {}
     if (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == t.epochs:
-        metrics, _, kept = evaluate(run.evaluated, run.loaders[2], run.run_dir / "val_gt.json",
+        metrics, predictions, kept = evaluate(run.evaluated, run.loaders[2], run.run_dir / "val_gt.json",
                                     list(run.train_set.source.category_ids), run.precision, cfg.eval.conf,
                                     cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, keep_images=8,
                                     coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
@@ -216,6 +221,9 @@ def end_epoch(run: DetRun, epoch: int, stats: dict, start: float) -> None:
         run.best = {"AP": row["val/AP"], "AP50": row["val/AP50"], "epoch": epoch + 1}
         atomic_save(run.checkpoint(run.summary, epoch + 1, False), run.run_dir / "best.pt")
         save_pictures(run, kept, metrics)
+    if metrics and epoch + 1 == t.epochs:  # the analysis pictures of the final model (as val_det draws them)
+        gt = json.loads((run.run_dir / "val_gt.json").read_text())
+        save_analysis(gt, predictions, metrics, list(run.val_set.source.class_names), run.run_dir)
     atomic_save(run.checkpoint(run.summary, epoch + 1, True), run.run_dir / "last.pt")
     run.saved = run.position
     losses = " ".join(f"{k.removeprefix('train/')} {v:.3f}" for k, v in row.items() if k.startswith("train/"))
@@ -292,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     run = setup(cfg, ckpt, info)
+    if info.is_main:  # after every input check: bad input stays one line
+        logger.info(format_info(model_info(run.evaluated, cfg.data.img_size), "detector"))
     spec = run.arch
     if info.is_main:
         print(f"train_det: {spec['backbone']['name']} + {spec['neck']['name']} neck + {spec['head']['name']} head, "

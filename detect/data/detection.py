@@ -56,6 +56,7 @@ from detect.data.transforms import (
     long_side_size,
     random_affine,
     random_hsv,
+    rect_shape,
     resize_long_side,
 )
 
@@ -125,6 +126,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self._mosaic_closed = torch.zeros(1, dtype=torch.uint8).share_memory_()
         self.unreadable = UnreadableImages(len(source), "training images") if train else None
         self._cache: list[ResizedImage | None] | None = None  # filled by cache_images()
+        self.shapes: list[tuple[int, int]] | None = None  # per-image (H, W) canvas of rect val (`rect_batches`)
 
     def check_images(self) -> int:
         """Scan every image once without decoding (header, JPEG end marker) and read every annotation.
@@ -193,6 +195,34 @@ class DetectionDataset(torch.utils.data.Dataset):
             self._cache = list(pool.map(read, range(len(self))))
         return sum(item[0].nbytes for item in self._cache if item is not None)
 
+    def rect_batches(self, batch_size: int, stride: int = 32) -> list[list[int]]:
+        """Rect validation: batches of images of similar aspect ratio, each letterboxed to its own smallest canvas.
+
+        The images are sorted by aspect ratio h / w (from their file headers, no decoding) and cut into consecutive
+        batches; a batch's canvas is the smallest (H, W), multiples of `stride`, that holds every image of it with
+        its long side at S (for one image: `rect_shape`). CUB-shaped 500 x 375 photos at 256 px need 256 x 192
+        instead of 256 x 256. After this call, `dataset[i]` letterboxes to its batch's canvas; pass the batches as a
+        DataLoader's `batch_sampler`. Boxes still map back through each image's meta (ratio, pad).
+
+        Returns:
+            The batches, lists of indices (every index once).
+        """
+        if self.train:
+            raise ValueError("rect batches are for validation (training samples are S x S after the affine)")
+        if self.img_size % stride:
+            raise UserError(f"img_size {self.img_size} must be a multiple of the stride {stride} for rect batches")
+        sizes = [self.source.image_size(i) for i in range(len(self))]  # (h, w) each
+        order = sorted(range(len(self)), key=lambda i: (sizes[i][0] / sizes[i][1], i))
+        shapes: list[tuple[int, int]] = [(self.img_size, self.img_size)] * len(self)
+        batches = [order[k : k + batch_size] for k in range(0, len(order), max(1, batch_size))]
+        for batch in batches:
+            rects = [rect_shape(*sizes[i], self.img_size, stride) for i in batch]
+            canvas = (max(r[0] for r in rects), max(r[1] for r in rects))
+            for i in batch:
+                shapes[i] = canvas
+        self.shapes = shapes
+        return batches
+
     def __len__(self) -> int:
         return len(self.source)
 
@@ -233,7 +263,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         else:
             image = self.source.load_image(i)
             boxes, labels = self.source.annotations(i)
-            image, boxes, meta = letterbox(image, self.img_size, boxes)
+            shape = self.shapes[i] if self.shapes is not None else None
+            image, boxes, meta = letterbox(image, self.img_size, boxes, shape=shape)
         meta = {"image_id": self.source.image_ids[i], **meta, "index": i}
         image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W] view of the HWC pixels
         boxes_t = torch.from_numpy(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))  # [n, 4]

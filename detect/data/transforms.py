@@ -33,21 +33,43 @@ from backbones.errors import UserError
 PAD_VALUE = 114  # grey used by YOLOv8 for letterbox padding, Mosaic canvas and affine borders
 
 
-def letterbox_geometry(h: int, w: int, size: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
-    """Letterbox geometry of an h x w image into size x size, without touching pixels.
+def letterbox_geometry(
+    h: int, w: int, size: int, shape: tuple[int, int] | None = None
+) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """Letterbox geometry of an h x w image into size x size (or into `shape`), without touching pixels.
 
     Args:
         h, w: image size.
-        size: output side S.
+        size: output side S (the square), used when `shape` is None.
+        shape: (H, W) output rectangle instead of the square (`rect_shape`, or a val batch's shape).
 
     Returns:
-        (r = min(S / h, S / w), (new_w, new_h) = rounded resized size, (left, top) padding).
+        (r = min(S / h, S / w), (new_w, new_h) = rounded resized size, (left, top) padding, centred: the extra
+        pixel of an odd padding goes to the right / bottom, as Ultralytics' `LetterBox` does). The ratio always
+        comes from S (the long side becomes S); a `shape` is only the canvas. Should the image not fit it (a
+        val batch's shape is planned from file headers, which an EXIF rotation contradicts), the ratio shrinks to
+        min(H / h, W / w) so that it does.
     """
     if size <= 0:
         raise UserError(f"letterbox size must be positive, got {size}: img_size")
+    out_h, out_w = (size, size) if shape is None else (int(shape[0]), int(shape[1]))
     r = min(size / h, size / w)
-    new_w, new_h = min(max(round(w * r), 1), size), min(max(round(h * r), 1), size)
-    return r, (new_w, new_h), ((size - new_w) // 2, (size - new_h) // 2)
+    if round(w * r) > out_w or round(h * r) > out_h:
+        r = min(out_h / h, out_w / w)
+    new_w, new_h = min(max(round(w * r), 1), out_w), min(max(round(h * r), 1), out_h)
+    return r, (new_w, new_h), ((out_w - new_w) // 2, (out_h - new_h) // 2)
+
+
+def rect_shape(h: int, w: int, size: int, stride: int = 32) -> tuple[int, int]:
+    """The smallest (H, W), both multiples of `stride`, that holds an h x w image letterboxed with its long side at
+    `size` (a multiple of `stride`): Ultralytics' `LetterBox(auto=True)`, what its predictor uses by default.
+
+    E.g. 1080 x 810 (bus.jpg) at 640 -> (640, 480); 720 x 1280 (zidane.jpg) -> (384, 640); a square stays square.
+    """
+    if size <= 0 or size % stride:
+        raise UserError(f"image size must be a positive multiple of {stride}, got {size}")
+    _, (new_w, new_h), _ = letterbox_geometry(h, w, size)
+    return -(-new_h // stride) * stride, -(-new_w // stride) * stride
 
 
 def letterbox(
@@ -55,29 +77,33 @@ def letterbox(
     size: int,
     boxes: np.ndarray | None = None,
     color: tuple[int, int, int] = (PAD_VALUE, PAD_VALUE, PAD_VALUE),
+    shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Resize keeping the aspect ratio so the image fits in size x size, then pad it centred.
+    """Resize keeping the aspect ratio so the image fits in size x size (or in `shape` (H, W)), then pad it centred.
 
     The ratio is r = min(S / h, S / w); the image is resized with cv2.INTER_LINEAR in both directions (as Ultralytics'
     validation loader does, so validation pixels match) to (round(w r), round(h r)). Boxes map as box * r + pad,
-    which `detect.boxes.scale_boxes_to_original` inverts exactly.
+    which `detect.boxes.scale_boxes_to_original` inverts exactly. With `shape = rect_shape(h, w, S)` this is the
+    rectangular letterbox of Ultralytics' predictor (`LetterBox(auto=True)`): the same pixels, fewer of them.
 
     Args:
         image: [H, W, 3] uint8.
         size: output side S.
         boxes: [n, 4] xyxy pixels of `image`, or None.
         color: padding colour.
+        shape: (H_out, W_out) output rectangle instead of S x S.
 
     Returns:
-        (image [S, S, 3] uint8, boxes [n, 4] float32 in output pixels or None,
+        (image [S, S, 3] (or [H_out, W_out, 3]) uint8, boxes [n, 4] float32 in output pixels or None,
         meta {"ratio": (r, r), "pad": (left, top), "orig_size": (h, w)}).
     """
     h, w = image.shape[:2]
-    r, (new_w, new_h), (left, top) = letterbox_geometry(h, w, size)
+    r, (new_w, new_h), (left, top) = letterbox_geometry(h, w, size, shape)
+    out_h, out_w = (size, size) if shape is None else (int(shape[0]), int(shape[1]))
     if (new_w, new_h) != (w, h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     out = cv2.copyMakeBorder(
-        image, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=tuple(color)
+        image, top, out_h - new_h - top, left, out_w - new_w - left, cv2.BORDER_CONSTANT, value=tuple(color)
     )
     if boxes is not None:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.float32(r)  # [n, 4]

@@ -185,6 +185,12 @@ def plot_confusion_matrix(
     return _save_figure(fig, out_png)
 
 
+def format_score(score: float) -> str:
+    """A score for a box label with 3 significant digits: 0.87, 0.123, 0.00123 (a fixed 2 decimals would show the
+    low scores validation keeps, down to 0.001, as 0.00)."""
+    return f"{float(score):.3g}"
+
+
 def class_color(label: int, color_seed: int = 0) -> tuple[int, int, int]:
     """The palette colour (RGB) of a contiguous class label; `color_seed` rotates the palette."""
     return PALETTE[(int(label) + int(color_seed)) % len(PALETTE)]
@@ -255,7 +261,7 @@ def draw_detections(
         if show_labels:
             label = int(labels_np[k])
             name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
-            text = name if scores_np is None else f"{name} {scores_np[k]:.2f}"
+            text = name if scores_np is None else f"{name} {format_score(scores_np[k])}"
             _draw_label(out, text, x1, y1, colour, lw, fs)
     return out
 

@@ -210,7 +210,8 @@ def build_det_loaders(
     common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
               "persistent_workers": workers > 0, "worker_init_fn": quiet_worker}  # fmt: skip
     train_loader = DataLoader(NamedSamples(train), batch_size=batch, sampler=sampler, drop_last=False, **common)
-    val_loader = DataLoader(NamedSamples(val), batch_size=batch * 2, shuffle=False, **common)
+    # rect validation: batches of similar aspect ratio, each letterboxed to its own smallest canvas (DESIGN §6)
+    val_loader = DataLoader(NamedSamples(val), batch_sampler=val.rect_batches(batch * 2), **common)
     return train_loader, sampler, val_loader
 
 

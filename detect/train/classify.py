@@ -33,6 +33,7 @@ from backbones.freeze import freeze_stages, keep_frozen_bn_eval
 from detect.cli import ForcedStop, TrainingInterrupted, check_interrupt, deferred_interrupts
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
+from detect.precision import choose_bf16
 from detect.train.distributed import DistInfo, all_reduce_sum
 from detect.train.optim import ModelEMA, lr_at
 from detect.train.resume import restore_resume_state, resume_state
@@ -150,8 +151,9 @@ def build_lr_schedule(cfg: DictConfig) -> Callable[[float], float]:
 
 
 def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """Mixed precision: bfloat16 with `train.bf16` (CPU or CUDA), float16 with `train.amp` on CUDA, else None."""
-    if cfg.train.bf16:
+    """Mixed precision: bfloat16 with `train.bf16` (CPU or CUDA; on a CPU without native bf16, fp32 with one
+    warning, `choose_bf16`), float16 with `train.amp` on CUDA, else None."""
+    if choose_bf16(device, cfg.train.bf16, "train.bf16"):
         return torch.bfloat16
     if cfg.train.amp and device.type == "cuda":
         return torch.float16

@@ -1,4 +1,5 @@
-"""tools/export.py: the synthetic mini-CUB exported to COCO json and YOLO txt reads back with the same boxes."""
+"""tools/convert_data.py (data-set export; model export is tools/export.py): the synthetic mini-CUB exported to
+COCO json and YOLO txt reads back with the same boxes."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from detect.data.cub import CubDetection
 from detect.data.yolo import YoloDetection
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "export.py"
-_spec = importlib.util.spec_from_file_location("export_tool", TOOL)
+TOOL = REPO / "tools" / "convert_data.py"
+_spec = importlib.util.spec_from_file_location("convert_data_tool", TOOL)
 export_tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(export_tool)
 

@@ -1,0 +1,300 @@
+"""Model export (ONNX, TorchScript) and the onnxruntime runner that predict, val_det and the API use for `.onnx`.
+
+What an exported YOLO-family file computes: `images [B, 3, H, W]` float RGB in [0, 1] (letterboxed, grey 114 pad)
+-> `preds [B, A, 4 + C]`, xyxy input pixels then sigmoid scores (the eval output of `Detector`, DESIGN §3), which
+the caller turns into detections with `detect.postprocess.postprocess`. With `nms=True` the graph ends in NMS
+instead (ONNX `NonMaxSuppression`) and returns `detections [K, 7]` rows `(image index, x1, y1, x2, y2, score,
+label)`, sorted by decreasing score, with the confidence threshold, IoU threshold and `max_det` per image fixed at
+export (one candidate per anchor: its best class, as `predict` does; multi-label validation needs the raw file).
+
+Sizes: a file exported without `dynamic` takes exactly the export size (batch 1), and whoever runs it letterboxes
+to that size; with `dynamic`, batch, height and width are free (any multiple of the stride), so the rectangular
+letterbox works through onnxruntime too. The anchors are computed in the graph from the feature-map sizes for that
+reason (the eager head caches them from Python ints, which a trace would freeze).
+
+Everything a runner needs travels in the file: ONNX metadata key `plugdet` (TorchScript: extra file `plugdet.json`)
+holds JSON with the class names, category ids, image size, stride, NMS settings and the checkpoint's config, so
+`val_det.py --weights model.onnx` knows its data set. The ONNX files come from the TorchScript-based exporter
+(`torch.onnx.export(..., dynamo=False)`, opset >= 17), which needs `onnx` only; onnxruntime runs them (`pip install
+-e .[onnx]`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import nms
+
+from backbones.errors import UserError
+from detect.boxes import dist2bbox
+from detect.models.detector import Detector
+from detect.models.heads.yolo import YoloHead, flatten_levels
+from detect.postprocess import postprocess
+
+META_KEY = "plugdet"
+FORMATS = ("onnx", "torchscript")
+
+
+def _anchors(level_maps: Sequence[torch.Tensor], strides: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell-centre anchor points [A, 2] (grid units) and strides [A, 1] from the maps' own sizes, traceably (the
+    same values and order as `detect.boxes.make_anchors`)."""
+    points, scales = [], []
+    for x, stride in zip(level_maps, strides, strict=True):
+        height, width = x.shape[2], x.shape[3]
+        xs = torch.arange(width, device=x.device, dtype=torch.float32) + 0.5
+        ys = torch.arange(height, device=x.device, dtype=torch.float32) + 0.5
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # [H, W] each
+        points.append(torch.stack((grid_x, grid_y), dim=-1).reshape(-1, 2))  # [H*W, 2]
+        scales.append((torch.zeros_like(grid_x) + float(stride)).reshape(-1, 1))  # [H*W, 1]
+    return torch.cat(points), torch.cat(scales)
+
+
+def _dfl(box_logits: torch.Tensor, bins: torch.Tensor, reg_max: int) -> torch.Tensor:
+    """`dfl_distances` with the bin count as a constant, so the 1x1 convolution's kernel has a known shape in the
+    graph (the same convolution, so the same sums): [B, 4 * R, A] -> [B, A, 4]."""
+    batch, num_anchors = box_logits.shape[0], box_logits.shape[2]
+    probs = box_logits.view(batch, 4, reg_max, num_anchors).transpose(1, 2).softmax(dim=1)  # [B, R, 4, A]
+    distance = F.conv2d(probs, bins.to(probs.dtype).view(1, reg_max, 1, 1))  # [B, 1, 4, A]
+    return distance.view(batch, 4, num_anchors).transpose(1, 2)  # [B, A, 4]
+
+
+def nms_in_graph(preds: torch.Tensor, conf: float, iou: float, max_det: int) -> torch.Tensor:
+    """Class-aware NMS written with traceable ops (it exports to ONNX NonZero / NonMaxSuppression / CumSum).
+
+    Args:
+        preds: [B, A, 4 + C] decoded outputs.
+        conf, iou, max_det: score threshold (strict), NMS IoU, most detections per image.
+
+    Returns:
+        [K, 7] rows (image index, x1, y1, x2, y2, score, label), by decreasing score.
+    """
+    batch, num_classes = preds.shape[0], preds.shape[2] - 4
+    best, label = preds[..., 4:].max(dim=-1)  # [B, A] each
+    image, anchor = (best > conf).nonzero(as_tuple=True)  # [K] each
+    boxes, scores, labels = preds[image, anchor, :4], best[image, anchor], label[image, anchor]  # [K, 4], [K], [K]
+    # torchvision's batched-NMS offset: every (image, class) group moves to its own region of the plane
+    offsets = (image * num_classes + labels).to(boxes.dtype) * (preds[..., :4].max() + 1)  # [K]
+    keep = nms(boxes + offsets[:, None], scores, iou)  # [K'] by decreasing score
+    kept_image = image[keep]  # [K']
+    one_hot = (kept_image[:, None] == torch.arange(batch, device=preds.device)[None, :]).to(torch.int64)  # [K', B]
+    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # [K'] rank inside its image
+    keep = keep[rank < max_det]
+    return torch.cat((image[keep, None].to(boxes.dtype), boxes[keep], scores[keep, None],
+                      labels[keep, None].to(boxes.dtype)), dim=1)  # fmt: skip
+
+
+class ExportModule(nn.Module):
+    """A detector as exported: images -> `preds [B, A, 4 + C]` (YOLO family, shape-generic decode), or -> the
+    [K, 7] detections with `nms`; another head family exports its own eval output at a fixed size."""
+
+    def __init__(self, detector: Detector, nms: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self.detector = detector.eval()
+        self.nms = dict(nms) if nms else None
+        self.yolo = isinstance(detector.head, YoloHead)
+        if self.nms and not self.yolo:
+            raise UserError("--nms applies to the YOLO head family (decoded [B, A, 4 + C] outputs) only")
+        self.eval()  # the exporter restores this mode afterwards; a fused detector refuses train mode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        detector = self.detector
+        if not self.yolo:
+            return detector(images)
+        head: YoloHead = detector.head  # type: ignore[assignment]
+        raw = head(detector.neck(detector.backbone(images)))  # per level [B, 4R + C, H_l, W_l]
+        box_logits, cls_logits = flatten_levels(raw, head.reg_max, head.num_classes)  # [B, 4R, A], [B, C, A]
+        distance = _dfl(box_logits, head.dfl_bins.float(), head.reg_max)  # [B, A, 4]
+        points, strides = _anchors(raw, head.strides)  # [A, 2], [A, 1]
+        preds = torch.cat((dist2bbox(distance, points) * strides, cls_logits.transpose(1, 2).sigmoid()), dim=-1)
+        if self.nms:
+            return nms_in_graph(preds, self.nms["conf"], self.nms["iou"], int(self.nms["max_det"]))
+        return preds  # [B, A, 4 + C]
+
+
+def export_metadata(checkpoint: Mapping[str, Any], img_size: tuple[int, int], stride: int, dynamic: bool,
+                    nms: Mapping[str, float] | None, half: bool) -> dict[str, Any]:  # fmt: skip
+    """What a runner needs from the checkpoint, as plain JSON data (stored in the exported file)."""
+    return {"format": 1, "class_names": list(checkpoint["class_names"]),
+            "category_ids": [int(c) for c in checkpoint.get("category_ids") or
+                             range(1, len(checkpoint["class_names"]) + 1)],
+            "img_size": [int(img_size[0]), int(img_size[1])], "stride": int(stride), "dynamic": bool(dynamic),
+            "nms": dict(nms) if nms else None, "half": bool(half), "arch": checkpoint.get("arch"),
+            "config": checkpoint.get("config") or {}}  # fmt: skip
+
+
+def export_model(
+    detector: Detector,
+    checkpoint: Mapping[str, Any],
+    out: str | os.PathLike,
+    fmt: str = "onnx",
+    img_size: int | tuple[int, int] = 640,
+    dynamic: bool = False,
+    nms: Mapping[str, float] | None = None,
+    half: bool = False,
+    opset: int = 17,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Export a detector to ONNX or TorchScript (see the module docstring).
+
+    Args:
+        detector: the detector (eval mode; fused or not).
+        checkpoint: its checkpoint dict (class names, config) for the metadata.
+        out: the file to write (written to a temp file, then moved into place).
+        fmt: "onnx" or "torchscript".
+        img_size: export size (H, W) or a square side; a multiple of the stride.
+        dynamic: batch, height and width dynamic (ONNX); otherwise batch 1 at `img_size`.
+        nms: {"conf", "iou", "max_det"} to end the graph in NMS, or None for the raw `[B, A, 4 + C]`.
+        half: fp16 weights and input (CUDA only: fp16 convolutions on a CPU are emulated and slow).
+        opset: ONNX opset (>= 17).
+        device: where the trace runs ("cuda" for `half`).
+
+    Returns:
+        The written path.
+    """
+    from backbones.checkpoint import atomic_open
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    device = torch.device(device)
+    if half and device.type != "cuda":
+        raise UserError("--half exports fp16 for CUDA and needs a CUDA device (--device cuda); fp16 on a CPU is slow")
+    if fmt == "onnx" and opset < 17:
+        raise UserError(f"--opset {opset}: plugdet exports opset 17 or newer")
+    h, w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+    stride = max(detector.strides)
+    if h % stride or w % stride or h <= 0 or w <= 0:
+        raise UserError(f"export size {h}x{w} must be positive multiples of the stride {stride}")
+    module = ExportModule(detector.to(device), nms)
+    if not module.yolo and dynamic:
+        raise UserError(f"--dynamic needs the YOLO head family; {type(detector.head).__name__} exports at one size")
+    example = torch.zeros(1, 3, h, w, device=device)
+    if half:
+        module, example = module.half(), example.half()
+    meta = json.dumps(export_metadata(checkpoint, (h, w), stride, dynamic, nms, half))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter: the parity tests are the check
+        if fmt == "torchscript":
+            with torch.no_grad():
+                traced = torch.jit.trace(module, example, check_trace=False)
+            with atomic_open(path) as f:
+                torch.jit.save(traced, f, _extra_files={"plugdet.json": meta})
+            return path
+        _export_onnx(module, example, path, dynamic, bool(nms), opset, meta)
+    return path
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, with_nms: bool, opset: int,
+                 meta: str) -> None:  # fmt: skip
+    """torch.onnx.export (TorchScript-based) into memory, add the metadata, write atomically."""
+    import io
+
+    from backbones.checkpoint import atomic_write_bytes
+
+    try:
+        import onnx
+    except ImportError as err:
+        raise UserError("ONNX export needs the `onnx` package: pip install -e '.[onnx]'") from err
+    output = "detections" if with_nms else "preds"
+    axes = None
+    if dynamic:
+        axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+        axes[output] = {0: "rows"} if with_nms else {0: "batch", 1: "anchors"}
+    elif with_nms:
+        axes = {output: {0: "rows"}}
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, (example,), buffer, input_names=["images"], output_names=[output],
+                          opset_version=opset, dynamic_axes=axes, dynamo=False, do_constant_folding=True)  # fmt: skip
+    model = onnx.load_from_string(buffer.getvalue())
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, meta
+    onnx.checker.check_model(model)
+    atomic_write_bytes(model.SerializeToString(), path)
+
+
+class OnnxDetector:
+    """An exported `.onnx` run by onnxruntime, with the `detect` interface of `Detector` (so `evaluate`, the API and
+    predict run it unchanged).
+
+    Attributes:
+        meta: the file's plugdet metadata (class names, config, ...).
+        fixed_shape: (H, W) the file takes, or None for a dynamic file.
+        strides: (stride,) of the exported model.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise UserError(f"running {path} needs onnxruntime: pip install -e '.[onnx]'") from err
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"ONNX file not found: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError(f"{path}: onnxruntime here has no CUDA provider (pip install onnxruntime-gpu)")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own types for a file that is no ONNX model
+            raise UserError(f"cannot read ONNX model {path}: {str(err).splitlines()[0]}") from None
+        custom = self.session.get_modelmeta().custom_metadata_map
+        if META_KEY not in custom:
+            raise UserError(f"{path} was not exported by plugdet (no '{META_KEY}' metadata): use tools/export.py")
+        self.meta: dict[str, Any] = json.loads(custom[META_KEY])
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.input_dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
+        dims = model_input.shape  # ints, or names of dynamic axes
+        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
+        self.fixed_shape = (dims[2], dims[3]) if isinstance(dims[2], int) and isinstance(dims[3], int) else None
+        self.strides = (int(self.meta["stride"]),)
+        self.num_classes = len(self.meta["class_names"])
+        self.path = path
+
+    def eval(self) -> OnnxDetector:
+        return self
+
+    def forward_numpy(self, images: np.ndarray) -> np.ndarray:
+        """The file's raw output for float images [B, 3, H, W] (a fixed-batch file runs in chunks)."""
+        step = self.fixed_batch or len(images)
+        outs = []
+        for start in range(0, len(images), step):
+            chunk = np.ascontiguousarray(images[start : start + step], dtype=self.input_dtype)
+            out = self.session.run(None, {self.input_name: chunk})[0]
+            if self.meta.get("nms"):
+                out = out.copy()
+                out[:, 0] += start
+            outs.append(out)
+        return np.concatenate(outs, axis=0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.forward_numpy(images.detach().float().cpu().numpy())).float()
+
+    def detect(
+        self, images: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections per image in input pixels, as `Detector.detect`. A file with NMS inside applies its own
+        thresholds (fixed at export); `conf` and `max_det` then only filter further."""
+        out = self(images)
+        if not self.meta.get("nms"):
+            return postprocess(out, conf, iou, max_det, multi_label=multi_label)  # [B, A, 4 + C] -> per image
+        results = []
+        for b in range(len(images)):
+            rows = out[(out[:, 0] == b) & (out[:, 5] > conf)][:max_det]  # [K, 7], by decreasing score
+            results.append({"boxes": rows[:, 1:5], "scores": rows[:, 5], "labels": rows[:, 6].long()})
+        return results

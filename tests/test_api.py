@@ -1,0 +1,304 @@
+"""The Python API (`detect.api`), Ultralytics weights through the import tool, rectangular inference against
+Ultralytics' default `predict()`, ONNX parity with the torch path, the analysis pictures, predict's option checks."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backbones.checkpoint import atomic_save
+from detect.api import load
+from detect.cli import run_tool
+from detect.config import DetConfig, config_to_dict, load_config
+from detect.data.source import read_image_rgb
+from detect.inference import detect_image
+from detect.models import build_yolo
+from detect.models.checkpoint import detector_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"
+PHOTOS = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg"]
+
+
+def tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_api_test", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def spread(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Random BatchNorm statistics, class biases N(0, 1), peaked box bins: varied scores and boxes, few ties."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
+                module.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def det_ckpt(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained (spread-initialised) 1-class YOLOv8n checkpoint at 128 px on the tiny synthetic set."""
+    cfg = load_config(DetConfig, None, [f"data.root={synth_cub_root}", "data.img_size=128", "train.workers=0",
+                                        "train.batch_size=4", "model.backbone_weights=null"])  # fmt: skip
+    torch.manual_seed(0)
+    model = spread(build_yolo("n", 1))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for branch in model.head.cls_branch:
+            branch.pred.bias.normal_(0.0, 1.0, generator=gen)
+    arch = {"scale": "n", "num_classes": 1, "backbone": None, "reg_max": 16}
+    path = tmp_path_factory.mktemp("api") / "best.pt"
+    atomic_save(detector_checkpoint(model, arch, ["bird"], [1], config_to_dict(cfg), {}, 1), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An Ultralytics YOLOv8n (80 classes, from the yaml, seeded random init, spread) saved as its trainer saves
+    (fp16), and its import through tools/import_ultralytics.py."""
+    from ultralytics.nn import tasks
+
+    torch.manual_seed(0)
+    theirs = spread(tasks.DetectionModel("yolov8n.yaml", nc=80, verbose=False)).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for seq in theirs.model[-1].cv3:  # scores that depend on the image
+            seq[-1].weight.mul_(30.0)
+            seq[-1].bias.normal_(-5.0, 0.5, generator=gen)
+        for seq in theirs.model[-1].cv2:
+            seq[-1].weight.mul_(5.0)
+    theirs.names = {i: f"class{i}" for i in range(80)}
+    folder = tmp_path_factory.mktemp("ultralytics")
+    source, out = folder / "yolov8n_random.pt", folder / "imported.pt"
+    torch.save({"model": copy.deepcopy(theirs).half(), "ema": None, "train_args": {"imgsz": 640}}, source)
+    assert run_tool(tool("import_ultralytics").main, [str(source), "--out", str(out)]) == 0
+    return {"source": source, "imported": out}
+
+
+def test_api_example_runs_verbatim(det_ckpt: Path, synth_cub_root: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """docs/api_example.py (the README's snippet), run as written from a folder holding its two paths."""
+    (tmp_path / "runs" / "det" / "default").mkdir(parents=True)
+    shutil.copy(det_ckpt, tmp_path / "runs" / "det" / "default" / "best.pt")
+    (tmp_path / "data").mkdir()
+    os.symlink(synth_cub_root, tmp_path / "data" / "synth_cub")
+    monkeypatch.chdir(tmp_path)
+    code = (REPO / "docs" / "api_example.py").read_text()
+    assert len(code.strip().splitlines()) <= 7
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, "api_example.py", "exec"), namespace)
+    lines = [line for line in printed.getvalue().splitlines() if line.startswith(str(Path("data")))]
+    assert len(lines) == 4  # 4 species x their _0000 image
+    assert len(namespace["metrics"]["coco_stats"]) == 12 and 0.0 <= namespace["metrics"]["AP"] <= 1.0
+    out = Path(namespace["metrics"]["out"])
+    for name in ("metrics.json", "predictions.json", "confusion_matrix.png", "confusion_matrix_normalized.png",
+                 "pr_f1_curves.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+
+
+def test_bgr_arrays_tensors_and_device_strings_give_the_same_boxes(det_ckpt: Path, synth_cub_root: Path) -> None:
+    path = sorted((synth_cub_root / "CUB_200_2011" / "images").rglob("*.jpg"))[0]
+    rgb = read_image_rgb(path)
+    model = load(det_ckpt, device="cpu")
+    from_file = model.predict(str(path), conf=0.3)[0]
+    from_rgb = model.predict(rgb, conf=0.3)[0]
+    from_bgr = model.predict(np.ascontiguousarray(rgb[..., ::-1]), conf=0.3, bgr=True)[0]
+    from_tensor = model.predict(torch.from_numpy(rgb).permute(2, 0, 1), conf=0.3)[0]
+    wrong = model.predict(np.ascontiguousarray(rgb[..., ::-1]), conf=0.3)[0]  # BGR read as RGB: other boxes
+    assert len(from_file) > 0
+    for other in (from_rgb, from_bgr, from_tensor):
+        assert torch.equal(other.boxes, from_file.boxes) and torch.equal(other.scores, from_file.scores)
+    assert len(wrong) != len(from_file) or not torch.equal(wrong.scores, from_file.scores)
+    assert from_file.to_json()["detections"][0]["class"] == "bird" and from_file.plot().shape == rgb.shape
+    direct = detect_image(model.runner, rgb, 128, "cpu", conf=0.3)  # a device string works here too
+    assert torch.equal(direct["boxes"], from_file.boxes)
+
+
+def _compare(ours, boxes, scores, labels, box_tol: float = 1e-3, score_tol: float = 1e-5) -> None:
+    """The same detections: equal counts, and each reference detection has its own counterpart of the same class,
+    box within `box_tol` px and score within `score_tol`. Matched as sets, since a random-weight model scores some
+    anchors exactly alike (near the border, translated copies of one box), and NMS then keeps whichever of two tied
+    boxes it meets first: such tied detections (score equal to another's within 1e-7) are left out of the box
+    check; their count and classes still must agree."""
+    assert len(ours) == len(scores) > 0, (len(ours), len(scores))
+    free = torch.ones(len(ours), dtype=torch.bool)
+    tied = ((scores[:, None] - scores[None, :]).abs() <= 1e-7).sum(1) > 1  # [K]
+    assert int((~tied).sum()) > 0
+    assert sorted(ours.labels.tolist()) == sorted(labels.long().tolist())
+    for box, score, label, skip in zip(boxes, scores, labels.long(), tied, strict=True):
+        if skip:
+            continue
+        fits = free & (ours.labels == label) & ((ours.scores - score).abs() <= score_tol)
+        fits &= (ours.boxes - box).abs().max(dim=1).values <= box_tol
+        assert fits.any(), (box, score, label)
+        free[fits.nonzero()[0, 0]] = False
+
+
+@torch.no_grad()
+def test_rect_predict_equals_ultralytics_default_predict(imported: dict[str, Path]) -> None:
+    """Ultralytics' default predict() (rect letterbox, conf 0.25, IoU 0.7) on its bundled photos vs ours on the
+    imported file: the same detections (same count and classes, boxes within 1e-3 px, scores within 1e-5)."""
+    from ultralytics import YOLO
+
+    theirs = YOLO(str(imported["source"]))
+    model = load(imported["imported"], device="cpu")
+    assert model.img_size == 640 and model.names[3] == "class3"
+    for photo in PHOTOS:
+        ref = theirs.predict(str(photo), verbose=False, device="cpu")[0]
+        assert tuple(ref.orig_shape) == read_image_rgb(photo).shape[:2]
+        ours = model.predict(str(photo))[0]
+        _compare(ours, ref.boxes.xyxy, ref.boxes.conf, ref.boxes.cls)
+        square = model.predict(str(photo), rect=False)[0]  # what plugdet did before: other boxes on a 4:3 photo
+        assert len(square) != len(ours) or (square.boxes - ours.boxes).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_onnx_dynamic_and_fixed_match_the_torch_path(imported: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    model = load(imported["imported"], device="cpu")
+    dynamic = tmp_path / "dynamic.onnx"
+    assert run_tool(tool("export").main, ["--weights", str(imported["imported"]), "--format", "onnx", "--dynamic",
+                                          "--out", str(dynamic)]) == 0  # fmt: skip
+    fixed = model.export("onnx", tmp_path / "fixed.onnx", img_size=640)
+    nms = model.export("onnx", tmp_path / "nms.onnx", dynamic=True, nms=True)
+    runners = {name: load(path, device="cpu") for name, path in
+               (("dynamic", dynamic), ("fixed", fixed), ("nms", nms))}  # fmt: skip
+    assert runners["fixed"].runner.fixed_shape == (640, 640) and runners["dynamic"].runner.fixed_shape is None
+    for photo in PHOTOS:
+        rect, square = model.predict(str(photo))[0], model.predict(str(photo), rect=False)[0]
+        for name, reference in (("dynamic", rect), ("fixed", square)):
+            got = runners[name].predict(str(photo))[0]
+            assert len(got) == len(reference)  # boxes: this random model's ties make NMS order-sensitive
+        for shape in ((384, 640), (640, 480), (640, 640)):  # the raw outputs, which NMS reads
+            images = torch.rand(2, 3, *shape)
+            theirs, ours = runners["dynamic"].runner(images), model.runner(images)
+            assert (theirs[..., :4] - ours[..., :4]).abs().max() <= 1e-3
+            assert (theirs[..., 4:] - ours[..., 4:]).abs().max() <= 1e-5
+        in_graph = runners["nms"].predict(str(photo))[0]  # NMS on offset boxes (float32 at ~1e4 px): counts only
+        assert abs(len(in_graph) - len(rect)) <= max(3, len(rect) // 20), (len(in_graph), len(rect))
+    script = tmp_path / "model.torchscript"
+    model.export("torchscript", script)
+    traced = torch.jit.load(str(script))
+    images = torch.rand(1, 3, 384, 640)
+    assert (traced(images) - model.runner(images)).abs().max() <= 1e-3
+
+
+def test_val_det_on_onnx_equals_torch_and_rect_is_default(det_ckpt: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    pytest.importorskip("onnxruntime")
+    onnx_path = load(det_ckpt, device="cpu").export("onnx", tmp_path / "m.onnx", dynamic=True)
+    val = tool("val_det").main
+    assert run_tool(val, ["--weights", str(det_ckpt), "--out", str(tmp_path / "pt")]) == 0
+    assert run_tool(val, ["--weights", str(onnx_path), "--out", str(tmp_path / "onnx")]) == 0
+    assert run_tool(val, ["--weights", str(det_ckpt), "--out", str(tmp_path / "sq"), "--square"]) == 0
+    banner = [line for line in capsys.readouterr().out.splitlines() if line.startswith("val_det:")]
+    assert "rect batches" in banner[0] and "(cub, bird labels)" in banner[0] and "square" in banner[2]
+    pt, ox, sq = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("pt", "onnx", "sq"))
+    # an untrained model's AP (~0.001) rests on tied low scores, whose order float noise decides: 1e-3 here
+    assert abs(pt["AP"] - ox["AP"]) <= 1e-3 and abs(pt["AP50"] - ox["AP50"]) <= 1e-3
+    assert pt["rect"] and not sq["rect"]
+
+
+def test_imported_checkpoint_fine_tunes_validates_and_predicts(imported: dict[str, Path], synth_cub_root: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    """model.weights=OUT.pt (80 classes) fine-tunes a 1-class detector: every tensor but the class layers copied."""
+    from backbones.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(imported["imported"])  # weights_only=True
+    assert saved["imported_from"]["family"] == "YOLOv8" and len(saved["class_names"]) == 80
+    out = tmp_path / "det"
+    argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=1", "train.batch_size=4",
+            "train.workers=0", f"model.weights={imported['imported']}", "model.backbone_weights=null",
+            f"output_dir={out}"]  # fmt: skip
+    assert run_tool(tool("train_det").main, argv) == 0
+    from detect.train.builders import load_detector_weights
+
+    fresh = build_yolo("n", 1)
+    copied = load_detector_weights(fresh, str(imported["imported"]))
+    # the class branches' widths follow the number of classes (max(c0, min(C, 100))): they keep their init
+    assert len([key for key in fresh.state_dict() if not key.startswith("head.cls_branch.")]) <= copied
+    assert copied < len(fresh.state_dict())
+    assert torch.equal(fresh.state_dict()["backbone.stem.conv.weight"], saved["model"]["backbone.stem.conv.weight"])
+    assert load_checkpoint(out / "best.pt")["model"]["head.cls_branch.0.pred.weight"].shape[0] == 1
+    assert run_tool(tool("val_det").main, ["--weights", str(out / "best.pt"), "--out", str(tmp_path / "v")]) == 0
+    image = next((synth_cub_root / "CUB_200_2011" / "images").rglob("*.jpg"))
+    assert run_tool(tool("predict").main, ["--weights", str(imported["imported"]), "--source", str(image),
+                                           "--out", str(tmp_path / "p"), "--conf", "0.9"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("option, value, text", [
+    ("--conf", "2", "--conf 2.0: a score threshold is in [0, 1]"),
+    ("--conf", "-1", "--conf -1.0: a score threshold is in [0, 1]"),
+    ("--iou", "5", "--iou 5.0: an IoU threshold is in [0, 1]"),
+    ("--img-size", "0", "--img-size 0: must be a positive multiple of the stride 32"),
+    ("--img-size", "100", "--img-size 100: must be a positive multiple of the stride 32"),
+])  # fmt: skip
+def test_predict_rejects_bad_settings_before_any_work(
+    option: str, value: str, text: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    argv = ["--weights", str(tmp_path / "absent.pt"), "--source", str(tmp_path / "none"), option, value]
+    assert run_tool(tool("predict").main, argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"error: {text} (e.g. 640)" if "img-size" in option else f"error: {text}"]
+
+
+def test_predict_recursive_folder(det_ckpt: Path, synth_cub_root: Path, tmp_path: Path) -> None:
+    images = synth_cub_root / "CUB_200_2011" / "images"
+    total = len(list(images.rglob("*.jpg")))
+    argv = ["--weights", str(det_ckpt), "--source", str(images), "--recursive", "--out", str(tmp_path / "r")]
+    assert run_tool(tool("predict").main, argv) == 0
+    assert len(json.loads((tmp_path / "r" / "predictions.json").read_text())) == total
+    flat = ["--weights", str(det_ckpt), "--source", str(images), "--out", str(tmp_path / "f")]
+    assert run_tool(tool("predict").main, flat) == 2  # the top folder holds only class folders
+
+
+def test_model_info_counts_and_flops(det_ckpt: Path) -> None:
+    from ultralytics.nn import tasks
+
+    from detect.models.info import model_info
+
+    info = load(det_ckpt, device="cpu").info(verbose=False)
+    assert info["params"] == 3_011_043 and info["img_size"] == (128, 128)  # Ultralytics' yolov8n, nc=1
+    full = model_info(build_yolo("n", 80), 640)
+    assert full["params"] == 3_157_200 and abs(full["gflops"] - 8.7) < 0.15
+    theirs = tasks.DetectionModel("yolov8n.yaml", nc=80, verbose=False)
+    assert model_info(theirs, 640)["gflops"] == pytest.approx(full["gflops"], rel=1e-3)
+
+
+def test_bf16_falls_back_to_fp32_with_one_warning_without_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import detect.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(precision, "_WARNED", set())
+    monkeypatch.delenv("PLUGDET_FORCE_BF16", raising=False)
+    capsys.readouterr()
+    assert precision.choose_bf16("cpu", True, "--bf16") is False
+    assert precision.choose_bf16("cpu", True, "--bf16") is False
+    assert precision.choose_bf16("cpu", False, "--bf16") is False
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: --bf16 ignored: this CPU") and "running fp32" in lines[0]
+    monkeypatch.setenv("PLUGDET_FORCE_BF16", "1")
+    assert precision.choose_bf16("cpu", True, "--bf16") is True
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": True)
+    monkeypatch.delenv("PLUGDET_FORCE_BF16")
+    assert precision.choose_bf16("cpu", True, "train.bf16") is True and capsys.readouterr().err == ""
