@@ -70,6 +70,9 @@ def make_case(num_images: int, dets_per_image: int, num_classes: int, seed: int)
 
 
 def main() -> None:
+    from detect.precision import cpu_report
+
+    print(cpu_report(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5794)
     parser.add_argument("--dets", type=int, default=300, help="detections per image")

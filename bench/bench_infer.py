@@ -107,6 +107,9 @@ def bench(scale: str, sizes: list[int], runs: int, warmup: int) -> None:
 
 def main() -> None:
     """Parse the arguments, fix the thread count, run the benchmark."""
+    from detect.precision import cpu_report
+
+    print(cpu_report(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="n", choices=list("nsmlx"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 640])

@@ -60,6 +60,9 @@ def time_loader(dataset: DetectionDataset, batch: int, workers: int, batches: in
 
 def main(argv: list[str]) -> int:
     """Parse arguments, time each worker count, print a table."""
+    from detect.precision import cpu_report
+
+    print(cpu_report(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="data/synth_cub", help="CUB_200_2011 or the folder holding it")
     parser.add_argument("--img-size", type=int, default=256)

@@ -54,6 +54,9 @@ def median_ms(first: Callable[[], object], second: Callable[[], object], runs: i
 
 
 def main() -> None:
+    from detect.precision import cpu_report
+
+    print(cpu_report(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

@@ -105,6 +105,9 @@ def raw_steps(steps: int) -> None:
 
 
 def main() -> None:
+    from detect.precision import cpu_report
+
+    print(cpu_report(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)

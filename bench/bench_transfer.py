@@ -183,6 +183,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    from detect.precision import cpu_report
+
+    print(cpu_report(), flush=True)
     args = parse_args(argv)
     root = Path(args.root)
     if args.quick:

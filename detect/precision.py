@@ -60,8 +60,8 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 
 def cpu_report() -> str:
     """One line for benchmarks and logs: the CPU's SIMD capability as torch sees it and whether bf16 is native."""
-    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
-            f"{'yes' if native_bf16('cpu') else 'no'}, {torch.get_num_threads()} torch threads")  # fmt: skip
+    return (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+            f"{'yes' if native_bf16('cpu') else 'no'}")  # fmt: skip
 
 
 _WARNED: set[str] = set()
