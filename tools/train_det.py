@@ -66,7 +66,7 @@ from detect.train.builders import (
     restore_training_state,
 )
 from detect.train.det_run import DetRun
-from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model
+from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, unwrap
 from detect.train.engine import EpochStart, Optimization, StepState, train_one_epoch
 from detect.train.optim import ModelEMA
 from detect.train.runs import (
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(cfg.seed)
     run = setup(cfg, ckpt, info)
     if info.is_main:  # after every input check: bad input stays one line
-        logger.info(format_info(model_info(run.evaluated, cfg.data.img_size), "detector"))
+        logger.info(format_info(model_info(unwrap(run.model), cfg.data.img_size), "detector"))
     spec = run.arch
     if info.is_main:
         print(f"train_det: {spec['backbone']['name']} + {spec['neck']['name']} neck + {spec['head']['name']} head, "
