@@ -299,3 +299,19 @@ def check_input_files(cfg: DictConfig, keys: Sequence[str], ways_out: Mapping[st
         if not path.exists() and _looks_like_path(str(value)):
             extra = (ways_out or {}).get(key)
             raise UserError(f"{key}={value}: no such file" + (f"; {extra}" if extra else ""))
+
+
+def answer_info_flags(
+    argv: Sequence[str], doc: str, usage: str, schema: type, resolve: Callable[[list[str]], Any]
+) -> bool:
+    """A tool's information flags: `--help` lists every key of `schema` with its default and range; `--print-config`
+    prints the config `resolve` makes of the other arguments. Prints the answer and returns True when one was asked."""
+    if {"-h", "--help"} & set(argv):
+        from detect.config_help import tool_help
+
+        print(tool_help(doc, usage, schema))
+        return True
+    if "--print-config" in argv:
+        print(config_to_yaml(resolve([arg for arg in argv if arg != "--print-config"])), end="")
+        return True
+    return False

@@ -43,8 +43,7 @@ from detect.cli import (
     shielded_from_signals,
     signals_received,
 )
-from detect.config import ClsConfig, ClsDataConfig, check_input_files, config_to_dict, config_to_yaml, load_config
-from detect.config_help import tool_help
+from detect.config import ClsConfig, ClsDataConfig, answer_info_flags, check_input_files, config_to_dict, load_config
 from detect.eval.viz import plot_confusion_matrix, plot_curves
 from detect.plugins import import_plugins
 from detect.train.classify import (
@@ -272,12 +271,7 @@ def run_epochs(cfg: Any, info: DistInfo, run_dir: Path, state: dict[str, Any], s
 def main(argv: list[str] | None = None) -> int:
     """`tools/train_cls.py [CONFIG] [key=value ...]`; returns the exit code (errors are raised for `run_tool`)."""
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(tool_help(__doc__, USAGE, ClsConfig))
-        return 0
-    if "--print-config" in argv:
-        cfg, _ = resolve_config([arg for arg in argv if arg != "--print-config"], check_files=False)
-        print(config_to_yaml(cfg), end="")
+    if answer_info_flags(argv, __doc__, USAGE, ClsConfig, lambda rest: resolve_config(rest, check_files=False)[0]):
         return 0
     cfg, ckpt = resolve_config(argv)
     info = init_distributed(cfg.train.device)

@@ -45,8 +45,7 @@ from detect.cli import (
     shielded_from_signals,
     signals_received,
 )
-from detect.config import DetConfig, DetDataConfig, check_input_files, config_to_yaml, load_config
-from detect.config_help import tool_help
+from detect.config import DetConfig, DetDataConfig, answer_info_flags, check_input_files, load_config
 from detect.data.coco import write_coco_json
 from detect.eval.analysis import save_analysis
 from detect.eval.evaluate import evaluate, nan_to_zero
@@ -287,12 +286,7 @@ def close_run(run: DetRun) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(tool_help(__doc__, USAGE, DetConfig))
-        return 0
-    if "--print-config" in argv:
-        cfg, _ = resolve_config([arg for arg in argv if arg != "--print-config"], check_files=False)
-        print(config_to_yaml(cfg), end="")
+    if answer_info_flags(argv, __doc__, USAGE, DetConfig, lambda rest: resolve_config(rest, check_files=False)[0]):
         return 0
     cfg, ckpt = resolve_config(argv)
     info = init_distributed(cfg.train.device)

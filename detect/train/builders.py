@@ -24,9 +24,10 @@ from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
 from detect.losses import build_criterion
 from detect.losses.yolo import LEGACY_PART_ORDER
-from detect.models import Detector, DetectorSpec, PartSpec, build_detector, yolo_spec
+from detect.models import Detector, DetectorSpec, PartSpec, build_detector
 from detect.models.build import neck_takes_scale
 from detect.models.checkpoint import read_detector_checkpoint
+from detect.models.yolo import FAMILY_BACKBONES
 from detect.train.distributed import DistInfo
 from detect.train.engine import Schedule, pending_gradients, restore_gradients
 from detect.train.optim import ModelEMA, build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
@@ -222,8 +223,7 @@ def detector_spec(cfg: DictConfig, num_classes: int) -> DetectorSpec:
     the yolo11 neck); `model.scale` goes to the neck when its factory takes a `scale`.
     """
     m = cfg.model
-    family = "yolo11" if m.neck == "yolo11" else "yolov8"
-    backbone = m.backbone or yolo_spec(m.scale, num_classes, family=family).backbone.name
+    backbone = m.backbone or f"{FAMILY_BACKBONES.get(m.neck, FAMILY_BACKBONES['yolov8'])}_{m.scale}"
     neck_kwargs = {"scale": m.scale} if neck_takes_scale(m.neck) else {}
     return DetectorSpec(
         num_classes=int(num_classes),
