@@ -12,6 +12,9 @@ anything is built (`detect.plugins.import_plugins`); plugdet is never edited. Th
 - **Loss factory** `(head, loss: dict, assign: dict) -> criterion`: built from the head's plain numbers and the
   config's `loss.*` / `assign.*` sections; it builds its own assigner and hands it to the criterion. A criterion is
   `criterion(raw_outputs, targets [N, 6]) -> (total, parts: dict[str, Tensor])`; the engine sums nothing itself.
+  A criterion's optional attribute `reduction` says what `total` is over the process's batch: "sum" (the default,
+  YOLO's: the engine multiplies it by the world size, so DDP's gradient average is the global sum) or "mean"
+  (torchvision's families: back-propagated as it is, so DDP's average is the global mean).
   `detect.losses.build_criterion` picks the factory.
 """
 

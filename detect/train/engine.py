@@ -232,6 +232,9 @@ def train_one_epoch(
     keep_frozen_bn_eval(model)
     epoch, iters_per_epoch, world = start.epoch, start.batch + len(loader), get_world_size()
     sums, images_seen, t0 = LossSums(start.sums), 0, time.perf_counter()
+    # A criterion whose total sums over its batch (YOLO's) is scaled by the world size, so that DDP's gradient
+    # average gives the global batch's sum; a mean-reduced one (torchvision's families) is back-propagated as it is.
+    sums_batch = getattr(criterion, "reduction", "sum") == "sum"
     bar = tqdm(loader, total=iters_per_epoch, initial=start.batch, disable=not is_main_process(),
                desc=f"epoch {epoch + 1}/{opt.schedule.epochs}", leave=False)  # fmt: skip
     completed = start.batch  # batches of this epoch whose step (forward, backward, maybe optimizer) is done
@@ -242,7 +245,7 @@ def train_one_epoch(
             with deferred_interrupts():  # Ctrl-C / SIGTERM wait for the step to finish: state stays consistent
                 total, parts = _train_step(model, criterion, images, targets.to(precision.device), precision)
                 _check_finite(total, parts, epoch, batch_index, iteration)
-                loss = total * world  # DDP averages gradients over processes; YOLOv8's loss is a per-process sum
+                loss = total * world if sums_batch else total  # DDP averages gradients over processes
                 (opt.scaler.scale(loss) if opt.scaler is not None else loss).backward()
                 # An epoch ends with a step, so an epoch-boundary checkpoint holds no half-accumulated gradient.
                 if iteration - state.last_step >= accumulate or batch_index == iters_per_epoch - 1:
