@@ -129,7 +129,7 @@ class Model:
                                                    where=str(weights))  # fmt: skip
             self.img_size = int((self.checkpoint.get("config") or {}).get("data", {}).get("img_size", 640))
         self.names: list[str] = list(self.checkpoint["class_names"])
-        self.stride = int(max(self.runner.strides))
+        self.stride = int(getattr(self.runner, "input_stride", max(self.runner.strides)))  # sides' multiple
 
     @property
     def is_onnx(self) -> bool:

@@ -158,7 +158,7 @@ def detect_image(
         dict(boxes [K, 4] xyxy in the image's pixels, scores [K], labels [K]) on the CPU.
     """
     precision = Precision(torch.device(device), bf16=bf16, channels_last=True)
-    stride = max(getattr(model, "strides", (32,)))
+    stride = getattr(model, "input_stride", max(getattr(model, "strides", (32,))))
     return detect_images(model, [image], img_size, precision, conf, iou, max_det, rect, stride)[0]
 
 

@@ -114,7 +114,7 @@ class DetModelConfig:
     backbone: str | None = None  # None: the family's own at the scale (cspdarknet_<scale>, csp11_<scale> for yolo11)
     backbone_weights: str | None = None  # e.g. a backbone.pt from train_cls
     weights: str | None = None  # the whole detector's initial weights: a detector checkpoint (fine-tuning)
-    neck: str = "yolov8"  # a registered neck (detect.models.registry.list_necks())
+    neck: str | None = None  # a registered neck (list_necks()); None: the head family's own (yolov8 -> yolov8, fpn ...)
     head: str = "yolov8"  # a registered head family (list_heads())
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the backbone factory
     neck_kwargs: dict[str, Any] = field(default_factory=dict)  # ... of the neck factory

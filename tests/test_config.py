@@ -97,7 +97,7 @@ def test_det_schema_defaults() -> None:
         0.937, 5e-4, 3.0, 0.1, 0.8,
     )  # fmt: skip
     assert (t.close_mosaic, t.mosaic, t.grad_clip) == (10, 1.0, 10.0)
-    assert (cfg.model.neck, cfg.model.head, cfg.loss.name) == ("yolov8", "yolov8", None)
+    assert (cfg.model.neck, cfg.model.head, cfg.loss.name) == (None, "yolov8", None)  # neck None: the head's own
     assert (cfg.loss.box, cfg.loss.cls, cfg.loss.dfl, cfg.loss.iou) == (7.5, 0.5, 1.5, "ciou")
     a = cfg.assign
     assert (a.topk, a.alpha, a.beta, a.eps, a.iou, a.min_gt_side) == (10, 0.5, 6.0, 1e-9, "ciou", None)
@@ -131,7 +131,7 @@ def test_a_saved_config_with_the_old_keys_is_mapped() -> None:
         old["model"].pop(key)
     cfg = load_config(DetConfig, None, [], base=old)
     assert (cfg.loss.box, cfg.loss.cls, cfg.loss.dfl) == (3.0, 0.25, 2.0)
-    assert (cfg.model.neck, cfg.model.head) == ("yolov8", "yolov8")
+    assert (cfg.model.neck, cfg.model.head) == (None, "yolov8")
 
 
 def test_part_kwargs_sections_take_any_keys() -> None:

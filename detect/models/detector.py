@@ -33,6 +33,8 @@ class Detector(nn.Module):
 
     Attributes:
         num_classes, strides: copied from the head.
+        input_stride: what the input's sides must be multiples of: the backbone's deepest stride (32). Levels a neck
+            adds beyond it (RetinaNet's P6/P7 at 64 and 128) are stride-2 convolutions that take any size.
     """
 
     def __init__(self, backbone: nn.Module, neck: nn.Module, head: DetectionHead) -> None:
@@ -42,6 +44,7 @@ class Detector(nn.Module):
         self.head = head
         self.num_classes: int = head.num_classes
         self.strides: tuple[int, ...] = tuple(head.strides)
+        self.input_stride = int(max(backbone.strides))
         self.fused = False
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Any:

@@ -20,16 +20,18 @@ anything is built (`detect.plugins.import_plugins`); plugdet is never edited. Th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+from backbones.errors import UserError
 from backbones.registry import Registry
 
 NECKS = Registry("neck")
 HEADS = Registry("head")
 LOSSES = Registry("loss")
+HEAD_NECKS: dict[str, dict[str, Any] | None] = {}  # head -> its own neck (`register_head(..., neck=...)`)
 
 
 def register_neck(name: str) -> Callable:
@@ -37,9 +39,35 @@ def register_neck(name: str) -> Callable:
     return NECKS.register(name)
 
 
-def register_head(name: str) -> Callable:
-    """Decorator registering a head factory `(num_classes, in_channels, strides, **kwargs) -> DetectionHead`."""
-    return HEADS.register(name)
+def register_head(name: str, neck: Mapping[str, Any] | None = None) -> Callable:
+    """Decorator registering a head factory `(num_classes, in_channels, strides, **kwargs) -> DetectionHead`.
+
+    Args:
+        name: the name `model.head` takes.
+        neck: the family's own neck, `{"name": ..., "kwargs": {...}}`, used when `model.neck` is not set (None: the
+            neck registered under the head's own name, as for yolov8 and yolo11).
+    """
+    register = HEADS.register(name)
+
+    def decorator(factory: Callable) -> Callable:
+        factory = register(factory)  # a duplicate name raises here, before the neck is recorded
+        HEAD_NECKS[name] = {"name": str(neck["name"]), "kwargs": dict(neck.get("kwargs") or {})} if neck else None
+        return factory
+
+    return decorator
+
+
+def default_neck(head: str) -> tuple[str, dict[str, Any]]:
+    """The neck of a head family when `model.neck` is not set: what its registration names, else the neck
+    registered under the head's name; an unknown head lists the registered ones."""
+    HEADS.get(head)
+    own = HEAD_NECKS.get(head)
+    if own is not None:
+        return own["name"], dict(own["kwargs"])
+    if head not in NECKS:
+        raise UserError(f"head {head!r} names no neck of its own and no neck is registered under its name: set "
+                        f"model.neck (registered necks: {', '.join(NECKS.names())})")  # fmt: skip
+    return head, {}
 
 
 def register_loss(name: str) -> Callable:

@@ -27,6 +27,7 @@ from detect.losses.yolo import LEGACY_PART_ORDER
 from detect.models import Detector, DetectorSpec, PartSpec, build_detector
 from detect.models.build import neck_takes_scale
 from detect.models.checkpoint import read_detector_checkpoint
+from detect.models.registry import default_neck
 from detect.models.yolo import FAMILY_BACKBONES
 from detect.train.distributed import DistInfo
 from detect.train.engine import Schedule, pending_gradients, restore_gradients
@@ -219,16 +220,19 @@ def build_det_loaders(
 def detector_spec(cfg: DictConfig, num_classes: int) -> DetectorSpec:
     """The spec of the configured detector (`model.*`), stored as `arch` in every detector checkpoint.
 
-    `model.backbone` None is the YOLO family's own backbone at `model.scale` (cspdarknet_<scale>, csp11_<scale> for
-    the yolo11 neck); `model.scale` goes to the neck when its factory takes a `scale`.
+    `model.neck` None is the head family's own neck (`detect.models.registry.default_neck`: yolov8's PAN for yolov8,
+    torchvision's FPN with P6/P7 for retinanet, ...), with its kwargs under `model.neck_kwargs`. `model.backbone`
+    None is the YOLO family's own backbone at `model.scale` (cspdarknet_<scale>, csp11_<scale> for the yolo11 neck;
+    cspdarknet_<scale> for every other neck); `model.scale` goes to the neck when its factory takes a `scale`.
     """
     m = cfg.model
-    backbone = m.backbone or f"{FAMILY_BACKBONES.get(m.neck, FAMILY_BACKBONES['yolov8'])}_{m.scale}"
-    neck_kwargs = {"scale": m.scale} if neck_takes_scale(m.neck) else {}
+    neck, own_kwargs = (m.neck, {}) if m.neck else default_neck(m.head)
+    backbone = m.backbone or f"{FAMILY_BACKBONES.get(neck, FAMILY_BACKBONES['yolov8'])}_{m.scale}"
+    neck_kwargs = {"scale": m.scale} if neck_takes_scale(neck) else {}
     return DetectorSpec(
         num_classes=int(num_classes),
         backbone=PartSpec(backbone, dict(m.backbone_kwargs)),
-        neck=PartSpec(m.neck, {**neck_kwargs, **m.neck_kwargs}),
+        neck=PartSpec(neck, {**neck_kwargs, **own_kwargs, **m.neck_kwargs}),
         head=PartSpec(m.head, dict(m.head_kwargs)),
     )
 
