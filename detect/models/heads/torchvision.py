@@ -298,8 +298,8 @@ class FasterRCNNFamily(TorchvisionFamily):
             return {**roi_losses, **rpn_losses}  # torchvision's order (GeneralizedRCNN.forward)
         proposals, _ = self.net.rpn(images, maps)
         roi = self.net.roi_heads
-        class_logits, box_regression = roi.box_predictor(roi.box_head(roi.box_roi_pool(maps, proposals,
-                                                                                       images.image_sizes)))  # fmt: skip
+        pooled = roi.box_roi_pool(maps, proposals, images.image_sizes)
+        class_logits, box_regression = roi.box_predictor(roi.box_head(pooled))
         return {"class_logits": class_logits.float(), "box_regression": box_regression.float(),
                 "proposals": [p.float() for p in proposals], "image_sizes": images.image_sizes}  # fmt: skip
 
@@ -324,7 +324,9 @@ P6P7 = {"name": "fpn", "kwargs": {"extra": "p6p7"}}
 
 
 @register_head("retinanet", neck=P6P7)
-def retinanet_head(num_classes: int, in_channels: Sequence[int], strides: Sequence[int], **kwargs: Any) -> DetectionHead:
+def retinanet_head(
+    num_classes: int, in_channels: Sequence[int], strides: Sequence[int], **kwargs: Any
+) -> DetectionHead:
     """torchvision's RetinaNet on the neck's levels (its own: FPN P3-P7)."""
     return RetinaNetFamily(num_classes, in_channels, strides, **kwargs)
 

@@ -72,7 +72,11 @@ class FPN(nn.Module):
 
 @register_neck("fpn")
 def fpn_neck(
-    in_channels: Sequence[int], strides: Sequence[int], out_channels: int = 256, extra: str = "p6p7", p6_from: str = "p5"
+    in_channels: Sequence[int],
+    strides: Sequence[int],
+    out_channels: int = 256,
+    extra: str = "p6p7",
+    p6_from: str = "p5",
 ) -> FPN:
     """torchvision's FPN with P6/P7 (default), a max-pool level, or no extra level (`model.neck_kwargs`)."""
     return FPN(in_channels, strides, out_channels, extra, p6_from)
