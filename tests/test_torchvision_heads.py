@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+from backbones import build_backbone
+from backbones.checkpoint import save_backbone
 from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.losses import build_criterion
@@ -152,13 +155,22 @@ def test_a_family_on_unequal_channels_is_one_line() -> None:
 
 
 @pytest.mark.parametrize("head", FAMILIES)
-def test_tools_train_validate_and_draw_each_family(head: str, synth_cub_root: Path, tmp_path: Path) -> None:
-    """train_det (flip-only recipe, as the family's config), val_det's COCO metrics and predict's pictures, with
-    nothing but `model.head=<family>` (and a narrow FPN to keep the test fast)."""
+def test_tools_train_validate_and_draw_each_family(
+    head: str, synth_cub_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """train_det (flip-only recipe, as the family's config) from a CUB backbone.pt loaded strictly, val_det's COCO
+    metrics and predict's pictures, with nothing but `model.head=<family>` (and a narrow FPN to keep it fast)."""
+    torch.manual_seed(0)
+    backbone = build_backbone("cspdarknet_n")
+    save_backbone(tmp_path / "backbone.pt", backbone, "cspdarknet_n", {}, {"top1": 0.5})
     det_argv = [f"data.root={synth_cub_root}", "data.img_size=96", "train.epochs=1", "train.batch_size=4",
-                "train.workers=0", "train.mosaic=0", "model.backbone_weights=null", f"model.head={head}",
-                "model.neck_kwargs.out_channels=64", f"output_dir={tmp_path / 'det'}"]  # fmt: skip
-    assert run_tool(load_tool("train_det").main, det_argv) == 0
+                "train.workers=0", "train.mosaic=0", f"model.backbone_weights={tmp_path / 'backbone.pt'}",
+                f"model.head={head}", "model.neck_kwargs.out_channels=64",
+                f"output_dir={tmp_path / 'det'}"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="plugdet"):
+        assert run_tool(load_tool("train_det").main, det_argv) == 0
+    count = len(backbone.state_dict())
+    assert f"backbone cspdarknet_n: transferred {count} tensors" in caplog.text
     rows = (tmp_path / "det" / "results.csv").read_text().splitlines()
     assert len(rows) == 2 and "AP" in rows[0]
     weights = str(tmp_path / "det" / "best.pt")
@@ -170,3 +182,12 @@ def test_tools_train_validate_and_draw_each_family(head: str, synth_cub_root: Pa
     assert run_tool(load_tool("predict").main, argv) == 0
     entries = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert entries and all(entry["detections"] for entry in entries)
+
+
+def test_export_refuses_a_torchvision_family_in_one_line(tmp_path: Path) -> None:
+    from detect.interop.export import export_model
+
+    detector = plugdet_detector("retinanet").eval()
+    with pytest.raises(UserError, match="RetinaNetFamily head .* not exportable.*YOLO families"):
+        export_model(detector, {"class_names": ["a", "b", "c"]}, tmp_path / "m.onnx", img_size=160)
+    assert not (tmp_path / "m.onnx").exists()

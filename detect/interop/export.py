@@ -101,6 +101,9 @@ class ExportModule(nn.Module):
         self.detector = detector.eval()
         self.nms = dict(nms) if nms else None
         self.yolo = isinstance(detector.head, YoloHead)
+        if not self.yolo and getattr(detector.head, "net", None) is not None:  # torchvision's families
+            raise UserError(f"export: the {type(detector.head).__name__} head (torchvision's) is not exportable by "
+                            "plugdet yet; tools/export.py exports the YOLO families (yolov8, yolo11)")  # fmt: skip
         if self.nms and not self.yolo:
             raise UserError("--nms applies to the YOLO head family (decoded [B, A, 4 + C] outputs) only")
         self.eval()  # the exporter restores this mode afterwards; a fused detector refuses train mode
@@ -170,7 +173,7 @@ def export_model(
     if fmt == "onnx" and opset < 17:
         raise UserError(f"--opset {opset}: plugdet exports opset 17 or newer")
     h, w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
-    stride = max(detector.strides)
+    stride = detector.input_stride
     if h % stride or w % stride or h <= 0 or w <= 0:
         raise UserError(f"export size {h}x{w} must be positive multiples of the stride {stride}")
     module = ExportModule(detector.to(device), nms)
