@@ -14,6 +14,7 @@ Inference options, for tools (all are the caller's choice; none changes the weig
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -85,9 +86,11 @@ class Detector(nn.Module):
     def fuse(self) -> Detector:
         """Fold each BatchNorm into the convolution before it, for inference; switches to eval mode.
 
-        Folds the pairs `conv`/`bn` (`ConvBNAct`: CSP-Darknet, neck, head), `convK`/`bnK` (torchvision ResNets) and a
-        Conv2d directly followed by a BatchNorm2d inside an `nn.Sequential` (torchvision's conv-norm-activation
-        blocks, VGG-BN, ResNet downsample). A BatchNorm in any other place stays (still correct, just not faster).
+        Folds the pairs `conv`/`bn` (`ConvBNAct`: CSP-Darknet, neck, head; timm's `ConvNormAct`), `convK`/`bnK`
+        (torchvision and timm ResNets) and a Conv2d directly followed by a BatchNorm2d inside an `nn.Sequential`
+        (torchvision's conv-norm-activation blocks, VGG-BN, ResNet downsample). A BatchNorm in any other place stays
+        (still correct, just not faster); so does a BatchNorm2d subclass whose own forward does more than normalise,
+        except timm's `BatchNormAct2d`, which is replaced by its activation (`_folded_remainder`).
 
         Returns:
             self.
@@ -97,7 +100,7 @@ class Detector(nn.Module):
             for conv_name, bn_name in _conv_bn_pairs(module):
                 conv, bn = getattr(module, conv_name), getattr(module, bn_name)
                 setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
+                setattr(module, bn_name, _folded_remainder(bn))
         self.fused = True
         return self
 
@@ -116,4 +119,21 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
         if isinstance(children.get(conv), nn.Conv2d)
         and isinstance(children.get(bn), nn.BatchNorm2d)
         and children[bn].num_features == children[conv].out_channels
+        and _folded_remainder(children[bn]) is not None
     ]
+
+
+def _folded_remainder(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What takes a BatchNorm2d's place once it is folded into its conv; None where it must not be folded.
+
+    A plain BatchNorm2d leaves nothing (Identity). timm's BatchNormAct2d normalises, then applies its `drop` and
+    its `act` inside its own forward: it leaves its `act`, since `drop` is an identity in eval mode, the only mode
+    of a fused detector. Any other subclass with a forward of its own does unknown extra work and is not folded.
+    timm is looked up only if something imported it: without it, no BatchNormAct2d exists.
+    """
+    if type(bn).forward is nn.BatchNorm2d.forward:
+        return nn.Identity()
+    timm_bn_act = getattr(sys.modules.get("timm.layers"), "BatchNormAct2d", None)
+    if timm_bn_act is not None and type(bn) is timm_bn_act:
+        return bn.act
+    return None
