@@ -7,6 +7,10 @@ pool's 7x7). Among *block outputs* (the last node of each module at one nesting 
 reaches all three strides), the deepest one at each of strides 8, 16 and 32 is returned: block outputs rather than
 any node, so that a tap is e.g. MobileNet's `features.6` and not the expansion conv that opens the next,
 downsampling block. Maps stored channels-last (B, H, W, C) are permuted to (B, C, H, W).
+
+torchvision is imported only when a `tv:` backbone is built: importing it pulls in torch._dynamo (through
+`torchvision.ops`), about 1.5 s that every tool would otherwise pay at start-up, while registering the `tv:` names
+needs none of it.
 """
 
 from __future__ import annotations
@@ -15,9 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from backbones.checkpoint import is_backbone_checkpoint, load_backbone_weights, read_weights
 from backbones.errors import UserError
@@ -41,6 +43,15 @@ REGISTERED_MODELS = (
     "convnext_tiny",
     "alexnet",
 )
+
+
+def __getattr__(name: str) -> object:
+    """`torchvision_any.torchvision`, the module, imported on first use like everywhere here (tests patch it)."""
+    if name == "torchvision":
+        import torchvision
+
+        return torchvision
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,8 @@ def map_info(shape: tuple[int, ...], size: tuple[int, int]) -> MapInfo | None:
 
 def probe_maps(model: nn.Module, order: list[str], size: tuple[int, int]) -> dict[str, MapInfo]:
     """Runs the traced model once on zeros [1, 3, H, W] and returns the nodes whose output is a feature map."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
     probe = create_feature_extractor(model, return_nodes=order)
     with torch.no_grad():
         outputs = probe(torch.zeros(1, 3, *size))
@@ -146,6 +159,8 @@ class TorchvisionBackbone(nn.Module):
     """
 
     def __init__(self, name: str, model: nn.Module) -> None:
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
         super().__init__()
         self.name = name
         model.eval()
@@ -244,6 +259,8 @@ def build_torchvision_backbone(name: str, weights: str | None = None, **model_kw
     Raises:
         UserError: not a torchvision classification model, untraceable, no strides 8/16/32, or bad weights.
     """
+    import torchvision
+
     arch = f"tv:{name}"
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:

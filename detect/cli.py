@@ -10,6 +10,12 @@ a training step (forward, backward, optimizer step, EMA update) or a checkpoint 
 `last.pt` written after the interrupt is consistent. A second signal is held too (two Ctrl-C in a row still save);
 a third one stops at once (`ForcedStop`), and the tool then says plainly that `last.pt` was not updated.
 `shielded_from_signals()` covers the save after an interrupt: signals that arrive while it writes only count.
+
+Under DDP one process must never stop alone: the others would wait for it in their next collective. Inside
+`interrupts_for_group()` a held signal is not raised at a safe point of its own process but only where every process
+agrees (`detect.train.distributed.agree`), which raises `AgreedInterrupt` in all of them at the same step. Once the
+processes have agreed to stop, or one of them is gone, `leaving()` makes further signals (the launcher's SIGTERM to
+the remaining processes) harmless, so rank 0 finishes its save and its message.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # signals turned into KeyboardInterrupt, latest last (SIGTERM -> exit 143)
 _pending: list[int] = []  # signals recorded inside `deferred_interrupts`, not raised yet
 _depth = [0]  # nesting of `deferred_interrupts`
+_group = [False]  # inside `interrupts_for_group`: held signals wait for all processes to agree
+_leaving = [False]  # after `leaving()`: Ctrl-C / SIGTERM are ignored
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -47,11 +55,24 @@ class TrainingInterrupted(KeyboardInterrupt):
             correct, n]; detection: {"parts": {name: sum}, "batches": n}).
     """
 
-    def __init__(self, epoch: int, batch: int, sums: Any) -> None:
+    def __init__(self, epoch: int, batch: int, sums: Any, origin: str = "") -> None:
         super().__init__(f"interrupted at epoch {epoch + 1}, batch {batch}")
         self.epoch = epoch
         self.batch = batch
         self.sums = sums
+        self.origin = origin  # under DDP: which rank received which signal ("SIGINT on rank 1"); sums are all ranks'
+        self.rank0_reports = bool(origin)
+
+
+class AgreedInterrupt(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM that stops every DDP process at the same step (`detect.train.distributed.agree`);
+    `origin` names the rank that received it and the signal, e.g. "SIGINT on rank 1"."""
+
+    rank0_reports = True  # every process raises it: only rank 0 says so
+
+    def __init__(self, origin: str) -> None:
+        super().__init__(origin)
+        self.origin = origin
 
 
 class ForcedStop(KeyboardInterrupt):
@@ -65,12 +86,16 @@ def _name(signum: int) -> str:
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     """Signal handler: SIGINT and SIGTERM both become KeyboardInterrupt, so one code path saves `last.pt`."""
+    if _leaving[0]:
+        return
     _received.append(signum)
     raise KeyboardInterrupt(_name(signum))
 
 
 def _record_interrupt(signum: int, frame: FrameType | None) -> None:
     """Signal handler inside `deferred_interrupts`: remember the signal; the third one in a row stops at once."""
+    if _leaving[0]:
+        return
     _pending.append(signum)
     if len(_pending) >= 3:
         _pending.clear()
@@ -80,7 +105,8 @@ def _record_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _note_signal(signum: int, frame: FrameType | None) -> None:
     """Signal handler inside `shielded_from_signals`: the signal only counts for the exit code."""
-    _received.append(signum)
+    if not _leaving[0]:
+        _received.append(signum)
 
 
 @contextlib.contextmanager
@@ -116,8 +142,10 @@ def install_signal_handlers() -> dict[int, object]:
 
 
 def check_interrupt() -> None:
-    """Raise KeyboardInterrupt here if a Ctrl-C / SIGTERM was held back by `deferred_interrupts` (a safe point)."""
-    if _pending:
+    """Raise KeyboardInterrupt here if a Ctrl-C / SIGTERM was held back by `deferred_interrupts` (a safe point).
+
+    Inside `interrupts_for_group` this does nothing: there only `agree` may stop the process."""
+    if _pending and not _group[0]:
         signum = _pending.pop()
         _pending.clear()
         _received.append(signum)
@@ -148,6 +176,59 @@ def deferred_interrupts() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     check_interrupt()
+
+
+def pending_interrupt() -> int:
+    """The number of the latest Ctrl-C / SIGTERM held back and not acted on yet (0: none)."""
+    return _pending[-1] if _pending else 0
+
+
+def raise_agreed_interrupt(signum: int, origin: str) -> None:
+    """Stop this process at the point all DDP processes agreed on, for `signum` received by `origin`'s rank (this
+    process may have received none: its exit code still follows that signal, 143 for SIGTERM)."""
+    _pending.clear()
+    _received.append(signum)
+    raise AgreedInterrupt(f"{_name(signum)} on {origin}")
+
+
+@contextlib.contextmanager
+def interrupts_for_group(enabled: bool = True) -> Iterator[None]:
+    """Under DDP (`enabled`): hold Ctrl-C / SIGTERM for the whole block, to be acted on only where every process
+    agrees (`detect.train.distributed.agree`): a process that stopped alone would leave the others waiting in a
+    collective. A third signal still stops this process at once (`ForcedStop`); one that arrives after the last
+    agreement only counts (the note that the run had already ended). Without `enabled`, nothing changes."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with deferred_interrupts():
+        previous, _group[0] = _group[0], True
+        try:
+            yield
+        finally:
+            _group[0] = previous
+            _received.extend(_pending[-1:])
+            _pending.clear()
+
+
+def leaving() -> None:
+    """From now on, Ctrl-C / SIGTERM are ignored, to the end of the process: the DDP processes agreed to stop, or one
+    of them is gone, and torchrun then sends SIGTERM to the remaining ones; it must not cut short rank 0's save of
+    last.pt, its one line about what happened, or its exit code (kill -9 still stops a process at once)."""
+    _leaving[0] = True
+
+
+def failure_line(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line `run_tool` would give for `exc`, for a rank whose fault another rank reports:
+    2 for bad input, else 1 (an unexpected error is named by its type, and by its sample index where known)."""
+    if isinstance(exc, UserError | OmegaConfBaseException | FileNotFoundError):
+        return 2, _error_message(exc)
+    if isinstance(exc, RunError):
+        return 1, _one_line(exc)
+    known = loader_failure(exc) or _os_failure(exc)
+    if known:
+        return 1, known
+    notes = [note for note in getattr(exc, "__notes__", []) if note.startswith("(sample index")]
+    return 1, " ".join([f"{type(exc).__name__}: {_one_line(exc)}", *notes[:1]])
 
 
 def _one_line(exc: BaseException) -> str:
@@ -259,6 +340,12 @@ def show_plugdet_logs() -> None:
     log.setLevel(logging.INFO)
 
 
+def _others_report(exc: BaseException) -> bool:
+    """Whether rank 0 says it instead: every DDP process raised `exc` at the same step (`rank0_reports`), and this
+    is not rank 0."""
+    return getattr(exc, "rank0_reports", False) and os.environ.get("RANK", "0") != "0"
+
+
 def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)` the way every tool does and return the process exit code.
 
@@ -276,6 +363,7 @@ def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     argv = [arg for arg in argv if arg != "--debug"]
     _received.clear()
     _pending.clear()
+    _leaving[0] = False
     show_plugdet_logs()
     previous = install_signal_handlers()
     try:
@@ -283,13 +371,14 @@ def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     except (UserError, OmegaConfBaseException, FileNotFoundError) as exc:
         if debug:
             traceback.print_exc()
-        if not (getattr(exc, "rank0_reports", False) and os.environ.get("RANK", "0") != "0"):
-            print(f"error: {_error_message(exc)}", file=sys.stderr)  # an error every rank raised: rank 0 says it
+        if not _others_report(exc):
+            print(f"error: {_error_message(exc)}", file=sys.stderr)
         return 2
     except RunError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        if not _others_report(exc):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:
         message = loader_failure(exc) or _os_failure(exc)
@@ -300,13 +389,14 @@ def run_tool(main: Callable[[list[str]], int | None], argv: list[str] | None = N
         advice = f"; {MEMORY_ADVICE}" if message.startswith("loader worker") else ""
         print(f"error: {message}{advice}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()
         terminated = bool(_received) and _received[-1] == signal.SIGTERM
-        print("stopped by SIGTERM" if terminated else "interrupted", file=sys.stderr)
+        if not _others_report(exc):
+            print("stopped by SIGTERM" if terminated else "interrupted", file=sys.stderr)
         return 143 if terminated else 130
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, handler in previous.items():  # after `leaving()`: ignored until the process has ended
+            signal.signal(signum, signal.SIG_IGN if _leaving[0] else handler)
     return 0 if code is None else int(code)

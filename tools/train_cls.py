@@ -6,7 +6,8 @@ backbone, ready for `model.backbone_weights=` of the detector). `train.resume=RU
 own directory, exactly. Ctrl-C / SIGTERM saves last.pt first. Bad input: one line on stderr, exit code 2, before any
 work; a full disk or a killed loader worker: one line saying which last.pt survived, exit code 1. `--print-config`
 prints the resolved config and exits. Under torchrun (`torchrun --nproc_per_node=N tools/train_cls.py ...`) the
-processes train with DDP; rank 0 writes.
+processes train with DDP; rank 0 writes, and a fault on one rank (a bad sample, a signal, a non-finite loss, a process
+that died) stops every rank at the same step with one line from rank 0 naming that rank.
 """
 
 # ruff: noqa: E402  (the imports below come after the light --help answer)
@@ -37,8 +38,8 @@ from backbones.checkpoint import atomic_save, atomic_write_bytes, load_checkpoin
 from backbones.errors import UserError
 from detect.cli import (
     ForcedStop,
-    check_interrupt,
     deferred_interrupts,
+    interrupts_for_group,
     run_tool,
     shielded_from_signals,
     signals_received,
@@ -62,7 +63,9 @@ from detect.train.classify import (
 )
 from detect.train.distributed import (
     DistInfo,
+    agree,
     cleanup_distributed,
+    group_stop_error,
     init_distributed,
     prepare_model,
     unwrap,
@@ -164,14 +167,16 @@ def log_epoch(epoch: int, epochs: int, stats: dict, metrics: dict, best: dict, s
     )
 
 
-def save_interrupted(run_dir: Path, state: dict[str, Any], position: tuple[int, int], sums: list | None) -> None:
-    """Rank 0 after Ctrl-C / SIGTERM: last.pt at the position reached (written whatever further signals arrive),
-    and how to continue."""
+def save_interrupted(
+    run_dir: Path, state: dict[str, Any], position: tuple[int, int], sums: list | None, origin: str = ""
+) -> None:
+    """Rank 0 after Ctrl-C / SIGTERM (under DDP: `origin`, the rank that received which): last.pt at the position
+    reached (written whatever further signals arrive), and how to continue."""
     with shielded_from_signals():
         atomic_save(make_checkpoint(**state, position=position, epoch_sums=sums), run_dir / "last.pt")
     where = f"after epoch {position[0]}" if position[1] == 0 else f"epoch {position[0] + 1}, batch {position[1]}"
-    print(f"\ninterrupted: saved {run_dir / 'last.pt'} ({where}); continue with train.resume={run_dir / 'last.pt'}",
-          file=sys.stderr)  # fmt: skip
+    last, by = run_dir / "last.pt", f" by {origin}" if origin else ""
+    print(f"\ninterrupted{by}: saved {last} ({where}); continue with train.resume={last}", file=sys.stderr)
 
 
 def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
@@ -204,7 +209,10 @@ def train(cfg: Any, ckpt: dict | None, info: DistInfo) -> int:
             ResultsCSV(run_dir / "results.csv").truncate(position[0])
             print(f"train_cls: {cfg.model.backbone}, {len(train_set)} train / {len(val_set)} val images, "
                   f"{train_set.num_classes} classes, {info.device} x{info.world_size} -> {run_dir}")  # fmt: skip
-        best = run_epochs(cfg, info, run_dir, state, stepper, loaders, (position, sums, ckpt is not None))
+        # DDP: signals wait for all ranks to agree (steps, epochs), through run_epochs' handlers too, so that
+        # torchrun's SIGTERM to the remaining ranks cannot cut them short
+        with interrupts_for_group(info.distributed):
+            best = run_epochs(cfg, info, run_dir, state, stepper, loaders, (position, sums, ckpt is not None))
     except BaseException:
         if info.is_main:
             discard_run_dir(run_dir)  # only a new run that never reached a last.pt
@@ -224,7 +232,8 @@ def run_epochs(cfg: Any, info: DistInfo, run_dir: Path, state: dict[str, Any], s
     """The epochs from `start` (position, partial sums, resumed?): train, evaluate, record; returns the best.
 
     Ctrl-C / SIGTERM save last.pt at the position reached; a full disk or a dead loader worker is a `RunError`
-    naming the last.pt that survived.
+    naming the last.pt that survived. Under DDP every rank stops at the same step, whichever rank the signal or the
+    fault reached (`agree`), and a rank that is gone stops the others with one line naming it (`group_stop_error`).
     """
     t, (train_loader, train_sampler, val_loader) = cfg.train, loaders
     (position, sums, resumed), model, ema, best = start, state["model"], state["ema"], state["best"]
@@ -245,8 +254,10 @@ def run_epochs(cfg: Any, info: DistInfo, run_dir: Path, state: dict[str, Any], s
                     require_run_dir(run_dir)
                     state["best"] = best = record_epoch(run_dir, epoch, stats, metrics, best, state)
                     log_epoch(epoch, t.epochs, stats, metrics, best, time.perf_counter() - begin_time)
-                position = saved = (epoch + 1, 0)
-                check_interrupt()
+                    saved = (epoch + 1, 0)
+                position = (epoch + 1, 0)
+                agree()  # a held signal stops here (DDP: on every rank, whichever received it)
+                saved = position  # rank 0 wrote it (the other ranks passed `agree` after that)
     except ForcedStop:
         if info.is_main:
             print(f"\nstopped at once by a third signal, possibly in the middle of a step: last.pt was not updated; "
@@ -258,10 +269,12 @@ def run_epochs(cfg: Any, info: DistInfo, run_dir: Path, state: dict[str, Any], s
         if isinstance(stop, TrainingInterrupted):
             position, sums = (stop.epoch, stop.batch), stop.sums
         if info.is_main:
-            save_interrupted(run_dir, state, position, sums)
+            save_interrupted(run_dir, state, position, sums, getattr(stop, "origin", ""))
         raise
     except Exception as exc:
-        error = stopped_run_error(exc, [train_loader, val_loader], run_dir, saved, MEMORY_ADVICE)
+        error = group_stop_error(exc, survivor_note(run_dir, saved), MEMORY_ADVICE) or stopped_run_error(
+            exc, [train_loader, val_loader], run_dir, saved, MEMORY_ADVICE
+        )
         if error is None:
             raise
         raise error from exc
@@ -276,9 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ckpt = resolve_config(argv)
     info = init_distributed(cfg.train.device)
     try:
-        return train(cfg, ckpt, info)
-    finally:
-        cleanup_distributed()
+        code = train(cfg, ckpt, info)
+    except BaseException as stop:
+        cleanup_distributed(stop)  # after a DDP stop, rank 0 ends first
+        raise
+    cleanup_distributed()
+    return code
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ or `output_dir-2`, ...): config.yaml, val_gt.json (COCO ground truth), results.c
 curves.png, last.pt, best.pt (best COCO AP), val_predictions.jpg, pr_curve.png, and TensorBoard events when
 tensorboard is installed. `train.resume=RUN/last.pt` continues that run exactly. Ctrl-C / SIGTERM saves last.pt.
 Under `torchrun --nproc_per_node=N` the processes train with DDP (train.batch_size is the global batch); rank 0
-evaluates and writes. Bad input: one line on stderr, exit code 2, before any work; a full disk or a killed loader
-worker: one line saying which last.pt survived, exit code 1. `--print-config` prints the resolved config and exits.
+evaluates and writes, and a fault on one rank (a bad sample, a signal, a non-finite loss, a process that died) stops
+every rank at the same step with one line from rank 0 naming that rank. Bad input: one line on stderr, exit code 2,
+before any work; a full disk or a killed loader worker: one line saying which last.pt survived, exit code 1.
+`--print-config` prints the resolved config and exits.
 """
 
 # ruff: noqa: E402  (the imports below come after the light --help answer)
@@ -41,6 +43,7 @@ from detect.cli import (
     ForcedStop,
     TrainingInterrupted,
     deferred_interrupts,
+    interrupts_for_group,
     run_tool,
     shielded_from_signals,
     signals_received,
@@ -65,7 +68,15 @@ from detect.train.builders import (
     restore_training_state,
 )
 from detect.train.det_run import DetRun
-from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, unwrap
+from detect.train.distributed import (
+    DistInfo,
+    agree,
+    cleanup_distributed,
+    group_stop_error,
+    init_distributed,
+    prepare_model,
+    unwrap,
+)
 from detect.train.engine import EpochStart, Optimization, StepState, train_one_epoch
 from detect.train.optim import ModelEMA
 from detect.train.runs import (
@@ -232,56 +243,75 @@ def end_epoch(run: DetRun, epoch: int, stats: dict, start: float) -> None:
           f"{time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
 
 
-def save_interrupted(run: DetRun, at_boundary: bool) -> None:
-    """Rank 0 after Ctrl-C / SIGTERM: last.pt at the position reached, written whatever further signals arrive."""
+def save_interrupted(run: DetRun, at_boundary: bool, origin: str = "") -> None:
+    """Rank 0 after Ctrl-C / SIGTERM (under DDP: `origin`, the rank that received which): last.pt at the position
+    reached, written whatever further signals arrive."""
     last = run.run_dir / "last.pt"
     with shielded_from_signals():
         atomic_save(run.checkpoint(run.summary if at_boundary else {}, run.position[0], True), last)
         run.saved = run.position
     epoch, batch = run.position
     where = f"after epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
-    print(f"\ninterrupted: saved {last} ({where}); continue with train.resume={last}", file=sys.stderr)
+    by = f" by {origin}" if origin else ""
+    print(f"\ninterrupted{by}: saved {last} ({where}); continue with train.resume={last}", file=sys.stderr)
+
+
+def run_epochs(run: DetRun) -> None:
+    """The epochs from the resume position: train, then evaluate and write the epoch's files (`end_epoch`)."""
+    t, (train_loader, sampler, _) = run.cfg.train, run.loaders
+    for epoch in range(run.position[0], t.epochs):
+        start = time.perf_counter()
+        if epoch >= t.epochs - t.close_mosaic:
+            run.train_set.close_mosaic()  # explicit: YOLOv8's last epochs see plain images
+        sampler.set_epoch(epoch, run.position[1])
+        begin = EpochStart(epoch, run.position[1], run.partial_sums)
+        stats = train_one_epoch(run.model, run.criterion, train_loader, run.opt, run.step, begin, run.precision)
+        # Evaluation, results.csv and checkpoints of this epoch finish together: a Ctrl-C / SIGTERM
+        # waits for last.pt (a second one stops at once), so a resume never misses an epoch's row.
+        with deferred_interrupts():
+            end_epoch(run, epoch, stats, start)
+            agree()  # DDP: a signal held by any rank while rank 0 evaluated stops all of them here
+        run.saved = run.position  # rank 0 wrote it (the other ranks passed `agree` after that)
 
 
 def train(run: DetRun) -> None:
-    """The epochs from the resume position; Ctrl-C / SIGTERM saves last.pt at the exact position reached."""
-    t, (train_loader, sampler, _) = run.cfg.train, run.loaders
-    try:
-        for epoch in range(run.position[0], t.epochs):
-            start = time.perf_counter()
-            if epoch >= t.epochs - t.close_mosaic:
-                run.train_set.close_mosaic()  # explicit: YOLOv8's last epochs see plain images
-            sampler.set_epoch(epoch, run.position[1])
-            begin = EpochStart(epoch, run.position[1], run.partial_sums)
-            stats = train_one_epoch(run.model, run.criterion, train_loader, run.opt, run.step, begin, run.precision)
-            # Evaluation, results.csv and checkpoints of this epoch finish together: a Ctrl-C / SIGTERM
-            # waits for last.pt (a second one stops at once), so a resume never misses an epoch's row.
-            with deferred_interrupts():
-                end_epoch(run, epoch, stats, start)
-    except ForcedStop:
-        if run.info.is_main:
-            print(f"\nstopped at once by a third signal, possibly in the middle of a step: last.pt was not updated; "
-                  f"{survivor_note(run.run_dir, run.saved)}", file=sys.stderr)  # fmt: skip
-        raise
-    except KeyboardInterrupt as stop:
-        if run.position[0] >= t.epochs and not isinstance(stop, TrainingInterrupted):
-            return  # the signal came after the last epoch's last.pt: the run is complete, nothing to save again
-        if isinstance(stop, TrainingInterrupted):
-            run.position, run.partial_sums = (stop.epoch, stop.batch), stop.sums
-        if run.info.is_main:
-            save_interrupted(run, at_boundary=not isinstance(stop, TrainingInterrupted))
-        raise
-    except Exception as exc:
-        error = stopped_run_error(exc, run.loaders[::2], run.run_dir, run.saved, MEMORY_ADVICE)
-        if error is None:
+    """`run_epochs`; Ctrl-C / SIGTERM saves last.pt at the exact position reached.
+
+    Under DDP every rank stops at the same step, whichever rank the signal or the fault reached (`agree`), and a rank
+    that is gone stops the others with one line naming it (`group_stop_error`); the handlers below run with signals
+    still held, so torchrun's SIGTERM to the remaining ranks cannot cut them short.
+    """
+    with interrupts_for_group(run.info.distributed):
+        try:
+            run_epochs(run)
+        except ForcedStop:
+            if run.info.is_main:
+                print(f"\nstopped at once by a third signal, possibly in the middle of a step: last.pt was not "
+                      f"updated; {survivor_note(run.run_dir, run.saved)}", file=sys.stderr)  # fmt: skip
             raise
-        raise error from exc
+        except KeyboardInterrupt as stop:
+            if run.position[0] >= run.cfg.train.epochs and not isinstance(stop, TrainingInterrupted):
+                return  # the signal came after the last epoch's last.pt: the run is complete, nothing to save again
+            if isinstance(stop, TrainingInterrupted):
+                run.position, run.partial_sums = (stop.epoch, stop.batch), stop.sums
+            if run.info.is_main:
+                save_interrupted(run, not isinstance(stop, TrainingInterrupted), getattr(stop, "origin", ""))
+            raise
+        except Exception as exc:
+            note = survivor_note(run.run_dir, run.saved)
+            error = group_stop_error(exc, note, MEMORY_ADVICE) or stopped_run_error(
+                exc, run.loaders[::2], run.run_dir, run.saved, MEMORY_ADVICE
+            )
+            if error is None:
+                raise
+            raise error from exc
 
 
-def close_run(run: DetRun) -> None:
+def close_run(run: DetRun, stop: BaseException | None = None) -> None:
+    """TensorBoard's file and the process group (after a DDP stop, rank 0 ends first: `cleanup_distributed`)."""
     if run.tb is not None:
         run.tb.close()
-    cleanup_distributed()
+    cleanup_distributed(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.run_dir}", flush=True)  # fmt: skip
     try:
         train(run)
-    except BaseException:
-        close_run(run)
+    except BaseException as stop:
+        close_run(run, stop)
         if info.is_main:
             discard_run_dir(run.run_dir)  # only a new run that never reached a last.pt
         raise

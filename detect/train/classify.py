@@ -30,11 +30,11 @@ from backbones import build_backbone
 from backbones.classifier import Classifier
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
-from detect.cli import ForcedStop, TrainingInterrupted, check_interrupt, deferred_interrupts
+from detect.cli import AgreedInterrupt, ForcedStop, TrainingInterrupted, check_interrupt, deferred_interrupts
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
 from detect.precision import choose_bf16
-from detect.train.distributed import DistInfo, all_reduce_sum
+from detect.train.distributed import DistInfo, agree, all_reduce_sum, fetch, get_rank
 from detect.train.optim import ModelEMA, lr_at
 from detect.train.resume import restore_resume_state, resume_state
 from detect.train.seeding import DistributedEpochSampler
@@ -238,19 +238,25 @@ def train_one_epoch(
         {"loss", "acc", "lr" (of the last step)} over the epoch's batches of all processes, and "img_s" (this call).
 
     Raises:
-        TrainingInterrupted: Ctrl-C / SIGTERM, after the step in progress, with the position reached.
+        TrainingInterrupted: Ctrl-C / SIGTERM, after the step in progress, with the position reached (under DDP every
+            rank stops at the same step, whichever received it, and the sums are all ranks').
         UserError: a non-finite loss (names epoch and step); the weights are left as they were before that step.
+            Under DDP also a batch that failed to load on any rank, raised on every rank (`distributed.agree`).
     """
     model.train()
     keep_frozen_bn_eval(model)
     epoch, iters = start.epoch, start.iters_per_epoch
-    sums = torch.tensor(start.sums or [0.0, 0.0, 0.0], dtype=torch.float64)  # loss * n, correct, n
+    # resumed sums are all ranks': rank 0 alone carries them on, or the reduction counts them once per rank
+    resumed = start.sums if start.sums and get_rank() == 0 else [0.0, 0.0, 0.0]
+    sums = torch.tensor(resumed, dtype=torch.float64)  # loss * n, correct, n
     done, seen, t0 = start.batch, 0, time.perf_counter()
     lr = stepper.lr_fn(epoch + max(start.batch - 1, 0) / iters)
     bar = tqdm(total=iters, initial=start.batch, desc=f"epoch {epoch + 1}", disable=not show_progress)
     try:
-        for batch_index, (images, labels) in enumerate(loader, start=start.batch):
-            check_interrupt()  # a signal held back while the batch loaded: stop before the step
+        for batch_index, (batch, failure) in enumerate(fetch(loader), start=start.batch):
+            # a signal held back while the batch loaded stops before the step; under DDP every rank goes on or stops
+            agree(failure, f"epoch {epoch + 1}, batch {batch_index + 1}")
+            images, labels = batch
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             lr = stepper.set_lr(epoch + batch_index / iters)
             with deferred_interrupts():
@@ -263,8 +269,11 @@ def train_one_epoch(
             bar.update(1)
     except (TrainingInterrupted, ForcedStop):
         raise  # ForcedStop: possibly mid-step, the state is not one to save
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(epoch, done, sums.tolist()) from None
+    except KeyboardInterrupt as stop:
+        origin = stop.origin if isinstance(stop, AgreedInterrupt) else ""
+        if origin:  # every rank stopped at this step: last.pt gets the sums of all of them
+            all_reduce_sum(sums)
+        raise TrainingInterrupted(epoch, done, sums.tolist(), origin) from None
     finally:
         bar.close()
     img_s = seen / max(time.perf_counter() - t0, 1e-9)

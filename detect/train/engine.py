@@ -6,6 +6,10 @@ step runs with Ctrl-C / SIGTERM deferred (`cli.deferred_interrupts`), so an inte
 consistent steps; `StepState` tells where, and a resume skips exactly the batches already folded into an
 optimizer step. The engine names no loss part: it logs, averages and checkpoints whatever `parts` the criterion
 returns (`criterion(raw_outputs, targets) -> (total, parts)`).
+
+Under DDP no rank stops alone (issue 12): before each step every rank says whether its batch loaded and whether it
+holds a signal (`distributed.agree`), after the forward whether its loss is finite (`_check_finite`), so a fault on
+one rank stops all of them at the same step, and an interrupted epoch's loss sums are those of all ranks.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from tqdm import tqdm
 
 from backbones.errors import UserError
 from backbones.freeze import keep_frozen_bn_eval
-from detect.cli import ForcedStop, TrainingInterrupted, deferred_interrupts
+from detect.cli import AgreedInterrupt, ForcedStop, TrainingInterrupted, deferred_interrupts, leaving
 from detect.precision import Precision
-from detect.train.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process, unwrap
+from detect.train.distributed import agree, all_reduce_sum, fetch, get_rank, get_world_size, is_main_process, unwrap
 from detect.train.optim import ModelEMA, set_group_values, warmup_accumulate, warmup_values, yolo_lr_factor
 
 
@@ -91,6 +95,8 @@ def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch:
         "before the weights changed; last.pt keeps the last good epoch (try a lower train.lr, or train.amp=false)"
     )
     error.rank0_reports = True  # every rank raises it; run_tool prints it on rank 0 only
+    if world > 1:
+        leaving()  # torchrun's SIGTERM to the ranks still running must not cut their exit short
     raise error
 
 
@@ -226,23 +232,31 @@ def train_one_epoch(
 
     Raises:
         TrainingInterrupted: Ctrl-C / SIGTERM, between two steps, with the batches of this epoch done and their
-            `LossSums` state; gradients not yet stepped stay on the parameters (`pending_gradients`).
+            `LossSums` state (under DDP: all ranks' sums, the same on every rank); gradients not yet stepped stay on
+            the parameters (`pending_gradients`).
+        UserError, RunError: under DDP, a batch that failed to load on any rank, raised on every rank at the same
+            step (`distributed.agree`); a non-finite loss on any rank (`_check_finite`).
     """
     model.train()
     keep_frozen_bn_eval(model)
     epoch, iters_per_epoch, world = start.epoch, start.batch + len(loader), get_world_size()
-    sums, images_seen, t0 = LossSums(start.sums), 0, time.perf_counter()
+    # Resumed sums are all ranks' (`TrainingInterrupted`): rank 0 alone carries them on, or the reduction counts
+    # them once per rank.
+    sums = LossSums(start.sums if get_rank() == 0 else None)
+    images_seen, t0 = 0, time.perf_counter()
     # A criterion whose total sums over its batch (YOLO's) is scaled by the world size, so that DDP's gradient
     # average gives the global batch's sum; a mean-reduced one (torchvision's families) is back-propagated as it is.
     sums_batch = getattr(criterion, "reduction", "sum") == "sum"
-    bar = tqdm(loader, total=iters_per_epoch, initial=start.batch, disable=not is_main_process(),
+    bar = tqdm(fetch(loader), total=iters_per_epoch, initial=start.batch, disable=not is_main_process(),
                desc=f"epoch {epoch + 1}/{opt.schedule.epochs}", leave=False)  # fmt: skip
     completed = start.batch  # batches of this epoch whose step (forward, backward, maybe optimizer) is done
     try:
-        for batch_index, (images, targets, _) in enumerate(bar, start=start.batch):
+        for batch_index, (batch, failure) in enumerate(bar, start=start.batch):
             iteration = epoch * iters_per_epoch + batch_index
             accumulate = opt.schedule.apply(opt.optimizer, epoch, iteration)
             with deferred_interrupts():  # Ctrl-C / SIGTERM wait for the step to finish: state stays consistent
+                agree(failure, f"epoch {epoch + 1}, batch {batch_index + 1}")  # DDP: all ranks go on, or all stop
+                images, targets, _ = batch
                 total, parts = _train_step(model, criterion, images, targets.to(precision.device), precision)
                 _check_finite(total, parts, epoch, batch_index, iteration)
                 loss = total * world if sums_batch else total  # DDP averages gradients over processes
@@ -259,9 +273,12 @@ def train_one_epoch(
                              "img_s": f"{rate:.1f}"})  # fmt: skip
     except ForcedStop:
         raise  # possibly mid-step: the state is not one to save
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Gradients accumulated since the last optimizer step travel in last.pt (`pending_gradients`).
-        raise TrainingInterrupted(epoch, completed, sums.to_state()) from None
+        origin = stop.origin if isinstance(stop, AgreedInterrupt) else ""
+        if origin:  # every rank stopped at this step: last.pt gets the sums of all of them
+            sums.all_reduce()
+        raise TrainingInterrupted(epoch, completed, sums.to_state(), origin) from None
     finally:
         bar.close()
     sums.all_reduce()
