@@ -7,7 +7,6 @@ keys are dropped. resnet50 has 23,508,032 parameters here (torchvision's 25,557,
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from backbones.checkpoint import is_backbone_checkpoint, load_backbone_weights, read_weights
@@ -31,6 +30,8 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"ResNet depth must be one of {RESNET_DEPTHS}, got {depth}")
+        import torchvision  # here, not at import: `import backbones` stays light (~1 s of torchvision)
+
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         self.conv1 = net.conv1
         self.bn1 = net.bn1

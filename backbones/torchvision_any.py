@@ -45,15 +45,6 @@ REGISTERED_MODELS = (
 )
 
 
-def __getattr__(name: str) -> object:
-    """`torchvision_any.torchvision`, the module, imported on first use like everywhere here (tests patch it)."""
-    if name == "torchvision":
-        import torchvision
-
-        return torchvision
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class MapInfo:
     """What the probe learned about one node's output: stride, channels, and whether it is channels-last."""

@@ -86,10 +86,14 @@ torch.save({"code": code, "params": params, **seen}, dump / f"rank{rank}.pt")
 sys.exit(code)
 """
 
-CASES = {
-    "train_det": ["data.img_size=64", "train.epochs=2", "train.batch_size=4", "train.close_mosaic=1",
-                  "eval.interval=2", "model.backbone_weights=null", "train.ema=false"],
-    "train_cls": ["data.img_size=32", "data.resize_size=36", "train.epochs=2", "train.batch_size=4"],
+CASES = {  # case -> (tool, overrides); faster_rcnn: a two-stage torchvision family (targets in its forward, mean loss)
+    "train_det": ("train_det", ["data.img_size=64", "train.epochs=2", "train.batch_size=4", "train.close_mosaic=1",
+                                "eval.interval=2", "model.backbone_weights=null", "train.ema=false"]),
+    "train_cls": ("train_cls", ["data.img_size=32", "data.resize_size=36", "train.epochs=2", "train.batch_size=4"]),
+    "faster_rcnn": ("train_det", ["data.img_size=64", "train.epochs=2", "train.batch_size=4", "train.mosaic=0",
+                                  "eval.interval=2", "model.backbone_weights=null", "train.ema=false",
+                                  "model.head=faster_rcnn", "model.neck_kwargs.out_channels=32",
+                                  "model.head_kwargs.representation_size=64"]),
 }  # fmt: skip
 
 
@@ -101,13 +105,13 @@ def torchrun(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     driver.write_text(textwrap.dedent(DRIVER))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs, folders = {}, {}
-    for name, extra in CASES.items():
+    for name, (tool, extra) in CASES.items():
         folder = work / name
         (folder / "dump").mkdir(parents=True)
         argv = [f"data.root={synth_cub_root}", "train.workers=0", "train.device=cpu", *extra,
                 f"output_dir={folder / 'run'}"]  # fmt: skip
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   str(driver), str(REPO), name, str(folder / "dump"), *argv]  # fmt: skip
+                   str(driver), str(REPO), tool, str(folder / "dump"), *argv]  # fmt: skip
         procs[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         folders[name] = folder
     for name, proc in procs.items():
@@ -140,7 +144,7 @@ def test_two_processes_train_on_disjoint_shards_to_identical_weights(torchrun: d
     for key in params0:
         assert torch.equal(params0[key], params1[key]), key
     last = load_checkpoint(folder / "run" / "last.pt")
-    saved = last["train_state"]["model"] if name == "train_det" else last["model"]
+    saved = last["model"] if name == "train_cls" else last["train_state"]["model"]
     for key, value in params0.items():
         assert torch.equal(saved[key], value), key
     # only rank 0 wrote, and only inside its run directory

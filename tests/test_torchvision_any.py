@@ -146,7 +146,7 @@ def test_untraceable_model(monkeypatch: pytest.MonkeyPatch) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x if x.sum() > 0 else -x  # control flow on values: torch.fx cannot trace it
 
-    monkeypatch.setattr(tva.torchvision.models, "get_model", lambda name, **kwargs: DataDependent())
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, **kwargs: DataDependent())
     with pytest.raises(UserError, match="backbone tv:alexnet cannot be traced and probed by torch.fx: TraceError"):
         build_torchvision_backbone("alexnet")
 

@@ -167,7 +167,11 @@ def prepare_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn
     if not info.distributed:
         return model
     if sync_bn and info.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        timm_layers = sys.modules.get("timm.layers")  # a timm backbone was built: timm's converter keeps the
+        if timm_layers is not None:  # activation inside its BatchNormAct2d, which torch's drops
+            model = timm_layers.convert_sync_batchnorm(model)
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif sync_bn and info.is_main:
         print("warning: sync_bn needs CUDA (no CPU SyncBatchNorm); keeping per-process BatchNorm", file=sys.stderr)
     device_ids = [info.device.index] if info.device.type == "cuda" else None

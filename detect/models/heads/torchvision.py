@@ -25,6 +25,10 @@ Conventions, so that a family is a config key away (`model.head=retinanet | fcos
   per (box, class), so `multi_label` changes nothing. torchvision's own defaults (RetinaNet 0.05 / 0.5 / 300, FCOS
   0.2 / 0.6 / 100, Faster R-CNN 0.05 / 0.5 / 100) are what its configs set for `eval.*`.
 - Losses are means over the batch (`reduction = "mean"`, see `detect.losses.torchvision`).
+
+torchvision's detection modules are imported where a family is built, not when this module registers the names:
+`torchvision.models.detection` pulls in `torchvision.ops` and torch._dynamo (~1.5 s), which a tool that never
+builds one of these heads (train_cls, a YOLO run until its first NMS) need not pay at start-up.
 """
 
 from __future__ import annotations
@@ -37,11 +41,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from backbones.errors import UserError
 from detect.models.heads.base import DetectionHead
@@ -71,9 +70,11 @@ def target_dicts(targets: torch.Tensor, batch_size: int, label_offset: int = 0) 
             for i in range(batch_size)]  # fmt: skip
 
 
-def image_list(features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> ImageList:
+def image_list(features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Any:
     """An `ImageList` of the batch's size for torchvision's anchor generators, which read only the images' shape,
     count, dtype and device (an empty tensor stands in for the pixels, which the head never sees)."""
+    from torchvision.models.detection.image_list import ImageList
+
     batch = int(features[0].shape[0])
     return ImageList(features[0].new_empty((batch, 0, *image_size)), [tuple(image_size)] * batch)
 
@@ -188,6 +189,10 @@ class RetinaNetFamily(DenseFamily):
         bg_iou_thresh: float = 0.4,
         topk_candidates: int = 1000,
     ) -> None:
+        from torchvision.models.detection import RetinaNet
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.retinanet import RetinaNetHead
+
         channels = _equal_channels("retinanet", in_channels)
         sizes = anchor_sizes or _anchor_sizes(strides, 4, RETINANET_OCTAVES)
         anchors = AnchorGenerator(tuple(tuple(s) for s in sizes), (tuple(aspect_ratios),) * len(sizes))
@@ -221,6 +226,8 @@ class FCOSFamily(DenseFamily):
         topk_candidates: int = 1000,
         num_convs: int = 4,
     ) -> None:
+        from torchvision.models.detection import FCOS
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
         from torchvision.models.detection.fcos import FCOSHead
 
         channels = _equal_channels("fcos", in_channels)
@@ -262,7 +269,10 @@ class FasterRCNNFamily(TorchvisionFamily):
         representation_size: int = 1024,
         **kwargs: Any,
     ) -> None:
+        from torchvision.models.detection import FasterRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.ops import MultiScaleRoIAlign
 
         channels = _equal_channels("faster_rcnn", in_channels)
         sizes = anchor_sizes or _anchor_sizes(strides, 8, (1.0,))

@@ -10,6 +10,8 @@ neck contract (DESIGN §3): a list of maps in, a list out, `out_channels` and `s
   (`p6_from="c5"`, the original RetinaNet).
 - `extra="pool"`: `LastLevelMaxPool`, a stride-2 subsampling of P5 (Faster R-CNN's RPN-only level).
 - `extra="none"`: the backbone's levels only.
+
+torchvision.ops is imported when an FPN is built (it pulls in torch._dynamo, ~1.5 s, at import).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 from backbones.errors import UserError
 from detect.models.registry import register_neck
@@ -51,6 +52,8 @@ class FPN(nn.Module):
         extra: str = "p6p7",
         p6_from: str = "p5",
     ) -> None:
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+
         super().__init__()
         if extra not in EXTRA_LEVELS:
             raise UserError(f"model.neck_kwargs.extra={extra!r}: choose one of {', '.join(EXTRA_LEVELS)}")
