@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 from backbones.checkpoint import is_backbone_checkpoint, load_backbone_weights, load_checkpoint
 from backbones.errors import UserError
 from backbones.registry import register_backbone_family
+from backbones.torchvision_any import contract_map
 
 TARGET_STRIDES = (8, 16, 32)
 INSTALL = "pip install -e '.[timm]'"
@@ -142,15 +142,8 @@ class TimmBackbone(nn.Module):
         stride 8 for a 100x132 input), the map is resized bilinearly, as `tv:` backbones do, so that every backbone
         meets the same size contract; at sides that are multiples of 32 (every detector input) nothing is resized.
         """
-        maps = []
-        for y, stride in zip(self.body(x), self.strides, strict=True):
-            if self.channels_last:
-                y = y.permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
-            size = (math.ceil(x.shape[-2] / stride), math.ceil(x.shape[-1] / stride))
-            if tuple(y.shape[-2:]) != size:
-                y = nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            maps.append(y)
-        return maps
+        return [contract_map(y, x, stride, self.channels_last) for y, stride in zip(self.body(x), self.strides,
+                                                                                      strict=True)]  # fmt: skip
 
     def stage_modules(self) -> list[nn.Module]:
         """Returns one stage per timm feature level up to the stride-32 one (resnet18d: stem, layer1 ... layer4).

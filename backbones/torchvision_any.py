@@ -45,6 +45,17 @@ REGISTERED_MODELS = (
 )
 
 
+def contract_map(y: torch.Tensor, x: torch.Tensor, stride: int, channels_last: bool) -> torch.Tensor:
+    """A feature map as the backbone contract wants it: NCHW (permuted from [B, h, w, C] when `channels_last`), at
+    ceil(H / stride) x ceil(W / stride) of the input `x` (bilinear resize where padding-free layers lose cells)."""
+    if channels_last:
+        y = y.permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
+    size = (math.ceil(x.shape[-2] / stride), math.ceil(x.shape[-1] / stride))
+    if tuple(y.shape[-2:]) != size:
+        y = nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
+    return y
+
+
 @dataclass(frozen=True)
 class MapInfo:
     """What the probe learned about one node's output: stride, channels, and whether it is channels-last."""
@@ -201,13 +212,7 @@ class TorchvisionBackbone(nn.Module):
         features = self.body(x)
         maps = []
         for key, stride, channels_last in zip(("c3", "c4", "c5"), self.strides, self.channels_last, strict=True):
-            y = features[key]
-            if channels_last:
-                y = y.permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
-            size = (math.ceil(x.shape[-2] / stride), math.ceil(x.shape[-1] / stride))
-            if tuple(y.shape[-2:]) != size:
-                y = nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            maps.append(y)
+            maps.append(contract_map(features[key], x, stride, channels_last))
         return maps
 
     def stage_modules(self) -> list[nn.Module]:
