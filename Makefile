@@ -12,7 +12,7 @@ export YOLO_CONFIG_DIR ?= /tmp/plugdet-yolo-config
 export MPLCONFIGDIR ?= /tmp/plugdet-mpl-config
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# The edit loop: everything but the trainings, torchrun and the slow parity scales (`make test` runs them all).
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m "not train and not slow"
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

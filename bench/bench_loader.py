@@ -1,17 +1,21 @@
 """Data loader throughput alone: images/s of the YOLOv8 train pipeline (Mosaic on) for a few worker counts.
 
     python bench/bench_loader.py [--root data/synth_cub] [--img-size 256] [--batch 16] [--batches 20] [--workers 0 1 2]
+        [--sources disk ram] [--pin-memory] [--json OUT.json]
 
 Reads CUB (real or the synthetic mini-CUB of `tools/make_synth_cub.py`) through `CubDetection`, builds
 `DetectionDataset(train=True, mosaic=1.0)` and times `--batches` batches after one warm-up batch (which also starts
 the workers), for each worker count, first reading every image from disk, then from the RAM cache (`data.cache`,
 `DetectionDataset.cache_images`; the time to fill it is printed). No model runs: this is the ceiling the loader puts
-on training speed.
+on training speed. `--sources disk` skips the RAM pass (a run with data.cache=false reads only from disk), and
+`--pin-memory` pins each batch as the training loader does on CUDA (bench/gpu_check.sh uses both, with the batch,
+image size and workers of the GPU training it runs beside).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -24,7 +28,7 @@ from detect.data.cub import CubDetection
 from detect.data.detection import DetectionDataset, detection_collate
 
 
-def time_loader(dataset: DetectionDataset, batch: int, workers: int, batches: int) -> float:
+def time_loader(dataset: DetectionDataset, batch: int, workers: int, batches: int, pin_memory: bool = False) -> float:
     """Images per second over `batches` batches after one warm-up batch.
 
     Args:
@@ -32,6 +36,7 @@ def time_loader(dataset: DetectionDataset, batch: int, workers: int, batches: in
         batch: batch size.
         workers: DataLoader workers (0 = main process).
         batches: timed batches (the data set is cycled if it is shorter).
+        pin_memory: pin each batch in page-locked memory (what the training loader does on CUDA).
 
     Returns:
         images / second.
@@ -44,6 +49,7 @@ def time_loader(dataset: DetectionDataset, batch: int, workers: int, batches: in
         collate_fn=detection_collate,
         generator=torch.Generator().manual_seed(0),
         drop_last=True,
+        pin_memory=pin_memory,
     )
     iterator = iter(loader)
     next(iterator)  # warm-up: starts the workers, fills their first prefetch
@@ -69,6 +75,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sources", nargs="+", choices=("disk", "ram"), default=["disk", "ram"],
+                        help="read every image from disk, from the RAM cache, or both (in that order)")  # fmt: skip
+    parser.add_argument("--pin-memory", action="store_true", help="pin batches (the CUDA training loader does)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.batch <= 0 or args.batches <= 0:
         raise UserError(f"--batch and --batches must be positive, got {args.batch} and {args.batches}")
@@ -77,18 +87,28 @@ def main(argv: list[str]) -> int:
     if len(dataset) < args.batch:
         raise UserError(f"{args.root} has {len(dataset)} train images, fewer than one batch of {args.batch}")
     print(f"loader: {len(dataset)} train images from {args.root}, {args.img_size} px, batch {args.batch}, Mosaic on")
-    print(f"torch threads {torch.get_num_threads()}; {args.batches} timed batches per row\n")
+    print(
+        f"torch threads {torch.get_num_threads()}; {args.batches} timed batches per row; pin_memory {args.pin_memory}\n"
+    )
     print(f"{'images':>6} | {'workers':>7} | {'img/s':>8} | {'ms/batch':>9}")
     print(f"{'-' * 6}-+-{'-' * 7}-+-{'-' * 8}-+-{'-' * 9}")
-    for cached in (False, True):
-        if cached:
+    rows = []
+    for where in ("disk", "ram"):
+        if where not in args.sources:
+            continue
+        if where == "ram":
             start = time.perf_counter()
             size = dataset.cache_images()
             print(f"(cache filled in {time.perf_counter() - start:.2f} s, {size / 2**20:.0f} MB)")
         for workers in args.workers:
-            rate = time_loader(dataset, args.batch, workers, args.batches)
-            where = "RAM" if cached else "disk"
+            rate = time_loader(dataset, args.batch, workers, args.batches, args.pin_memory)
             print(f"{where:>6} | {workers:>7} | {rate:>8.1f} | {1000 * args.batch / rate:>9.1f}", flush=True)
+            rows.append({"images": where, "workers": workers, "img_s": rate, "ms_per_batch": 1000 * args.batch / rate})
+            if args.json:  # after each row: a run stopped by a timeout keeps the rows it measured
+                setting = {"root": args.root, "img_size": args.img_size, "batch": args.batch, "pin_memory":
+                           args.pin_memory, "train_images": len(dataset)}  # fmt: skip
+                with open(args.json, "w") as handle:
+                    json.dump({"setting": setting, "rows": rows}, handle, indent=1)
     return 0
 
 

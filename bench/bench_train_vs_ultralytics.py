@@ -1,7 +1,7 @@
 """Detection training side by side: plugdet `tools/train_det.py` vs Ultralytics YOLOv8n, same images, same epochs.
 
 Both train YOLOv8n (or YOLO11n, `--family yolo11`) from scratch (no pretrained weights) on the synthetic mini-CUB
-(bird labels) exported to YOLO txt (`detect.data.yolo.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics'
+(bird labels) exported to YOLO txt (`detect.data.yolo_txt.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics'
 `optimizer=auto` would pick AdamW for short runs; `--ul-optimizer auto` restores it), the same close_mosaic, torch
 threads and loader workers, each in its own subprocess, one run after the other. Reported per seed:
 
@@ -22,6 +22,14 @@ machine); its trainer also forces `workers=0` on CPU. The Ultralytics subprocess
     python bench/bench_train_vs_ultralytics.py                     # 2 seeds, 3 epochs, 2 threads, 2 workers
     python bench/bench_train_vs_ultralytics.py --epochs 10 --seeds 0 1 2 --variants fp32 bf16
     python bench/bench_train_vs_ultralytics.py --quick             # 1 epoch on 16 tiny images: a smoke run
+
+On a GPU (`--device cuda`; bench/gpu_check.sh calls it so): plugdet trains with `--variants amp` (fp16 autocast +
+GradScaler, channels_last: configs/det/*_cub.yaml's setting) and Ultralytics with its default `amp=True`. Ultralytics'
+own AMP self-check (`check_amp`) would download yolo26n.pt to compare fp32 and fp16 predictions; offline it is
+replaced by its answer on a healthy GPU (True), so no download is tried. Evaluation runs on the same device in fp32.
+
+    python bench/bench_train_vs_ultralytics.py --device cuda --img-size 640 --batch 64 --epochs 3 --seeds 0 \
+        --data-root data/synth_4000 --val-images 500 --workers 8 --cache none --eval-backend faster --json out.json
 """
 
 from __future__ import annotations
@@ -45,16 +53,20 @@ for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 # plugdet variant -> train_det.py overrides
+# (train.amp is CUDA only: false keeps a CUDA run in fp32; on CPU it changes nothing)
 VARIANTS = {
-    "fp32": ["train.channels_last=false"],
-    "cl": ["train.channels_last=true"],
-    "bf16": ["train.bf16=true", "train.channels_last=true"],
+    "fp32": ["train.amp=false", "train.channels_last=false"],
+    "cl": ["train.amp=false", "train.channels_last=true"],
+    "bf16": ["train.amp=true", "train.bf16=true", "train.channels_last=true"],
+    "amp": ["train.amp=true", "train.bf16=false", "train.channels_last=true"],
 }
 VARIANT_LABELS = {
     "fp32": "plugdet fp32 (NCHW)",
     "cl": "plugdet fp32 channels_last (default)",
     "bf16": "plugdet bf16 + channels_last",
+    "amp": "plugdet fp16 AMP + channels_last",
 }
+DEFAULT_VARIANTS = {"cpu": ["fp32", "cl", "bf16"], "cuda": ["amp"]}
 UL = "Ultralytics"  # the run label; `--family` says which model (yolov8n or yolo11n)
 # --family -> plugdet model overrides of the same model as Ultralytics' <family>n.yaml
 FAMILIES = {"yolov8": ["model.backbone=cspdarknet_n", "model.neck=yolov8", "model.head=yolov8"],
@@ -68,10 +80,13 @@ def ultralytics_worker(spec_path: str) -> int:
     """Train Ultralytics' YOLOv8n / YOLO11n as the spec says; epoch timings, threads, its own metrics -> spec["out"]."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
+    import ultralytics.engine.trainer as ul_trainer
     import ultralytics.utils.torch_utils as ul_torch_utils
     from ultralytics import YOLO
 
     ul_torch_utils.NUM_THREADS = spec["threads"]  # what its select_device passes to torch.set_num_threads on CPU
+    # Its AMP self-check downloads yolo26n.pt; offline, the answer it gives on a healthy GPU (see the docstring)
+    ul_trainer.check_amp = lambda model: True
     record: dict[str, Any] = {"epochs": [], "threads": [], "workers": None, "images": None, "own": {}}
     clock: dict[str, float] = {}
 
@@ -94,10 +109,10 @@ def ultralytics_worker(spec_path: str) -> int:
     for event, fn in (("on_pretrain_routine_start", restore_workers), ("on_train_epoch_start", epoch_start),
                       ("on_train_epoch_end", epoch_end), ("on_train_end", train_end)):  # fmt: skip
         model.add_callback(event, fn)
-    model.train(data=spec["data"], imgsz=spec["imgsz"], batch=spec["batch"], epochs=spec["epochs"], device="cpu",
-                workers=spec["workers"], seed=spec["seed"], optimizer=spec["optimizer"],
-                cache="ram" if spec["cache"] else False, close_mosaic=spec["close_mosaic"], plots=False, amp=False,
-                val=False, project=spec["project"],
+    model.train(data=spec["data"], imgsz=spec["imgsz"], batch=spec["batch"], epochs=spec["epochs"],
+                device=spec["device"], workers=spec["workers"], seed=spec["seed"], optimizer=spec["optimizer"],
+                cache="ram" if spec["cache"] else False, close_mosaic=spec["close_mosaic"], plots=False,
+                amp=spec["amp"], val=False, project=spec["project"],
                 name=spec["name"], exist_ok=True, verbose=False, pretrained=False)  # fmt: skip
     Path(spec["out"]).write_text(json.dumps(record))
     return 0
@@ -128,8 +143,8 @@ def run_ultralytics(args: argparse.Namespace, data_yaml: Path, seed: int, work: 
     shutil.rmtree(project / name, ignore_errors=True)
     spec = {"family": args.family, "data": str(data_yaml), "imgsz": args.img_size, "batch": args.batch,
             "epochs": args.epochs, "threads": args.threads, "workers": args.ul_workers, "seed": seed,
-            "optimizer": args.ul_optimizer,
-            "cache": args.ul_cache == "ram",
+            "optimizer": args.ul_optimizer, "device": "0" if args.device == "cuda" else "cpu",
+            "amp": args.device == "cuda", "cache": args.ul_cache == "ram",
             "close_mosaic": args.close_mosaic, "project": str(project.resolve()), "name": name,
             "out": str((work / f"ul_seed{seed}.json").resolve())}  # fmt: skip
     spec_path = work / f"ul_seed{seed}_spec.json"
@@ -151,8 +166,9 @@ def run_plugdet(args: argparse.Namespace, data_yaml: Path, seed: int, variant: s
     overrides = ["data.format=yolo", f"data.yaml={data_yaml}", f"data.img_size={args.img_size}",
                  f"train.batch_size={args.batch}", f"train.epochs={args.epochs}", "model.backbone_weights=null",
                  "model.scale=n", *FAMILIES[args.family], f"train.threads={args.threads}",
-                 f"train.workers={args.workers}", f"train.close_mosaic={args.close_mosaic}", "train.device=cpu",
-                 f"eval.interval={args.epochs}", f"seed={seed}", f"output_dir={out}",
+                 f"train.workers={args.workers}", f"train.close_mosaic={args.close_mosaic}",
+                 f"train.device={args.device}", f"eval.interval={args.epochs}", f"eval.backend={args.eval_backend}",
+                 f"seed={seed}", f"output_dir={out}",
                  f"data.cache={args.cache == 'ram'}", *VARIANTS[variant]]  # fmt: skip
     seconds = run_logged([sys.executable, str(REPO / "tools" / "train_det.py"), *overrides], args.threads,
                          work / "logs" / f"plugdet_seed{seed}_{variant}.log", args.run_timeout)  # fmt: skip
@@ -165,34 +181,64 @@ def run_plugdet(args: argparse.Namespace, data_yaml: Path, seed: int, variant: s
 # ----------------------------------------------------------------------------------------------------------------------
 # Data and evaluation (in this process)
 # ----------------------------------------------------------------------------------------------------------------------
+def write_val_subset(data_yaml: Path, count: int) -> Path:
+    """A data yaml beside `data_yaml` whose val split is `count` of its val images, evenly spaced over the sorted
+    list (so every species folder is represented), listed in `val_<count>.txt`; training images unchanged.
+
+    Why: evaluation at conf 0.001 scores up to 300 boxes per image; on a GPU it, not training, is what a short run
+    spends most of its time on, and a few hundred images give AP to the precision a 3-epoch run has anyway.
+    """
+    import yaml
+
+    data = yaml.safe_load(data_yaml.read_text())
+    root = Path(data["path"])
+    images = sorted(p for p in (root / data["val"]).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if count >= len(images):
+        return data_yaml
+    step = len(images) / count
+    chosen = [images[int(k * step)] for k in range(count)]  # [count] evenly spaced
+    listing = root / f"val_{count}.txt"
+    listing.write_text("".join(f"./{p.relative_to(root).as_posix()}\n" for p in chosen))
+    subset = data_yaml.with_name(f"data_val{count}.yaml")
+    subset.write_text(yaml.safe_dump({**data, "val": listing.name}, sort_keys=False))
+    return subset.resolve()
+
+
 def prepare_data(args: argparse.Namespace, work: Path) -> Path:
-    """The CUB data (bird labels) exported to YOLO txt under `work/data`; --quick first writes a tiny synthetic set."""
+    """The CUB data (bird labels) exported to YOLO txt under `work/data` (or `--data-yaml` as it is); --quick first
+    writes a tiny synthetic set; `--val-images N` then evaluates on N of the val images."""
     from detect.data.cub import CubDetection
     from detect.data.synth import make_synth_cub, synth_cub_exists
-    from detect.data.yolo import export_yolo
+    from detect.data.yolo_txt import export_yolo
 
-    root = Path(args.root)
-    if args.quick:
-        root = work / "synth_quick"
-        if not synth_cub_exists(root):
-            make_synth_cub(root, num_species=2, images_per_species=16, width_range=(160, 200),
-                           height_range=(120, 160), overwrite=True)  # fmt: skip
-    elif not root.exists():
-        raise SystemExit(f"error: {root} not found; write it with `python tools/make_synth_cub.py`")
-    out = work / "data"
-    data_yaml = Path()
-    for split, cub_split in (("train", "train"), ("val", "test")):
-        data_yaml = export_yolo(CubDetection(root, cub_split, labels="bird"), out, split, overwrite=True)
-    for cache in (out / "labels").glob("*.cache"):  # Ultralytics' label cache of an earlier export
-        cache.unlink()
-    return data_yaml.resolve()
+    if args.data_yaml:
+        data_yaml = Path(args.data_yaml).resolve()
+        if not data_yaml.is_file():
+            raise SystemExit(f"error: --data-yaml {data_yaml} not found")
+    else:
+        root = Path(args.root)
+        if args.quick:
+            root = work / "synth_quick"
+            if not synth_cub_exists(root):
+                make_synth_cub(root, num_species=2, images_per_species=16, width_range=(160, 200),
+                               height_range=(120, 160), overwrite=True)  # fmt: skip
+        elif not root.exists():
+            raise SystemExit(f"error: {root} not found; write it with `python tools/make_synth_cub.py`")
+        out = work / "data"
+        data_yaml = Path()
+        for split, cub_split in (("train", "train"), ("val", "test")):
+            data_yaml = export_yolo(CubDetection(root, cub_split, labels="bird"), out, split, overwrite=True)
+        for cache in (out / "labels").glob("*.cache"):  # Ultralytics' label cache of an earlier export
+            cache.unlink()
+    return write_val_subset(data_yaml.resolve(), args.val_images) if args.val_images else data_yaml.resolve()
 
 
 class Evaluator:
-    """The one evaluation of every model: `detect.eval.evaluate.evaluate` on the val split of the exported data.
+    """The one evaluation of every model: `detect.eval.evaluate.evaluate` on the val split of the exported data,
+    on `--device`, in fp32.
 
-    The val loader has no worker processes: this process has run torch ops (OpenMP threads) before it would fork
-    them, and evaluation time is not what this bench measures.
+    The val loader has no worker processes by default (`--eval-workers`): on CPU this process has run torch ops
+    (OpenMP threads) before it would fork them, and evaluation time is not what this bench measures.
     """
 
     def __init__(self, args: argparse.Namespace, data_yaml: Path, work: Path) -> None:
@@ -207,27 +253,27 @@ class Evaluator:
 
         torch.set_num_threads(args.threads)
         overrides = ["data.format=yolo", f"data.yaml={data_yaml}", f"data.img_size={args.img_size}",
-                     f"train.batch_size={args.batch}", "train.workers=0"]  # fmt: skip
+                     f"train.batch_size={args.batch}", f"train.workers={args.eval_workers}"]  # fmt: skip
         cfg = load_config(DetConfig, None, overrides)
         self.source = build_source(cfg.data, "val")
+        self.device, self.backend = torch.device(args.device), args.eval_backend
         dataset = DetectionDataset(self.source, args.img_size, False)
-        info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+        info = DistInfo(rank=0, local_rank=0, world_size=1, device=self.device)
         _, _, self.loader = build_det_loaders(dataset, dataset, cfg, info)
         self.gt = write_coco_json(self.source, work / "val_gt.json")
 
     def __call__(self, run: str, weights: Path) -> tuple[float, float]:
         """(AP, AP50) of a plugdet last.pt, or of an Ultralytics last.pt when `run` is Ultralytics'."""
-        import torch
-
+        from detect.checkpoints import load_detector
         from detect.eval.evaluate import evaluate, nan_to_zero
         from detect.interop.ultralytics import from_ultralytics
-        from detect.models.checkpoint import load_detector
         from detect.precision import Precision
 
         model = from_ultralytics(weights) if run == UL else load_detector(weights)[0]
-        precision = Precision(torch.device("cpu"))
-        metrics, _, _ = evaluate(model.float().eval(), self.loader, self.gt, list(self.source.category_ids),
-                                 precision, conf=0.001, iou=0.7, max_det=300)  # fmt: skip
+        precision = Precision(self.device)
+        metrics, _, _ = evaluate(model.float().to(self.device).eval(), self.loader, self.gt,
+                                 list(self.source.category_ids), precision, conf=0.001, iou=0.7, max_det=300,
+                                 backend=self.backend)  # fmt: skip
         return nan_to_zero(metrics["AP"]), nan_to_zero(metrics["AP50"])
 
 
@@ -241,17 +287,22 @@ def _spread(values: list[float], digits: int) -> str:
 
 
 def print_tables(results: dict[tuple[int, str], dict[str, Any]], seeds: list[int], runs: list[str]) -> None:
-    """Per-seed rows and a mean ± sd summary per run, as markdown (ratios only when Ultralytics ran)."""
+    """Per-seed rows and a mean ± sd summary per run, as markdown (ratios only when Ultralytics ran); a run that
+    failed is one row saying so, and is left out of the summary."""
 
     def ratio(seed: int, run: str) -> float | None:
         ref = results.get((seed, UL))
-        return results[(seed, run)]["img_s"] / ref["img_s"] if ref else None
+        return results[(seed, run)]["img_s"] / ref["img_s"] if ref and "error" not in ref else None
 
     print("\n| seed | run | img/s (median epoch) | vs Ultralytics | AP | AP50 | UL own AP / AP50 | threads | workers "
           "| wall s |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|")  # fmt: skip
     for seed in seeds:
         for run in runs:
-            r, x = results[(seed, run)], ratio(seed, run)
+            r = results.get((seed, run), {"error": "not run"})
+            if "error" in r:
+                print(f"| {seed} | {run} | failed: {r['error'].splitlines()[0][:100]} | | | | | | | |")
+                continue
+            x = ratio(seed, run)
             own = "-" if r["own_ap"] is None else f"{r['own_ap']:.4f} / {r['own_ap50']:.4f}"
             print(f"| {seed} | {run} | {r['img_s']:.1f} | {'-' if x is None else f'{x:.2f}x'} | {r['ap']:.4f} | "
                   f"{r['ap50']:.4f} | {own} | {','.join(map(str, r['threads']))} | {r['workers']} | "
@@ -259,21 +310,42 @@ def print_tables(results: dict[tuple[int, str], dict[str, Any]], seeds: list[int
     print(f"\nover seeds {' '.join(map(str, seeds))} (mean ± sd):\n\n| run | img/s | vs Ultralytics | AP | AP50 |")
     print("|---|---:|---:|---:|---:|")
     for run in runs:
-        rows = [results[(seed, run)] for seed in seeds]
-        ratios = [ratio(seed, run) for seed in seeds]
+        done = [seed for seed in seeds if "error" not in results.get((seed, run), {"error": "not run"})]
+        if not done:
+            continue
+        rows = [results[(seed, run)] for seed in done]
+        ratios = [ratio(seed, run) for seed in done]
         shown = "-" if None in ratios else f"{_spread(ratios, 2)}x"
         print(f"| {run} | {_spread([r['img_s'] for r in rows], 1)} | {shown} | "
               f"{_spread([r['ap'] for r in rows], 4)} | {_spread([r['ap50'] for r in rows], 4)} |")  # fmt: skip
 
 
+def write_json(results: dict[tuple[int, str], dict[str, Any]], args: argparse.Namespace, path: Path) -> None:
+    """The results so far as JSON (one record per seed and run; a failed run has "error"), rewritten after each
+    run, so a bench stopped by a timeout still leaves the runs it finished."""
+    import torch
+
+    rows = [{"seed": seed, "run": run, **{k: str(v) if isinstance(v, Path) else v for k, v in r.items()}}
+            for (seed, run), r in results.items()]  # fmt: skip
+    setting = {"family": args.family, "device": args.device, "img_size": args.img_size, "batch": args.batch,
+               "epochs": args.epochs, "workers": args.workers, "ul_workers": args.ul_workers, "cache": args.cache,
+               "ul_cache": args.ul_cache, "val_images": args.val_images, "eval_backend": args.eval_backend,
+               "torch": torch.__version__}  # fmt: skip
+    path.write_text(json.dumps({"setting": setting, "runs": rows}, indent=1))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_train_vs_ultralytics.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="data/synth_cub", help="CUB data (folder holding CUB_200_2011)")
+    parser.add_argument("--root", "--data-root", dest="root", default="data/synth_cub",
+                        help="CUB data (folder holding CUB_200_2011), exported to YOLO txt under --work")  # fmt: skip
+    parser.add_argument("--data-yaml", default=None, help="an existing YOLO txt export to train on (no export)")
     parser.add_argument("--work", default="runs/bench/train_vs_ultralytics", help="exports, runs and logs")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--close-mosaic", type=int, default=None, help="last epochs without Mosaic (default E // 3)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides train")
+    parser.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
+                        help="plugdet variants (default: fp32 cl bf16 on CPU, amp on CUDA)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run")
     parser.add_argument("--workers", type=int, default=2, help="plugdet loader workers")
     parser.add_argument("--ul-workers", type=int, default=None, help="Ultralytics loader workers (default --workers; "
@@ -288,10 +360,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--family", choices=list(FAMILIES), default="yolov8", help="the model both sides train (n)")
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--val-images", type=int, default=0, help="evaluate on this many val images (0: all)")
+    parser.add_argument("--eval-backend", choices=("pycocotools", "faster"), default="pycocotools",
+                        help="COCO evaluation of every model (faster-coco-eval gives the same 12 numbers)")  # fmt: skip
+    parser.add_argument("--eval-workers", type=int, default=0, help="loader workers of this process's evaluation")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (after each run)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 16 tiny images, seed 0, batch 8")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds, args.batch, args.work = 1, [0], 8, args.work + "-quick"
+    args.variants = DEFAULT_VARIANTS[args.device] if args.variants is None else args.variants
     args.close_mosaic = args.epochs // 3 if args.close_mosaic is None else args.close_mosaic
     args.ul_workers = args.workers if args.ul_workers is None else args.ul_workers
     args.ul_cache = args.cache if args.ul_cache is None else args.ul_cache
@@ -301,19 +379,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_all(
     args: argparse.Namespace, data_yaml: Path, work: Path, runs: list[str], evaluator: Evaluator
 ) -> dict[tuple[int, str], dict[str, Any]]:
-    """Every (seed, run) in order, each trained in a subprocess then evaluated here."""
+    """Every (seed, run) in order, each trained in a subprocess then evaluated here; a run that fails or runs past
+    --run-timeout is recorded with its error (its log's tail) and the next one goes on."""
     results: dict[tuple[int, str], dict[str, Any]] = {}
     for seed in args.seeds:
         for run in runs:
-            if run == UL:
-                result = run_ultralytics(args, data_yaml, seed, work)
+            try:
+                if run == UL:
+                    result = run_ultralytics(args, data_yaml, seed, work)
+                else:
+                    variant = next(k for k, label in VARIANT_LABELS.items() if label == run)
+                    result = run_plugdet(args, data_yaml, seed, variant, work)
+                result["ap"], result["ap50"] = evaluator(run, result["weights"])
+            except Exception as err:  # the run failed, or its files or its evaluation did: recorded, the next goes on
+                print(f"error: seed {seed} {run}: {err}", file=sys.stderr, flush=True)
+                results[(seed, run)] = {"error": str(err)}
             else:
-                variant = next(k for k, label in VARIANT_LABELS.items() if label == run)
-                result = run_plugdet(args, data_yaml, seed, variant, work)
-            result["ap"], result["ap50"] = evaluator(run, result["weights"])
-            results[(seed, run)] = result
-            print(f"seed {seed} {run}: {result['img_s']:.1f} img/s, AP {result['ap']:.4f}, AP50 "
-                  f"{result['ap50']:.4f} ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
+                results[(seed, run)] = result
+                print(f"seed {seed} {run}: {result['img_s']:.1f} img/s, AP {result['ap']:.4f}, AP50 "
+                      f"{result['ap50']:.4f} ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
+            if args.json:
+                write_json(results, args, Path(args.json))
     return results
 
 
@@ -327,21 +413,18 @@ def main(argv: list[str]) -> int:
     runs = ([] if args.no_ultralytics else [UL]) + [VARIANT_LABELS[v] for v in args.variants]
     import torch
 
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if args.device == "cuda" and torch.cuda.is_available() else ""
     print(f"train vs Ultralytics: {args.family}n, data {data_yaml}, {args.epochs} epochs "
           f"(close_mosaic {args.close_mosaic}), "
-          f"{args.img_size} px, batch {args.batch}, {args.threads} threads, workers plugdet {args.workers} / "
-          f"Ultralytics {args.ul_workers}, image cache plugdet {args.cache} / Ultralytics {args.ul_cache}, seeds "
-          f"{args.seeds}; logs in {work / 'logs'}; torch {torch.__version__}, CPU capability "
+          f"{args.img_size} px, batch {args.batch}, on {args.device}{gpu}, {args.threads} threads, workers plugdet "
+          f"{args.workers} / Ultralytics {args.ul_workers}, image cache plugdet {args.cache} / Ultralytics "
+          f"{args.ul_cache}, seeds {args.seeds}; logs in {work / 'logs'}; torch {torch.__version__}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}",
           flush=True)  # fmt: skip
     evaluator = Evaluator(args, data_yaml, work)
-    try:
-        results = run_all(args, data_yaml, work, runs, evaluator)
-    except RuntimeError as err:  # a failed or stuck run: its log's tail, no traceback of this driver
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    results = run_all(args, data_yaml, work, runs, evaluator)
     print_tables(results, args.seeds, runs)
-    return 0
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":

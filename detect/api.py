@@ -1,25 +1,33 @@
-"""The Python API: load a detector file, predict, validate, export, show its info.
+"""The Python API: pretrain a backbone, train a detector, load a detector file, predict, validate, export.
 
-    from detect.api import load
+    from detect.api import load, pretrain, train
 
-    model = load("runs/det/default/best.pt", device="cpu")   # a plugdet .pt, an imported Ultralytics .pt, an .onnx
+    cls_run = pretrain(overrides=["train.epochs=1"])          # = tools/train_cls.py; .dir .best .backbone .metrics
+    det_run = train(overrides={"model.backbone_weights": str(cls_run.backbone)})  # = tools/train_det.py
+    model = load(det_run.best, device="cpu")                  # a plugdet .pt, an imported Ultralytics .pt, an .onnx
     results = model.predict("images/", conf=0.25)             # paths, folders, globs, RGB arrays, tensors; batched
     print(results[0].boxes, results[0].class_names)           # boxes [K, 4] xyxy in the original image's pixels
     metrics = model.val()                                     # what tools/val_det.py writes to metrics.json
+    tuned = model.train(overrides=["train.epochs=5"])         # fine-tunes this model (model.weights=its file)
+
+A checkpoint is data: plugin modules (your own parts) are imported only when you name them, `load(w, imports=[...])`
+or `imports=[...]` in the overrides, never because a checkpoint's config lists them.
 
 Colour order: arrays are RGB unless `bgr=True` (pass that for `cv2.imread` results and OpenCV video frames); tensors
 are RGB [3, H, W] or [B, 3, H, W], uint8 0-255 or float 0-1 (torchvision's convention). Image files are read for
 you. The image size comes from the file (the training size of a checkpoint, the export size of an ONNX file).
 
-The tools are thin callers of this module: `tools/predict.py` of `Model.predict`, `tools/val_det.py` of `validate`,
-`tools/export.py` of `Model.export`.
+The tools are thin callers of the same code: `tools/train_det.py` and `train` of `detect.train.detection`,
+`tools/train_cls.py` and `pretrain` of `detect.train.classification`, `tools/predict.py` of `Model.predict`,
+`tools/val_det.py` of `Model.val` (`detect.eval.validate`), `tools/export.py` of `Model.export`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +39,7 @@ from backbones.errors import UserError
 from detect.data.source import read_image_rgb
 from detect.inference import detect_images, detections_to_json, find_inputs, to_rgb_images
 from detect.models.info import format_info, model_info
-from detect.precision import Precision, choose_bf16
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from detect.precision import make_precision
 
 
 @dataclass
@@ -86,18 +92,6 @@ def parse_device(device: str | torch.device) -> torch.device:
     return select_device(str(device))
 
 
-def make_precision(device: torch.device, precision: str, where: str = "precision") -> Precision:
-    """The `Precision` of inference: "fp32", "bf16" (autocast; falls back to fp32 with one warning on a CPU without
-    native bf16, `detect.precision.choose_bf16`) or "fp16" (CUDA autocast only); channels_last always."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("precision fp16 needs CUDA (fp16 on a CPU is emulated and slow): use fp32 or bf16")
-    bf16 = choose_bf16(device, precision == "bf16", where)
-    return Precision(device, amp=device.type == "cuda" and precision in ("fp16", "bf16"), bf16=bf16,
-                     channels_last=True)  # fmt: skip
-
-
 class Model:
     """A loaded detector (torch or onnxruntime) with its class names and image size; see the module docstring.
 
@@ -108,8 +102,13 @@ class Model:
         names: class names; img_size: the default letterbox long side; stride: the largest stride.
     """
 
-    def __init__(self, weights: str | os.PathLike, device: str | torch.device = "auto", precision: str = "fp32"):
+    def __init__(self, weights: str | os.PathLike, device: str | torch.device = "auto", precision: str = "fp32",
+                 imports: Sequence[str] = (), imports_how: str = "") -> None:  # fmt: skip
+        from detect.checkpoints import consent_to_plugins
+
         self.weights = str(weights)
+        self.imports = [str(m) for m in imports]
+        self.imports_how = how = imports_how or IMPORTS_HOW
         self.device = parse_device(device)
         self.precision_name = precision
         self.precision = make_precision(self.device, precision)
@@ -119,14 +118,15 @@ class Model:
             self.runner: Any = OnnxDetector(weights, self.device)
             meta = self.runner.meta
             self.checkpoint: dict[str, Any] = {**meta, "kind": "onnx"}
+            consent_to_plugins(self.checkpoint, self.imports, self.weights, how)  # e.g. a data format's
             fixed = self.runner.fixed_shape
             self.img_size = max(fixed) if fixed else int(max(meta["img_size"]))
         else:
-            from detect.models.checkpoint import detector_from_checkpoint, read_detector_checkpoint
+            from detect.checkpoints import detector_from_checkpoint, read_detector_checkpoint
 
             self.checkpoint = read_detector_checkpoint(weights)
             self.runner = detector_from_checkpoint(self.checkpoint, self.device, fuse=True, channels_last=True,
-                                                   where=str(weights))  # fmt: skip
+                                                   where=self.weights, imports=self.imports, how=how)  # fmt: skip
             self.img_size = int((self.checkpoint.get("config") or {}).get("data", {}).get("img_size", 640))
         self.names: list[str] = list(self.checkpoint["class_names"])
         self.stride = int(getattr(self.runner, "input_stride", max(self.runner.strides)))  # sides' multiple
@@ -191,6 +191,8 @@ class Model:
         """COCO evaluation on the validation split of the file's data set (or of `overrides`, e.g.
         "data.root=/data/CUB"); writes gt.json, predictions.json, metrics.json and pictures to `out` (default
         runs/val/<name>) and returns the metrics dict metrics.json holds. `rect`: aspect-ratio-grouped batches."""
+        from detect.eval.validate import validate
+
         return validate(self, list(overrides), out, rect, verbose)
 
     def export(self, format: str = "onnx", out: str | os.PathLike | None = None, img_size: int | None = None,
@@ -198,14 +200,15 @@ class Model:
                iou: float = 0.7, max_det: int = 300) -> Path:  # fmt: skip
         """Export to ONNX or TorchScript (`detect.interop.export.export_model`); returns the file written
         (default: beside the weights, `.onnx` / `.torchscript`)."""
+        from detect.checkpoints import detector_from_checkpoint
         from detect.interop.export import export_model
-        from detect.models.checkpoint import detector_from_checkpoint
 
         if self.is_onnx:
             raise UserError(f"{self.weights} is already an export: export from the .pt checkpoint")
         suffix = ".onnx" if format == "onnx" else ".torchscript"
         out = Path(out) if out else Path(self.weights).with_suffix(suffix)
-        detector = detector_from_checkpoint(self.checkpoint, "cpu", fuse=True, where=self.weights)
+        detector = detector_from_checkpoint(self.checkpoint, "cpu", fuse=True, where=self.weights,
+                                            imports=self.imports, how=self.imports_how)  # fmt: skip
         settings = {"conf": float(conf), "iou": float(iou), "max_det": int(max_det)} if nms else None
         return export_model(detector, self.checkpoint, out, format, img_size or self.img_size, dynamic, settings,
                             half, opset, self.device)  # fmt: skip
@@ -214,16 +217,104 @@ class Model:
         """Parameters, GFLOPs at `img_size` (default: the file's size, square) and layers; printed with `verbose`."""
         if self.is_onnx:
             raise UserError("model info needs the .pt checkpoint (an ONNX file's graph is not a torch module)")
-        from detect.models.checkpoint import detector_from_checkpoint
+        from detect.checkpoints import detector_from_checkpoint
 
-        detector = detector_from_checkpoint(self.checkpoint, "cpu", where=self.weights)  # unfused: the true counts
+        detector = detector_from_checkpoint(
+            self.checkpoint, "cpu", where=self.weights, imports=self.imports, how=self.imports_how
+        )  # unfused: the true counts
         info = model_info(detector, img_size or self.img_size)
         if verbose:
             print(format_info(info, Path(self.weights).name))
         return info
 
+    def train(self, config: str | os.PathLike | None = None,
+              overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainedRun:  # fmt: skip
+        """Fine-tune this model: `train` with `model.weights=` this file (same-shape tensors copied) and its plugin
+        modules; `config` defaults to the file's own training config (its run folder name included: a fresh
+        `output_dir-2`, ... beside it), `overrides` go on top."""
+        if self.is_onnx:
+            raise UserError(f"{self.weights} is an export: fine-tune from the .pt checkpoint")
+        base = {"model.weights": self.weights, "model.backbone_weights": None}
+        if self.imports:
+            base["imports"] = self.imports
+        saved = {**(self.checkpoint.get("config") or {}), "imports": []}  # the user names plugins, never the file
+        saved["train"] = {**saved.get("train", {}), "resume": None}
+        saved.pop("output_dir", None)
+        return train(config, [*_as_overrides(base), *_as_overrides(overrides)], _base=saved if config is None else None)
 
-def load(weights: str | os.PathLike, device: str | torch.device = "auto", precision: str = "fp32") -> Model:
+
+@dataclass
+class TrainedRun:
+    """A finished training run (`train`, `pretrain`, `Model.train`).
+
+    Attributes:
+        dir: the run folder; best: its best.pt; last: its last.pt; backbone: backbone.pt (pretraining only).
+        metrics: best.pt's metrics (detection: AP, AP50, coco_stats, per_class_AP; classification: top1, top5, ...).
+    """
+
+    dir: Path
+    best: Path
+    last: Path
+    metrics: dict[str, Any]
+    backbone: Path | None = None
+
+
+IMPORTS_HOW = "load(weights, imports=[MODULE])"
+
+
+def _as_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    """The tools' `key=value` strings from strings or a mapping of dotted keys (values written as YAML/JSON)."""
+    if isinstance(overrides, Mapping):
+        return [
+            f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in overrides.items()
+        ]
+    if isinstance(overrides, str):
+        raise UserError(f"overrides: a list of key=value strings or a mapping, not the string {overrides!r}")
+    return [str(item) for item in overrides]
+
+
+def train(config: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = (),
+          _base: Mapping[str, Any] | None = None) -> TrainedRun:  # fmt: skip
+    """Train a detector: exactly what `tools/train_det.py CONFIG key=value...` runs (same files, same lines).
+
+    Args:
+        config: a YAML file (None: configs/det/default.yaml).
+        overrides: `key=value` strings (["train.epochs=3"]) or a mapping of dotted keys ({"train.epochs": 3}).
+        _base: (`Model.train`) a checkpoint's config under the default config's place.
+
+    Returns:
+        The finished run; `.metrics` are best.pt's (with `coco_stats`).
+
+    Raises:
+        UserError: bad input (before any work); RunError: the surroundings stopped the run; KeyboardInterrupt: Ctrl-C,
+            after last.pt was saved.
+    """
+    from detect.checkpoints import read_detector_checkpoint
+    from detect.train.detection import train_detector
+
+    run = train_detector(str(config) if config is not None else None, _as_overrides(overrides), _base)
+    best = run.run_dir / "best.pt"
+    metrics = dict(read_detector_checkpoint(best)["metrics"]) if best.is_file() else {}
+    return TrainedRun(run.run_dir, best, run.run_dir / "last.pt", metrics)
+
+
+def pretrain(config: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainedRun:
+    """Pretrain a backbone on CUB classification: exactly what `tools/train_cls.py CONFIG key=value...` runs.
+
+    Returns:
+        The finished run; `.backbone` is backbone.pt (for `model.backbone_weights=`), `.metrics` best.pt's.
+    """
+    from backbones.checkpoint import load_checkpoint
+    from detect.train.classification import pretrain_backbone
+
+    run = pretrain_backbone(str(config) if config is not None else None, _as_overrides(overrides))
+    best = run.run_dir / "best.pt"
+    metrics = dict(load_checkpoint(best)["metrics"]) if best.is_file() else {}
+    return TrainedRun(run.run_dir, best, run.run_dir / "last.pt", metrics, run.run_dir / "backbone.pt")
+
+
+def load(weights: str | os.PathLike, device: str | torch.device = "auto", precision: str = "fp32",
+         imports: Sequence[str] = (), imports_how: str = "") -> Model:  # fmt: skip
     """Load a detector file: a plugdet checkpoint (train_det's best.pt / last.pt, or tools/import_ultralytics.py's
     output; read with weights_only=True) or an `.onnx` from tools/export.py (run by onnxruntime).
 
@@ -231,8 +322,11 @@ def load(weights: str | os.PathLike, device: str | torch.device = "auto", precis
         weights: the file.
         device: "auto", "cpu", "cuda", "cuda:0", ... or a torch.device.
         precision: "fp32", "bf16" (autocast) or "fp16" (CUDA).
+        imports: the plugin modules (your own parts) the file needs; a checkpoint naming modules you did not name is
+            refused with one line (a checkpoint is data: nothing it names is imported).
+        imports_how: how the caller names modules, in that line (the tools: "--imports MODULE"; default the API's).
     """
-    return Model(weights, device, precision)
+    return Model(weights, device, precision, imports, imports_how)
 
 
 def check_settings(conf: float, iou: float, img_size: int | None, max_det: int, stride: int = 32) -> None:
@@ -245,102 +339,3 @@ def check_settings(conf: float, iou: float, img_size: int | None, max_det: int, 
         raise UserError(f"--img-size {img_size}: must be a positive multiple of the stride {stride} (e.g. 640)")
     if max_det < 1:
         raise UserError(f"--max-det {max_det}: must be at least 1")
-
-
-def data_description(data: Any) -> str:
-    """Where the validation data comes from, for banners: the CUB root, the COCO json or the YOLO data.yaml."""
-    if data.format == "coco":
-        return f"{data.val_json} (coco)"
-    if data.format == "yolo":
-        return f"{data.yaml} (yolo)"
-    return f"{data.root} (cub, {data.labels} labels)"
-
-
-def validate(
-    model: Model, overrides: Sequence[str], out: str | os.PathLike | None, rect: bool = True, verbose: bool = True
-) -> dict[str, Any]:
-    """What tools/val_det.py does (see its docstring), on a loaded `Model`; returns metrics.json's content."""
-    from torch.utils.data import DataLoader
-
-    from detect.config import DetConfig, load_config
-    from detect.data.build import build_source
-    from detect.data.coco import coco_ground_truth
-    from detect.data.detection import DetectionDataset, detection_collate
-    from detect.eval.analysis import save_analysis
-    from detect.eval.coco import format_table
-    from detect.eval.evaluate import evaluate
-    from detect.eval.viz import plot_pr_curve, save_gt_vs_pred_grid
-    from detect.plugins import import_plugins
-    from detect.train.builders import quiet_worker
-    from detect.train.runs import make_run_dir
-
-    cfg = load_config(DetConfig, None, list(overrides), base=model.checkpoint.get("config") or {})
-    import_plugins(cfg.imports)
-    precision = make_precision(model.device, "bf16" if cfg.train.bf16 else model.precision_name, "train.bf16")
-    source = build_source(cfg.data, "val")
-    if list(source.class_names) != model.names:
-        raise UserError(f"{model.weights} was trained on classes {model.names[:5]}..., "
-                        f"but {data_description(cfg.data)} has {list(source.class_names)[:5]}...")  # fmt: skip
-    fixed = getattr(model.runner, "fixed_shape", None)
-    img_size = max(fixed) if fixed else cfg.data.img_size
-    dataset = DetectionDataset(source, img_size, False)
-    dataset.check_images()  # an unreadable image is reported now, before anything is written
-    batch_size = 1 if getattr(model.runner, "fixed_batch", None) == 1 else cfg.train.batch_size * 2
-    if fixed is not None:
-        dataset.shapes = [tuple(fixed)] * len(dataset)
-        batches = [list(range(k, min(k + batch_size, len(dataset)))) for k in range(0, len(dataset), batch_size)]
-    elif rect:
-        batches = dataset.rect_batches(batch_size, model.stride)
-    else:
-        batches = [list(range(k, min(k + batch_size, len(dataset)))) for k in range(0, len(dataset), batch_size)]
-    workers = cfg.train.workers
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=detection_collate,
-                        worker_init_fn=quiet_worker, pin_memory=model.device.type == "cuda")  # fmt: skip
-    gt = coco_ground_truth(source)
-    out_dir = make_run_dir(out or Path("runs/val") / Path(model.weights).resolve().parent.name)
-    metrics, predictions, kept = evaluate(model.runner, loader, gt, list(source.category_ids), precision,
-                                          cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
-                                          keep_images=8, coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
-    _write_json(out_dir / "gt.json", gt)
-    _write_json(out_dir / "predictions.json", predictions)
-    saved = {k: v for k, v in metrics.items() if k != "precision"}
-    saved.update(weights=str(model.weights), rect=bool(rect and fixed is None), img_size=img_size)
-    _write_json(out_dir / "metrics.json", saved)
-    names = list(source.class_names)
-    plot_pr_curve(metrics["precision"], names, out_dir / "pr_curve.png")
-    save_analysis(gt, predictions, metrics, names, out_dir)
-    if kept:
-        images = [source.load_image(i) for i, _ in kept]
-        gts = [source.annotations(i) for i, _ in kept]
-        save_gt_vs_pred_grid(images, gts, [d for _, d in kept], names, out_dir / "val_predictions.jpg")
-    if verbose:
-        layout = f"rect batches to {img_size} px" if rect and fixed is None else f"{img_size} px square"
-        if fixed is not None:
-            layout = f"fixed {fixed[0]}x{fixed[1]} (ONNX)"
-        print(f"val_det: {model.weights} on {len(source)} images of {data_description(cfg.data)}, {layout}, conf "
-              f"{cfg.eval.conf}, IoU {cfg.eval.iou}, max_det {cfg.eval.max_det}; COCO maxDets {metrics['max_dets']}, "
-              f"backend {metrics['backend']}, {metrics['time_per_image_ms']:.1f} ms/image")  # fmt: skip
-        print(format_table(metrics, names))
-        print(f"results in {out_dir}")
-    saved["out"] = str(out_dir)
-    return saved
-
-
-def _plain(value: object) -> object:
-    """JSON-safe: NaN (a class without ground truth) becomes null, tuples and numpy numbers plain values."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def _write_json(path: Path, data: object) -> None:
-    """Write through a temp file and os.replace (never half a file)."""
-    import json
-
-    from backbones.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(json.dumps(_plain(data), indent=1).encode("utf-8"), path)

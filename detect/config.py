@@ -157,6 +157,20 @@ def _parse_override(item: str) -> dict[str, Any]:
         raise UserError(f"cannot parse override {item!r}: {str(exc).splitlines()[0]}") from None
 
 
+def named_imports(overrides: Sequence[str]) -> list[str]:
+    """The plugin modules the user named in `imports=[...]` overrides (the last one wins), for tools that read a
+    checkpoint: only these are ever imported (`detect.checkpoints.consent_to_plugins`)."""
+    named: list[str] = []
+    for item in overrides:
+        if item.partition("=")[0] == "imports":
+            value = _parse_override(item)["imports"]
+            if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+                raise UserError(f"override {item!r}: imports is a list of module names or .py paths, e.g. "
+                                "imports=[my_parts]")  # fmt: skip
+            named = value
+    return named
+
+
 def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> bool:
     """True when a number lies outside the field's declared range (or is not its declared multiple)."""
     low, high = meta.get("min"), meta.get("max")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from backbones.errors import UserError
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -90,3 +92,18 @@ def choose_bf16(device: torch.device | str, bf16: bool, where: str = "bf16") -> 
               "where bf16 runs several times slower than fp32; running fp32 (PLUGDET_FORCE_BF16=1 forces bf16)",
               file=sys.stderr)  # fmt: skip
     return False
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def make_precision(device: torch.device, precision: str, where: str = "precision") -> Precision:
+    """The `Precision` of inference: "fp32", "bf16" (autocast; falls back to fp32 with one warning on a CPU without
+    native bf16, `detect.precision.choose_bf16`) or "fp16" (CUDA autocast only); channels_last always."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("precision fp16 needs CUDA (fp16 on a CPU is emulated and slow): use fp32 or bf16")
+    bf16 = choose_bf16(device, precision == "bf16", where)
+    return Precision(device, amp=device.type == "cuda" and precision in ("fp16", "bf16"), bf16=bf16,
+                     channels_last=True)  # fmt: skip

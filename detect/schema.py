@@ -96,8 +96,8 @@ class ClsConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
 class DetDataConfig:
-    format: str = _choice("cub", "coco", "yolo")
-    root: str = "data/synth_cub"  # cub: folder holding CUB_200_2011/
+    format: str = "cub"  # a registered data format: cub, coco, yolo, or a plugin's own (detect/data/formats.py)
+    root: str = "data/synth_cub"  # the data set's folder (cub: the folder holding CUB_200_2011/)
     labels: str = _choice("bird", "species")  # cub: one class, or one per species
     img_size: int = _at_least(256, 32, multiple=32)  # letterboxed square side (refused, not rounded)
     train_json: str | None = None  # coco
@@ -105,6 +105,7 @@ class DetDataConfig:
     image_dir: str | None = None  # coco: images folder (default: beside the json)
     yaml: str | None = None  # yolo: Ultralytics data.yaml
     cache: bool = False  # train images decoded once into RAM (N x S^2 x 3 x aspect bytes; see detect/data/detection.py)
+    options: dict[str, Any] = field(default_factory=dict)  # the format's own keys (data.options.KEY=VALUE)
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Shared test set-up: offline environment variables and a tiny synthetic mini-CUB.
+"""Shared test set-up: offline environment variables, a tiny synthetic mini-CUB, and runs and weights built on it.
 
 The environment variables are set at import time, before any test module imports albumentations, Ultralytics or
-matplotlib, so that nothing reaches the network and no settings land in the home folder.
+matplotlib, so that nothing reaches the network and no settings land in the home folder. Plain helpers (the tool
+loader, BatchNorm randomising, ...) are in tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -52,6 +53,30 @@ def synth_cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         height_range=SYNTH_HEIGHT,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_det_run(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of one tiny train_det run (YOLOv8n from scratch, bird labels, 64 px, 1 epoch of 3 steps,
+    Mosaic on), shared by the session: for tests that only read a trained run's files. Treat it as read-only."""
+    from helpers import load_tool
+
+    from detect.cli import run_tool
+
+    run = tmp_path_factory.mktemp("trained_det") / "run"
+    argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=1", "train.batch_size=4",
+            "train.workers=0", "train.close_mosaic=0", "model.backbone_weights=null", f"output_dir={run}"]  # fmt: skip
+    assert run_tool(load_tool("train_det").main, argv) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def untrained_det_weights(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of an untrained 1-class YOLOv8n in train_det's format, reading `synth_cub_root` at 64 px (tests of
+    input handling need weights, not training). Read-only."""
+    from helpers import save_untrained_detector
+
+    return save_untrained_detector(tmp_path_factory.mktemp("untrained_det") / "best.pt", synth_cub_root)
 
 
 @pytest.fixture

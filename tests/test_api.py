@@ -23,7 +23,7 @@ from detect.config import DetConfig, config_to_dict, load_config
 from detect.data.source import read_image_rgb
 from detect.inference import detect_image
 from detect.models import build_yolo
-from detect.models.checkpoint import detector_checkpoint
+from detect.checkpoints import detector_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"
@@ -235,6 +235,7 @@ def test_predict_tool_runs_an_onnx_file(det_ckpt: Path, synth_cub_root: Path, tm
     assert counts[0] > 0 and abs(counts[0] - counts[1]) <= max(2, counts[0] // 50), counts
 
 
+@pytest.mark.train
 def test_imported_checkpoint_fine_tunes_validates_and_predicts(imported: dict[str, Path], synth_cub_root: Path,
                                                                tmp_path: Path) -> None:  # fmt: skip
     """model.weights=OUT.pt (80 classes) fine-tunes a 1-class detector: every tensor but the class layers copied."""

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_end_to_end import load_tool
+from helpers import assert_same_evaluation, load_tool
 
 from backbones.checkpoint import atomic_save, load_checkpoint
+from detect.checkpoints import load_detector
 from detect.cli import run_tool
-from detect.models.checkpoint import load_detector
-from detect.train.builders import read_loss_sums
+from detect.train.detection import read_loss_sums
 
 
 def to_old_format(checkpoint: dict) -> dict:
@@ -34,18 +34,20 @@ def to_old_format(checkpoint: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(trained_det_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's tiny train_det run copied twice: as it is ("new") and with old-format weights ("old") whose
+    config says train.box=5.0 (not the default 7.5), to see the old key mapped to loss.box on resume."""
     out = tmp_path_factory.mktemp("compat")
-    argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=1", "train.batch_size=4",
-            "train.workers=0", "train.close_mosaic=0", "loss.box=5.0", "model.backbone_weights=null",
-            f"output_dir={out / 'new'}"]  # fmt: skip
-    assert run_tool(load_tool("train_det").main, argv) == 0
-    shutil.copytree(out / "new", out / "old")  # results.csv, config.yaml, ... of the run, then old-format weights
+    shutil.copytree(trained_det_run, out / "new")
+    shutil.copytree(trained_det_run, out / "old")  # results.csv, config.yaml, ... of the run, then old-format weights
     for name in ("best.pt", "last.pt"):
-        atomic_save(to_old_format(load_checkpoint(out / "new" / name)), out / "old" / name)
+        old = to_old_format(load_checkpoint(out / "new" / name))
+        old["config"]["train"]["box"] = 5.0
+        atomic_save(old, out / "old" / name)
     return {"new": out / "new", "old": out / "old", "out": out}
 
 
+@pytest.mark.train
 def test_the_api_loads_an_old_checkpoint_as_the_same_yolov8(runs: dict[str, Path]) -> None:
     old, _ = load_detector(runs["old"] / "best.pt")
     new, _ = load_detector(runs["new"] / "best.pt")
@@ -53,18 +55,21 @@ def test_the_api_loads_an_old_checkpoint_as_the_same_yolov8(runs: dict[str, Path
     assert torch.equal(old(images), new(images))
 
 
+@pytest.mark.train
 def test_val_det_and_predict_read_an_old_checkpoint(runs: dict[str, Path], synth_cub_root: Path) -> None:
     for kind in ("old", "new"):
         argv = ["--weights", str(runs[kind] / "best.pt"), "--out", str(runs["out"] / f"val-{kind}")]
         assert run_tool(load_tool("val_det").main, argv) == 0
     old, new = (json.loads((runs["out"] / f"val-{k}" / "metrics.json").read_text()) for k in ("old", "new"))
     assert old["coco_stats"] == new["coco_stats"]
+    assert_same_evaluation(new, load_checkpoint(runs["new"] / "best.pt")["metrics"])
     images = str(synth_cub_root / "CUB_200_2011" / "images" / "*" / "*_0000.jpg")
     argv = ["--weights", str(runs["old"] / "best.pt"), "--source", images, "--out", str(runs["out"] / "pred")]
     assert run_tool(load_tool("predict").main, argv) == 0
     assert len(json.loads((runs["out"] / "pred" / "predictions.json").read_text())) == 4
 
 
+@pytest.mark.train
 def test_an_old_last_pt_resumes_with_its_keys_mapped(runs: dict[str, Path]) -> None:
     argv = [f"train.resume={runs['old'] / 'last.pt'}", "train.epochs=2"]
     assert run_tool(load_tool("train_det").main, argv) == 0
@@ -81,6 +86,7 @@ def test_old_partial_loss_sums_read_as_the_yolov8_parts() -> None:
     assert read_loss_sums(state) == state
 
 
+@pytest.mark.train
 def test_model_weights_fine_tunes_a_whole_detector_to_other_classes(
     runs: dict[str, Path], synth_cub_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -103,6 +109,7 @@ def test_model_weights_fine_tunes_a_whole_detector_to_other_classes(
                for r in caplog.records)  # fmt: skip
 
 
+@pytest.mark.train
 def test_model_weights_of_another_architecture_is_one_line(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
     argv = ["model.backbone=resnet18", "model.backbone_weights=null", f"model.weights={runs['new'] / 'best.pt'}",
             f"output_dir={tmp_path / 'run'}"]  # fmt: skip

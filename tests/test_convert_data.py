@@ -3,7 +3,6 @@ COCO json and YOLO txt reads back with the same boxes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,17 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_tool
 
 from detect.cli import run_tool
 from detect.data.coco import CocoDetection
 from detect.data.cub import CubDetection
-from detect.data.yolo import YoloDetection
+from detect.data.yolo_txt import YoloDetection
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_data.py"
-_spec = importlib.util.spec_from_file_location("convert_data_tool", TOOL)
-export_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export_tool)
+export_tool = load_tool("convert_data")
 
 CUB_SPLIT = {"train": "train", "val": "test"}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 
 from backbones import build_backbone
@@ -60,16 +61,10 @@ def _ultralytics_layers(scale: str, meta: bool = False) -> nn.Sequential:
 
 def _randomise_batchnorm(module: nn.Module, seed: int = 1) -> None:
     """Ultralytics' BatchNorm settings (its initialize_weights) with random statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                n = bn.num_features
-                bn.eps, bn.momentum = 1e-3, 0.03
-                bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.eps, bn.momentum = 1e-3, 0.03
+    randomize_bn(module, seed)
 
 
 def _layer_outputs(layers: nn.Sequential, x: torch.Tensor, keep: Sequence[int]) -> list[torch.Tensor]:

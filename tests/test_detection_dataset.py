@@ -169,18 +169,18 @@ def test_cache_bytes_is_exact_before_decoding() -> None:
 
 def test_cache_that_would_not_fit_falls_back_to_disk(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     """data.cache=true with too little memory: one warning, no cache, the same samples read from disk."""
-    import detect.train.builders
+    import detect.train.memory
 
     data = DetectionDataset(TinySource(), 64, train=True, seed=2)
-    monkeypatch.setattr(detect.train.builders, "available_memory", lambda: 2 * data.cache_bytes() - 1)
-    assert not detect.train.builders.cache_train_images(data) and data._cache is None
+    monkeypatch.setattr(detect.train.memory, "available_memory", lambda: 2 * data.cache_bytes() - 1)
+    assert not detect.train.memory.cache_train_images(data) and data._cache is None
     assert "reading them from disk instead" in caplog.text
     assert_same(data[(1, 0)], DetectionDataset(TinySource(), 64, train=True, seed=2)[(1, 0)])
-    monkeypatch.setattr(detect.train.builders, "available_memory", lambda: 2 * data.cache_bytes())
+    monkeypatch.setattr(detect.train.memory, "available_memory", lambda: 2 * data.cache_bytes())
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node would need twice as much
-    assert not detect.train.builders.cache_train_images(data)
+    assert not detect.train.memory.cache_train_images(data)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert detect.train.builders.cache_train_images(data) and data._cache is not None
+    assert detect.train.memory.cache_train_images(data) and data._cache is not None
 
 
 def test_ram_cache_reaches_forked_workers() -> None:

@@ -121,6 +121,7 @@ def torchrun(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.train
 def test_two_processes_train_on_disjoint_shards_to_identical_weights(torchrun: dict[str, Path], name: str) -> None:
     folder = torchrun[name]
     ranks = [torch.load(folder / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

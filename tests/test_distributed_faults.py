@@ -11,17 +11,16 @@ The five runs share the two cores at the same time (one fixture), which costs le
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from helpers import load_tool
 
 from backbones.checkpoint import load_checkpoint
 from detect.cli import run_tool
@@ -166,23 +165,18 @@ def stopped(faults: dict[str, tuple[Path, int, float]], fault: str) -> Path:
     return work
 
 
-def tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_det_ddp_faults", REPO / "tools" / "train_det.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def resumable(last: Path) -> None:
     """`last` goes back into a run as `train.resume` does (here in one process): config, data, model, optimizer, EMA
     and the position after epoch 1 restored (the interrupt test below runs such a resume to its end)."""
-    train_det = tool()
-    cfg, ckpt = train_det.resolve_config([f"train.resume={last}"])
-    run = train_det.setup(cfg, ckpt, init_distributed("cpu"))
-    train_det.close_run(run)
-    assert run.position == (1, 0) and run.run_dir == last.parent
+    from detect.train.detection import build_det_run, resolve_det_config
+
+    cfg, ckpt = resolve_det_config(None, [f"train.resume={last}"])
+    run = build_det_run(cfg, ckpt, init_distributed("cpu"))
+    run.close()
+    assert run.state.position == (1, 0) and run.run_dir == last.parent
 
 
+@pytest.mark.train
 def test_non_finite_loss_on_rank_1_stops_both_ranks_with_one_message(faults: dict) -> None:
     work = stopped(faults, "nan")
     errors = said(work, 0, "error: ")
@@ -194,6 +188,7 @@ def test_non_finite_loss_on_rank_1_stops_both_ranks_with_one_message(faults: dic
     resumable(work / "run" / "last.pt")
 
 
+@pytest.mark.train
 def test_a_bad_sample_on_rank_1_stops_both_ranks_with_one_message(faults: dict) -> None:
     """A loader worker of rank 1 raises a UserError for an image of epoch 2: both ranks stop before that step."""
     work = stopped(faults, "bad_sample")
@@ -205,6 +200,7 @@ def test_a_bad_sample_on_rank_1_stops_both_ranks_with_one_message(faults: dict) 
     resumable(last)
 
 
+@pytest.mark.train
 def test_a_rank_that_dies_stops_the_other_with_one_message(faults: dict) -> None:
     """SIGKILL of rank 1 mid-step: rank 0 does not wait for it, names it and says which last.pt survived."""
     work = stopped(faults, "die")
@@ -217,6 +213,7 @@ def test_a_rank_that_dies_stops_the_other_with_one_message(faults: dict) -> None
     resumable(last)
 
 
+@pytest.mark.train
 def test_an_interrupt_on_rank_1_stops_both_ranks_at_the_same_step(faults: dict) -> None:
     """SIGINT to rank 1 during its step 5: both stop after it, and last.pt holds both ranks' loss sums."""
     work = stopped(faults, "sigint")
@@ -234,10 +231,11 @@ def test_an_interrupt_on_rank_1_stops_both_ranks_at_the_same_step(faults: dict) 
     assert state["partial_sums"]["batches"] == 4
     assert state["partial_sums"]["parts"] == pytest.approx(expected, rel=1e-12)
     # ... and the run goes on from there (here in one process) to the end of epoch 2
-    assert run_tool(tool().main, [f"train.resume={last}", "train.epochs=2"]) == 0
+    assert run_tool(load_tool("train_det").main, [f"train.resume={last}", "train.epochs=2"]) == 0
     assert load_checkpoint(last)["epoch"] == 2
 
 
+@pytest.mark.train
 def test_train_cls_interrupt_on_rank_1_saves_both_ranks_sums(faults: dict) -> None:
     """The same for classification: both ranks stop after step 5, last.pt's [loss * n, correct, n] are both ranks'."""
     work = stopped(faults, "cls_sigint")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,23 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_evaluation, load_tool
 
+import detect.train.detection
 from backbones.checkpoint import load_checkpoint
 from detect.cli import run_tool
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def chain(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Runs the whole chain once; the tests below check what each step left."""
+    """Runs the whole chain once; the tests below check what each step left. The detector's backbone weights as
+    train_det built them (before its first step) are kept in `initial_backbone.pt`."""
     out = tmp_path_factory.mktemp("e2e")
     root = str(synth_cub_root)
     cls_argv = [f"data.root={root}", "data.img_size=64", "data.resize_size=72", "train.epochs=1", "train.batch_size=8",
@@ -35,20 +28,33 @@ def chain(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     det_argv = [f"data.root={root}", "data.img_size=128", "train.epochs=2", "train.batch_size=4", "train.workers=0",
                 "train.close_mosaic=1", "eval.interval=1", f"model.backbone_weights={out / 'cls' / 'backbone.pt'}",
                 f"output_dir={out / 'det'}"]  # fmt: skip
-    assert run_tool(load_tool("train_det").main, det_argv) == 0
+    build, initial = detect.train.detection.build_det_model, {}
+
+    def recording_build(*args, **kwargs):  # the built detector's backbone, before training changes it
+        model = build(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in model.backbone.state_dict().items()})
+        return model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(detect.train.detection, "build_det_model", recording_build)
+        assert run_tool(load_tool("train_det").main, det_argv) == 0
+    torch.save(initial, out / "initial_backbone.pt")
     weights = out / "det" / "best.pt"
     assert run_tool(load_tool("val_det").main, ["--weights", str(weights), "--out", str(out / "val")]) == 0
     images = str(synth_cub_root / "CUB_200_2011" / "images" / "*" / "*.jpg")
     predict_argv = ["--weights", str(weights), "--source", images, "--out", str(out / "pred"), "--conf", "0.001"]
     assert run_tool(load_tool("predict").main, predict_argv) == 0
-    return {"cls": out / "cls", "det": out / "det", "val": out / "val", "pred": out / "pred", "data": synth_cub_root}
+    return {"cls": out / "cls", "det": out / "det", "val": out / "val", "pred": out / "pred", "data": synth_cub_root,
+            "initial": out / "initial_backbone.pt"}  # fmt: skip
 
 
+@pytest.mark.train
 def test_cls_run_leaves_every_artefact(chain: dict[str, Path]) -> None:
     names = {"config.yaml", "results.csv", "curves.png", "confusion_matrix.png", "last.pt", "best.pt", "backbone.pt"}
     assert names <= {p.name for p in chain["cls"].iterdir()}
 
 
+@pytest.mark.train
 def test_det_run_leaves_every_artefact_and_transfers_the_backbone(chain: dict[str, Path]) -> None:
     run = chain["det"]
     names = {"config.yaml", "val_gt.json", "results.csv", "curves.png", "last.pt", "best.pt", "val_predictions.jpg",
@@ -59,14 +65,23 @@ def test_det_run_leaves_every_artefact_and_transfers_the_backbone(chain: dict[st
     last = load_checkpoint(run / "last.pt")
     assert last["kind"] == "plugdet-detector" and last["train_state"]["epoch"] == 2
     assert "train_state" not in load_checkpoint(run / "best.pt")
-    # The detector started from the classification backbone: before training, its weights were those of backbone.pt.
+    # The detector started from the classification backbone: before training, every tensor was backbone.pt's.
     backbone = load_checkpoint(chain["cls"] / "backbone.pt")["state_dict"]
     assert set(backbone) == {k.removeprefix("backbone.") for k in last["model"] if k.startswith("backbone.")}
+    initial = torch.load(chain["initial"], weights_only=True)
+    assert initial.keys() == backbone.keys()
+    for key, value in backbone.items():
+        assert torch.equal(initial[key], value), key
+    trained = [k for k in backbone if k.endswith(".weight") and not torch.equal(last["model"][f"backbone.{k}"],
+                                                                                  backbone[k])]  # fmt: skip
+    assert trained, "two epochs left every backbone weight as backbone.pt had it"
 
 
+@pytest.mark.train
 def test_val_det_writes_coco_results_with_the_data_sets_ids(chain: dict[str, Path]) -> None:
+    """val_det on best.pt gives the evaluation train_det stored in it: the same EMA weights on the same rect batches."""
     metrics = json.loads((chain["val"] / "metrics.json").read_text())
-    assert len(metrics["coco_stats"]) == 12 and 0.0 <= metrics["AP"] <= 1.0
+    assert_same_evaluation(metrics, load_checkpoint(chain["det"] / "best.pt")["metrics"])
     predictions = json.loads((chain["val"] / "predictions.json").read_text())
     gt = json.loads((chain["val"] / "gt.json").read_text())
     image_ids = {image["id"] for image in gt["images"]}
@@ -81,6 +96,7 @@ def test_val_det_writes_coco_results_with_the_data_sets_ids(chain: dict[str, Pat
     assert all(len(p["bbox"]) == 4 and p["bbox"][2] >= 0 and p["bbox"][3] >= 0 for p in predictions)
 
 
+@pytest.mark.train
 def test_val_det_passes_coco_max_dets_to_the_evaluation(chain: dict[str, Path], tmp_path: Path) -> None:
     """eval.coco_max_dets=300 reaches the evaluation (maxDets (1, 10, 300), AR300); the default is COCO's 100."""
     weights = chain["det"] / "best.pt"
@@ -96,6 +112,7 @@ def test_val_det_passes_coco_max_dets_to_the_evaluation(chain: dict[str, Path], 
     assert cap300["coco_stats"] == cap100["coco_stats"]  # (what the cap drops: tests/test_eval.py)
 
 
+@pytest.mark.train
 def test_predict_draws_every_image_and_lists_boxes_in_original_pixels(chain: dict[str, Path]) -> None:
     sources = sorted((chain["data"] / "CUB_200_2011" / "images").glob("*/*.jpg"))
     drawn = [p for p in chain["pred"].iterdir() if p.suffix == ".jpg"]
@@ -127,6 +144,7 @@ class InterruptingLoss:
 
 # 12 train images, batch 4: 3 steps per epoch. Call 3 is epoch 1's last step, call 5 the middle of epoch 2.
 @pytest.mark.parametrize("interrupt_at_call", [3, 5], ids=["end-of-epoch", "mid-epoch"])
+@pytest.mark.train
 def test_ctrl_c_then_resume_is_bit_identical(
     chain: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_at_call: int
 ) -> None:
@@ -135,17 +153,17 @@ def test_ctrl_c_then_resume_is_bit_identical(
     argv = [f"data.root={root}", "data.img_size=128", "train.epochs=2", "train.batch_size=4", "train.workers=0",
             "train.close_mosaic=1", "eval.interval=1", f"model.backbone_weights={chain['cls'] / 'backbone.pt'}",
             f"output_dir={tmp_path / 'run'}"]  # fmt: skip
-    train_det = load_tool("train_det")
-    build = train_det.build_det_criterion
+    train_det, run = load_tool("train_det"), detect.train.detection
+    build = run.build_det_criterion
     monkeypatch.setattr(
-        train_det, "build_det_criterion", lambda cfg, model: InterruptingLoss(build(cfg, model), interrupt_at_call)
+        run, "build_det_criterion", lambda cfg, model: InterruptingLoss(build(cfg, model), interrupt_at_call)
     )
     assert run_tool(train_det.main, argv) == 130
     state = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
     # Mid-epoch, batch 1 of epoch 2 only accumulated gradients (no optimizer step yet): they travel in last.pt.
     assert (state["epoch"], state["batch"]) == ((0, 3) if interrupt_at_call == 3 else (1, 2))
     assert bool(state["gradients"]) == (interrupt_at_call == 5)  # an epoch ends with a step: nothing pending
-    monkeypatch.setattr(train_det, "build_det_criterion", build)
+    monkeypatch.setattr(run, "build_det_criterion", build)
     assert run_tool(train_det.main, [f"train.resume={tmp_path / 'run' / 'last.pt'}"]) == 0
     resumed = load_checkpoint(tmp_path / "run" / "last.pt")
     straight = load_checkpoint(chain["det"] / "last.pt")

@@ -264,3 +264,67 @@ def test_faster_backend_on_hand_cases():
     dets = [det(1, 1, [0, 0, 100, 100], 0.9), det(1, 1, [400, 0, 50, 50], 0.8), det(1, 1, [200, 200, 100, 62], 0.7)]
     ref, fast = coco_evaluate(gt, dets), coco_evaluate(gt, dets, backend="faster")
     assert np.abs(np.subtract(ref["coco_stats"], fast["coco_stats"])).max() <= EXACT
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Analysis numbers (detect/eval/analysis.py) on a case small enough to work out by hand
+# ----------------------------------------------------------------------------------------------------------------------
+def analysis_case() -> tuple[dict, list[dict]]:
+    """One image; classes a (id 1), b (id 2), c (id 5, no ground truth). Ground truth A0, A1 of class a, B of class b;
+    detections p1 a on A0 (0.9), p2 a on B (0.8: right place, wrong class), p3 a on A1 (0.4), p4 b over the top 6/10
+    of B (IoU 0.6, 0.3). Every box is 10 x 10 (small) or smaller; no other pair of boxes overlaps."""
+    gt = make_gt([(1, 1, [0, 0, 10, 10]), (1, 1, [40, 0, 10, 10]), (1, 2, [20, 20, 10, 10])],
+                 categories=((1, "a"), (2, "b"), (5, "c")))  # fmt: skip
+    dets = [det(1, 1, [0, 0, 10, 10], 0.9), det(1, 1, [20, 20, 10, 10], 0.8), det(1, 1, [40, 0, 10, 10], 0.4),
+            det(1, 2, [20, 20, 10, 6], 0.3)]  # fmt: skip
+    return gt, dets
+
+
+def test_detection_confusion_matrix_by_hand():
+    """Matching ignores the class, highest IoU first: p1-A0, p2-B, p3-A1 (IoU 1); p4 finds B taken: a false positive
+    of b. Rows predicted (a, b, c, background), columns true."""
+    from detect.eval.analysis import _grouped, confusion_matrix
+
+    gt, dets = analysis_case()
+    grouped = _grouped(gt, dets, [1, 2, 5])
+    expected = [[2, 1, 0, 0],  # a predicted: on A0 and A1 (true a), on B (true b)
+                [0, 0, 0, 1],  # b predicted: p4, nothing left to match
+                [0, 0, 0, 0],
+                [0, 0, 0, 0]]  # fmt: skip
+    assert confusion_matrix(grouped, 3, conf=0.25, iou=0.45).tolist() == expected
+    # conf 0.5 keeps p1 and p2 only: A1 is missed (background row), p4 is gone
+    assert confusion_matrix(grouped, 3, conf=0.5, iou=0.45).tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0],
+                                                                         [1, 0, 0, 0]]  # fmt: skip
+    # IoU above 0.65 still matches the exact boxes: same matrix; p4 (IoU 0.6 with B) never could match
+    assert confusion_matrix(grouped, 3, conf=0.25, iou=0.65).tolist() == expected
+
+
+def test_precision_recall_f1_against_confidence_by_hand():
+    """Class a (2 gt), by score: p1 TP, p2 FP (no a box there), p3 TP. Class b (1 gt): p4 TP (IoU 0.6 >= 0.5, class
+    aware, unlike the confusion matrix). Class c has no ground truth: NaN. No detection left: precision 1."""
+    from detect.eval.analysis import _grouped, pr_f1_curves
+
+    gt, dets = analysis_case()
+    thresholds = np.array([0.0, 0.3, 0.35, 0.4, 0.5, 0.8, 0.85, 0.9, 0.95])
+    curves = pr_f1_curves(_grouped(gt, dets, [1, 2, 5]), 3, thresholds)
+    a_p = [2 / 3, 2 / 3, 2 / 3, 2 / 3, 1 / 2, 1 / 2, 1, 1, 1]
+    a_r = [1, 1, 1, 1, 1 / 2, 1 / 2, 1 / 2, 1 / 2, 0]
+    a_f1 = [0.8, 0.8, 0.8, 0.8, 0.5, 0.5, 2 / 3, 2 / 3, 0]  # 2PR / (P + R)
+    b_r = [1, 1, 0, 0, 0, 0, 0, 0, 0]
+    np.testing.assert_allclose(curves["precision"][:2], [a_p, [1] * 9], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(curves["recall"][:2], [a_r, b_r], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(curves["f1"][:2], [a_f1, b_r], rtol=0, atol=1e-15)
+    assert all(np.isnan(curves[key][2]).all() for key in ("precision", "recall", "f1"))
+
+
+def test_pr_curve_values_by_hand():
+    """The PR curve pr_curve.png draws (COCO's interpolated precision at IoU 0.5, 101 recall points) for the same case:
+    class a reaches recall 1/2 at precision 1 and recall 1 at 2/3; class b recall 1 at precision 1; c has none."""
+    gt, dets = analysis_case()
+    m = coco_evaluate(gt, dets)
+    expected_a = [1.0] * 51 + [2 / 3] * 50
+    np.testing.assert_allclose(m["precision"][:, 0], expected_a, rtol=0, atol=EXACT)
+    np.testing.assert_allclose(m["precision"][:, 1], [1.0] * 101, rtol=0, atol=EXACT)
+    assert np.isnan(m["precision"][:, 2]).all()
+    assert m["per_class_AP50"]["a"] == pytest.approx(253 / 303, abs=EXACT)
+    assert m["AP50"] == pytest.approx((253 / 303 + 1) / 2, abs=EXACT)

@@ -8,7 +8,6 @@ mini-CUB; one test runs each tool as a real subprocess to show the process bound
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,34 +15,30 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from helpers import load_tool
 
+import detect.train.detection
 from backbones import build_backbone
-from backbones.checkpoint import atomic_save, load_checkpoint, save_backbone
+from backbones.checkpoint import load_checkpoint, save_backbone
 from detect.cli import run_tool
-from detect.config import DetConfig, config_to_dict, load_config
+from detect.config import DetConfig
 from detect.data.coco import write_coco_json
 from detect.data.cub import CubClassification, CubDetection
 from detect.data.detection import DetectionDataset
-from detect.data.yolo import export_yolo
-from detect.models import build_yolo
-from detect.models.checkpoint import detector_checkpoint
+from detect.data.yolo_txt import export_yolo
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
-_MODULES: dict[str, ModuleType] = {}
+_MODULES: dict[str, object] = {}
 
 
-def tool(name: str) -> ModuleType:
+def tool(name: str) -> object:
     """tools/<name>.py as a module (loaded once)."""
     if name not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"{name}_under_test", TOOLS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _MODULES[name] = module
+        _MODULES[name] = load_tool(name)
     return _MODULES[name]
 
 
@@ -209,6 +204,7 @@ def dirty(cub: Path) -> None:
     set_line(cub, "bounding_boxes.txt", lines[train[4]], f"{train[4]} 900.0 900.0 30.0 30.0")  # wholly outside
 
 
+@pytest.mark.train
 def test_dirty_training_data_is_repaired_with_counted_warnings(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -297,14 +293,14 @@ class NaNFrom:
         return total, parts
 
 
+@pytest.mark.train
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """NaN from the 2nd batch of epoch 2 (12 images, batch 4: call 5): exit 2, the part and the step named,
     last.pt still the finite end of epoch 1."""
-    train_det = tool("train_det")
-    build = train_det.build_det_criterion
-    monkeypatch.setattr(train_det, "build_det_criterion", lambda cfg, model: NaNFrom(build(cfg, model), 5))
+    build = detect.train.detection.build_det_criterion
+    monkeypatch.setattr(detect.train.detection, "build_det_criterion", lambda cfg, model: NaNFrom(build(cfg, model), 5))
     out = tmp_path / "run"
     code, lines = run("train_det", det_args(synth_cub_root, out, "train.epochs=3"), capsys)
     errors = [line for line in lines if line.startswith("error: ")]
@@ -317,6 +313,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert len((out / "results.csv").read_text().strip().splitlines()) == 2  # header + epoch 1
 
 
+@pytest.mark.train
 def test_non_finite_classification_loss_stops_train_cls(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,19 +403,6 @@ def test_bad_yolo_labels(
 # val_det and predict: bad data, bad weights
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def det_weights(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained detector checkpoint in train_det's format (no training needed to test input handling)."""
-    cfg = load_config(DetConfig, None, [f"data.root={synth_cub_root}", "data.img_size=64", "train.workers=0",
-                                        "train.batch_size=4", "model.backbone_weights=null"])  # fmt: skip
-    torch.manual_seed(0)
-    model = build_yolo("n", 1)
-    arch = {"scale": "n", "num_classes": 1, "backbone": None, "reg_max": 16}
-    path = tmp_path_factory.mktemp("weights") / "best.pt"
-    atomic_save(detector_checkpoint(model, arch, ["bird"], [1], config_to_dict(cfg), {}, 1), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def backbone_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A train_cls-style backbone.pt of cspdarknet_n."""
     path = tmp_path_factory.mktemp("backbone") / "backbone.pt"
@@ -427,21 +411,23 @@ def backbone_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_val_det_bad_data_writes_nothing(
-    synth_cub_root: Path, det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    synth_cub_root: Path, untrained_det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "val"
-    code, lines = run("val_det", ["--weights", str(det_weights), "--out", str(out),
+    code, lines = run("val_det", ["--weights", str(untrained_det_weights), "--out", str(out),
                                   f"data.root={tmp_path / 'nope'}"], capsys)  # fmt: skip
     assert_one_error(code, lines, "CUB data root not found", str(tmp_path / "nope"))
     root = broken_copy(synth_cub_root, tmp_path, lambda c: truncate(image_file(c, first_test(c))))
-    code, lines = run("val_det", ["--weights", str(det_weights), "--out", str(out), f"data.root={root}"], capsys)
+    code, lines = run(
+        "val_det", ["--weights", str(untrained_det_weights), "--out", str(out), f"data.root={root}"], capsys
+    )
     bad = image_file(root / "CUB_200_2011", first_test(root / "CUB_200_2011"))
     assert_one_error(code, lines, "1 unreadable validation image(s)", "truncated JPEG", str(bad))
     assert not out.exists()
 
 
 def test_predict_skips_unreadable_images_and_fails_when_none_can_be_read(
-    synth_cub_root: Path, det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    synth_cub_root: Path, untrained_det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -450,7 +436,9 @@ def test_predict_skips_unreadable_images_and_fails_when_none_can_be_read(
         shutil.copy(path, folder / path.name)
     corrupt(folder / "zz_corrupt.jpg")
     out = tmp_path / "pred"
-    code, lines = run("predict", ["--weights", str(det_weights), "--source", str(folder), "--out", str(out)], capsys)
+    code, lines = run(
+        "predict", ["--weights", str(untrained_det_weights), "--source", str(folder), "--out", str(out)], capsys
+    )
     assert code == 0 and lines == [f"warning: skipped cannot read image (corrupt or unsupported format): "
                                    f"{folder / 'zz_corrupt.jpg'}"]  # fmt: skip
     entries = json.loads((out / "predictions.json").read_text())
@@ -458,10 +446,12 @@ def test_predict_skips_unreadable_images_and_fails_when_none_can_be_read(
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     corrupt(only_bad / "a.jpg")
-    code, lines = run("predict", ["--weights", str(det_weights), "--source", str(only_bad), "--out",
+    code, lines = run("predict", ["--weights", str(untrained_det_weights), "--source", str(only_bad), "--out",
                                   str(tmp_path / "pred2")], capsys)  # fmt: skip
     assert code == 2 and lines[-1].startswith("error: none of the 1 input file(s) could be read") and len(lines) == 2
-    code, lines = run("predict", ["--weights", str(det_weights), "--source", str(tmp_path / "missing*.jpg")], capsys)
+    code, lines = run(
+        "predict", ["--weights", str(untrained_det_weights), "--source", str(tmp_path / "missing*.jpg")], capsys
+    )
     assert_one_error(code, lines, f"no images or videos found at --source {tmp_path / 'missing*.jpg'}")
 
 
@@ -512,9 +502,13 @@ def test_bad_config_train_cls(
 
 
 @pytest.mark.parametrize("extra", [["data.img_size=100"], ["eval.conf=2"], ["eval.iou=-1"]])
-def test_bad_config_val_det(det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
+def test_bad_config_val_det(
+    untrained_det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]
+) -> None:
     """val_det reads the same DetConfig: the ranges hold there too, before anything is written."""
-    code, lines = run("val_det", ["--weights", str(det_weights), "--out", str(tmp_path / "val"), *extra], capsys)
+    code, lines = run(
+        "val_det", ["--weights", str(untrained_det_weights), "--out", str(tmp_path / "val"), *extra], capsys
+    )
     assert_one_error(code, lines, f"'{extra[0].split('=')[0]}'")
     assert not (tmp_path / "val").exists()
 
@@ -612,7 +606,7 @@ def test_weights_that_are_not_a_detector_checkpoint(
 
 
 def test_output_directory_that_cannot_be_made(
-    synth_cub_root: Path, det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    synth_cub_root: Path, untrained_det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Under a regular file (works as root too, where permission bits do not stop writes)."""
     blocker = tmp_path / "a_file"
@@ -622,8 +616,8 @@ def test_output_directory_that_cannot_be_made(
     runs = {
         "train_det": det_args(synth_cub_root, out),
         "train_cls": cls_args(synth_cub_root, out),
-        "val_det": ["--weights", str(det_weights), "--out", str(out)],
-        "predict": ["--weights", str(det_weights), "--source", str(image), "--out", str(out)],
+        "val_det": ["--weights", str(untrained_det_weights), "--out", str(out)],
+        "predict": ["--weights", str(untrained_det_weights), "--source", str(image), "--out", str(out)],
     }
     for which, argv in runs.items():
         code, lines = run(which, argv, capsys)
@@ -633,8 +627,9 @@ def test_output_directory_that_cannot_be_made(
 # ----------------------------------------------------------------------------------------------------------------------
 # The process boundary: real exit status, one line, no traceback (several tools at once: startup is the cost)
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.train
 def test_tools_as_subprocesses_print_one_line_and_exit_2(
-    synth_cub_root: Path, det_weights: Path, backbone_pt: Path, tmp_path: Path
+    synth_cub_root: Path, untrained_det_weights: Path, backbone_pt: Path, tmp_path: Path
 ) -> None:
     """Three tools at once (torch's import is the cost); train_cls has its own in tests/test_train_cls.py."""
     root = broken_copy(synth_cub_root, tmp_path, lambda c: set_line(c, "bounding_boxes.txt", 2, "2 43.0 2.0"))
@@ -642,7 +637,10 @@ def test_tools_as_subprocesses_print_one_line_and_exit_2(
     commands = {
         "train_det": (det_args(root, tmp_path / "det"), "bounding_boxes.txt, line 2"),
         "val_det": (["--weights", str(backbone_pt)], "is not a plugdet detector checkpoint"),
-        "predict": (["--weights", str(det_weights), "--source", str(tmp_path / "none")], "no images or videos found"),
+        "predict": (
+            ["--weights", str(untrained_det_weights), "--source", str(tmp_path / "none")],
+            "no images or videos found",
+        ),
     }
     procs = {
         name: subprocess.Popen(

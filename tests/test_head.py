@@ -87,13 +87,32 @@ def test_decode_caches_anchors_per_shape_and_returns_float32() -> None:
     head = YoloHead(2, (16, 16), (8, 16), reg_max=4)
     levels = _one_hot_levels(4, 2, (0, 0, 0, 0))
     head.decode(levels)
-    points = head._anchor_cache[1]
+    points, strides = head.decoder.anchors(levels)
     head.decode(levels)
-    assert head._anchor_cache[1] is points  # same shapes: reused
+    assert head.decoder.anchors(levels)[0] is points  # same shapes: reused
+    cells = [[0.5, 0.5], [1.5, 0.5], [2.5, 0.5], [0.5, 1.5], [1.5, 1.5], [2.5, 1.5]]  # 2x3 level, then 1x2
+    assert points.tolist() == cells + cells[:2]
+    assert strides.flatten().tolist() == [8.0] * 6 + [16.0] * 2
     out = head.decode([lv.bfloat16() for lv in levels])
     assert out.dtype == torch.float32
-    head.decode([torch.zeros(1, 18, 4, 4), torch.zeros(1, 18, 2, 2)])
-    assert head._anchor_cache[1].shape == (20, 2)
+    assert head.decoder.anchors([lv.bfloat16() for lv in levels])[0] is points  # float32 whatever the maps' dtype
+    new_levels = [torch.zeros(1, 18, 4, 4), torch.zeros(1, 18, 2, 2)]
+    head.decode(new_levels)
+    new_points = head.decoder.anchors(new_levels)[0]
+    assert new_points.shape == (20, 2) and new_points[4].tolist() == [0.5, 1.5]
+    assert head.decoder.anchors(levels)[0] is points  # the first shape is still cached
+
+
+def test_anchor_cache_keeps_the_newest_shapes() -> None:
+    head = YoloHead(1, (8,), (32,), reg_max=2)
+    first = [torch.zeros(1, 9, 1, 1)]
+    kept = head.decoder.anchors(first)[0]
+    for side in range(2, 2 + head.decoder.max_cached_shapes - 1):
+        head.decoder.anchors([torch.zeros(1, 9, side, side)])
+    assert head.decoder.anchors(first)[0] is kept  # 8 shapes: all cached
+    head.decoder.anchors([torch.zeros(1, 9, 20, 20)])  # a ninth drops the oldest
+    again = head.decoder.anchors(first)[0]
+    assert again is not kept and torch.equal(again, kept)
 
 
 def test_rejects_mismatched_levels() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -87,9 +88,42 @@ def test_a_family_that_takes_targets_and_returns_final_boxes_trains_and_evaluate
                             EpochStart(0), Precision(torch.device("cpu")))  # fmt: skip
     assert set(stats) == {"box", "cls", "img_per_s", "lr/pg0"} and stats["box"] > 0
     assert len(model.head.seen_targets) == 2  # the training forward got the targets
+    # The trained head's own detections (no letterbox to undo: ratio 1, pad 0), in COCO's format by hand.
+    with torch.no_grad():
+        found = model.eval().detect(_batches(1)[0][0].float() / 255, 0.0, 0.7, 300, True)
+    expected = []
+    for image_id, d in zip((1, 2), found, strict=True):
+        (x1, y1, x2, y2), score, label = d["boxes"][0].tolist(), float(d["scores"][0]), int(d["labels"][0])
+        bbox = [round(v, 3) for v in (x1, y1, x2 - x1, y2 - y1)]
+        expected.append({"image_id": image_id, "category_id": label + 1, "bbox": bbox, "score": round(score, 5)})
+    # Ground truth: in each image the box and class the model finds there, so every detection is a true positive at
+    # every IoU: AP, AP50, AP75, AR1/10/100 = 1; the area bucket of the boxes 1, the other buckets -1 (no gt).
+    annotations = [{"id": k + 1, "image_id": e["image_id"], "category_id": e["category_id"], "bbox": e["bbox"],
+                    "area": e["bbox"][2] * e["bbox"][3], "iscrowd": 0} for k, e in enumerate(expected)]  # fmt: skip
     gt = {"images": [{"id": i, "width": 64, "height": 64, "file_name": f"{i}.jpg"} for i in (1, 2)],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 32, 32], "area": 1024,
-                           "iscrowd": 0}], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}  # fmt: skip
+          "annotations": annotations, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}  # fmt: skip
     metrics, predictions, _ = evaluate(model, _batches(1), gt, [1, 2], Precision(torch.device("cpu")), conf=0.0)
-    assert len(predictions) == 2 and {p["image_id"] for p in predictions} == {1, 2}
-    assert len(metrics["coco_stats"]) == 12
+    assert predictions == expected
+    buckets = {0 if a["area"] < 32**2 else 1 if a["area"] < 96**2 else 2 for a in annotations}
+    by_area = [1.0 if k in buckets else -1.0 for k in range(3)]
+    assert np.allclose(metrics["coco_stats"], [1, 1, 1, *by_area, 1, 1, 1, *by_area], rtol=0, atol=1e-12)
+    assert metrics["coco_stats"] == cocoeval_stats(gt, expected)  # pycocotools itself on the hand-made results
+
+
+def cocoeval_stats(gt: dict, detections: list[dict]) -> list[float]:
+    """pycocotools' `COCOeval.summarize()` numbers (maxDets 1, 10, 100) for COCO results `detections`."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
+        coco_gt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes([dict(d) for d in detections]), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats]

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import pickle
@@ -20,14 +19,11 @@ from types import ModuleType
 
 import pytest
 import torch
+from helpers import load_tool
 
-from backbones.checkpoint import atomic_save
 from detect.cli import run_tool
-from detect.config import DetConfig, config_to_dict, load_config
 from detect.data.coco import coco_ground_truth
 from detect.data.cub import CubDetection
-from detect.models import build_yolo
-from detect.models.checkpoint import detector_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("backbones", "detect", "tools", "bench")
@@ -35,10 +31,7 @@ TRUSTED_LOADERS = {"detect/interop/ultralytics.py"}  # documents its opt-in `wei
 
 
 def tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_hostile", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def run(name: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -120,18 +113,6 @@ def crafted(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path]
     return path, marker
 
 
-@pytest.fixture(scope="module")
-def det_weights(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained detector checkpoint in train_det's format."""
-    cfg = load_config(DetConfig, None, [f"data.root={synth_cub_root}", "data.img_size=64", "train.workers=0",
-                                        "train.batch_size=4", "model.backbone_weights=null"])  # fmt: skip
-    torch.manual_seed(0)
-    arch = {"scale": "n", "num_classes": 1, "backbone": None, "reg_max": 16}
-    path = tmp_path_factory.mktemp("weights") / "best.pt"
-    atomic_save(detector_checkpoint(build_yolo("n", 1), arch, ["bird"], [1], config_to_dict(cfg), {}, 1), path)
-    return path
-
-
 def test_crafted_pickle_is_refused_everywhere_and_never_runs(
     crafted: tuple[Path, Path], synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -164,7 +145,7 @@ def _snapshot(folder: Path) -> set[Path]:
 
 
 def test_predict_writes_only_inside_out_whatever_the_input_paths(
-    synth_cub_root: Path, det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    synth_cub_root: Path, untrained_det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Folders reached through `..`, repeated file names, a file named `..jpg`: every output lands in --out."""
     images = sorted((synth_cub_root / "CUB_200_2011" / "images").rglob("*.jpg"))
@@ -177,8 +158,8 @@ def test_predict_writes_only_inside_out_whatever_the_input_paths(
     before = _snapshot(tmp_path)
     sources = {"out1": f"{work}/b/../a", "out2": f"{work}/c/../a/../b/*.jpg", "out3": f"{work}/**/*.jpg"}
     for out, source in sources.items():
-        code, lines = run("predict", ["--weights", str(det_weights), "--source", source, "--out", str(sandbox / out),
-                                      "--conf", "0.9"], capsys)  # fmt: skip
+        code, lines = run("predict", ["--weights", str(untrained_det_weights), "--source", source, "--out",
+                                      str(sandbox / out), "--conf", "0.9"], capsys)  # fmt: skip
         assert code == 0, lines
     written = _snapshot(tmp_path) - before
     assert {p.parent for p in written} == {sandbox / out for out in sources}, sorted(map(str, written))
@@ -188,8 +169,9 @@ def test_predict_writes_only_inside_out_whatever_the_input_paths(
     assert len(recursive) == 4 and names == ["a_x-2.jpg", "a_x.jpg", "b_x.jpg", "x.jpg"]  # none overwritten
 
 
+@pytest.mark.train
 def test_coco_file_names_with_dot_dot_do_not_steer_writes(
-    synth_cub_root: Path, det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    synth_cub_root: Path, untrained_det_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """`file_name: "../../<...>/x.jpg"` is read where it points; val_det and train_det still write only in --out."""
     sandbox = tmp_path / "sandbox"
@@ -207,7 +189,9 @@ def test_coco_file_names_with_dot_dot_do_not_steer_writes(
     data = ["data.format=coco", f"data.train_json={jsons['train']}", f"data.val_json={jsons['val']}",
             f"data.image_dir={image_dir}"]  # fmt: skip
     before = _snapshot(tmp_path) | _snapshot(synth_cub_root)
-    code, lines = run("val_det", ["--weights", str(det_weights), "--out", str(sandbox / "val"), *data], capsys)
+    code, lines = run(
+        "val_det", ["--weights", str(untrained_det_weights), "--out", str(sandbox / "val"), *data], capsys
+    )
     assert code == 0, lines
     code, lines = run("train_det", [*data, "data.img_size=64", "train.epochs=1", "train.batch_size=4",
                                     "train.workers=0", "train.threads=1", "model.backbone_weights=null",

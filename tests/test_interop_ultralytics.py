@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize_bn
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/ycfg")
@@ -34,14 +35,8 @@ def _ultralytics_model(scale: str, num_classes: int = 80, seed: int = 0) -> torc
     torch.manual_seed(seed)
     model = tasks.DetectionModel(f"yolov8{scale}.yaml", nc=num_classes, verbose=False)
     gen = torch.Generator().manual_seed(seed + 1)
+    randomize_bn(model, generator=gen)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
         detect = model.model[-1]
         for seq in detect.cv3:
             seq[-1].bias.normal_(0.0, 1.0, generator=gen)  # scores spread over (0, 1), not all ~0

@@ -9,7 +9,6 @@ the interrupted and resumed runs use `train.workers=2` and must end exactly wher
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import multiprocessing
 import os
 import random
@@ -24,23 +23,24 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from helpers import load_tool
 
+import detect.train.detection
 from backbones.checkpoint import atomic_save, load_checkpoint
 from detect.cli import run_tool
+from detect.train.runs import ResultsCSV
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_interrupts", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Signals to a real process
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.train
 def test_sigterm_and_ctrl_c_save_last_pt(synth_cub_root: Path, tmp_path: Path) -> None:
     """Two train_det processes at once: SIGTERM -> exit 143, SIGINT -> exit 130; both leave a loadable last.pt."""
     env = dict(os.environ)  # conftest set the offline switches and a shared matplotlib cache
@@ -69,9 +69,16 @@ def test_sigterm_and_ctrl_c_save_last_pt(synth_cub_root: Path, tmp_path: Path) -
         err = results[signum][1]
         assert procs[signum].returncode == expected_code, err[-2000:]
         assert err.rstrip().endswith(said) and "Traceback" not in err
-        assert f"interrupted: saved {tmp_path / signum.name / 'last.pt'}" in err
-        state = load_checkpoint(tmp_path / signum.name / "last.pt")["train_state"]
-        assert state["epoch"] >= 0 and state["batch"] >= 0 and state["model"]
+        last = load_checkpoint(tmp_path / signum.name / "last.pt")
+        state = last["train_state"]
+        # 12 images, batch 4: 3 steps per epoch. last.pt holds the position the message names, and an epoch's row
+        # in results.csv comes with its last.pt (a signal waits for both), so the rows are the epochs done.
+        epoch, batch = state["epoch"], state["batch"]
+        assert batch in (0, 1, 2), (epoch, batch)
+        where = f"after epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
+        assert f"interrupted: saved {tmp_path / signum.name / 'last.pt'} ({where})" in err, err[-2000:]
+        assert len(ResultsCSV(tmp_path / signum.name / "results.csv").read()) == epoch, (epoch, batch)
+        assert state["model"].keys() == last["model"].keys()
 
 
 def _write_forever(path: str, size: int) -> None:
@@ -142,19 +149,20 @@ def straight_det(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+@pytest.mark.train
 def test_train_det_resume_with_workers_is_bit_identical(
     synth_cub_root: Path, straight_det: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C in the middle of epoch 2 (call 5: gradients pending), workers=2 and the RAM image cache; resume with
     both. Must end exactly where the uncached workers=0 run does."""
-    train_det = tool("train_det")
-    build = train_det.build_det_criterion
-    monkeypatch.setattr(train_det, "build_det_criterion", lambda cfg, model: InterruptingLoss(build(cfg, model), 5))
+    train_det, run = tool("train_det"), detect.train.detection
+    build = run.build_det_criterion
+    monkeypatch.setattr(run, "build_det_criterion", lambda cfg, model: InterruptingLoss(build(cfg, model), 5))
     out = tmp_path / "run"
     assert run_tool(train_det.main, _det_args(synth_cub_root, out, workers=2, cache=True)) == 130
     state = load_checkpoint(out / "last.pt")["train_state"]
     assert (state["epoch"], state["batch"]) == (1, 2) and state["gradients"]
-    monkeypatch.setattr(train_det, "build_det_criterion", build)
+    monkeypatch.setattr(run, "build_det_criterion", build)
     assert run_tool(train_det.main, [f"train.resume={out / 'last.pt'}"]) == 0
     straight, resumed = load_checkpoint(straight_det / "last.pt"), load_checkpoint(out / "last.pt")
     assert resumed["config"]["train"]["workers"] == 2 and resumed["config"]["data"]["cache"] is True
@@ -173,6 +181,7 @@ def _cls_args(root: Path, out: Path, workers: int) -> list[str]:
             "train.threads=1", f"output_dir={out}"]  # fmt: skip
 
 
+@pytest.mark.train
 def test_train_cls_resume_with_workers_is_bit_identical(
     synth_cub_root: Path, tmp_path: Path, interrupt_cls_after: Callable[[int], contextlib.AbstractContextManager[None]]
 ) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize_bn
 
 from backbones.checkpoint import save_backbone
 from backbones.errors import UserError
@@ -83,22 +84,11 @@ def test_backbone_weights_are_loaded_and_counted(tmp_path: Path, caplog: pytest.
         build_yolo("s", backbone_weights=path)
 
 
-def _randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-
-
 @torch.no_grad()
 def test_fuse_keeps_outputs_and_refuses_training() -> None:
     torch.manual_seed(0)
     model = build_yolo("n", num_classes=4)
-    _randomise_batchnorm(model)
+    randomize_bn(model)
     for branch in model.head.cls_branch:
         branch.pred.bias.normal_()
     model.eval()
@@ -119,7 +109,7 @@ def test_fuse_keeps_outputs_and_refuses_training() -> None:
 def test_fuse_other_backbones(name: str) -> None:
     torch.manual_seed(0)
     model = build_yolo("n", num_classes=2, backbone=name)
-    _randomise_batchnorm(model)
+    randomize_bn(model)
     model.eval()
     images = torch.rand(1, 3, 64, 64)
     reference = model(images)
@@ -133,7 +123,7 @@ def test_fuse_other_backbones(name: str) -> None:
 def test_channels_last_and_bf16_autocast_options() -> None:
     torch.manual_seed(0)
     model = build_yolo("n", num_classes=4)
-    _randomise_batchnorm(model)
+    randomize_bn(model)
     model.eval()
     images = torch.rand(1, 3, 64, 64)
     reference = model(images)

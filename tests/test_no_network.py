@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 SITECUSTOMIZE = """
@@ -90,6 +92,7 @@ except OSError:
 """
 
 
+@pytest.mark.train
 def test_tools_never_touch_the_network(synth_cub_root: Path, tmp_path: Path) -> None:
     guard = tmp_path / "guard"
     guard.mkdir()

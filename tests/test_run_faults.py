@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import os
 import signal
 import subprocess
@@ -21,22 +20,23 @@ from types import ModuleType
 
 import pytest
 import torch
+from helpers import load_tool
 
 import backbones.checkpoint as checkpoint_module
+import detect.train.detection
 from backbones.checkpoint import atomic_save, atomic_write_bytes, load_checkpoint
 from backbones.errors import OutputError
-from detect.cli import loader_failure, run_tool
+from detect.cli import run_tool
+from detect.rundirs import discard_run_dir, make_run_dir
 from detect.train.builders import available_memory, cgroup_memory_left
-from detect.train.runs import ResultsCSV, discard_run_dir, make_run_dir
+from detect.train.failures import loader_failure
+from detect.train.runs import ResultsCSV
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_faults", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def run(module: ModuleType, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str], str]:
@@ -136,20 +136,21 @@ def test_every_atomic_writer_on_a_full_disk_keeps_the_old_file(full_disk: tuple[
     assert not list(folder.glob(".*.tmp"))
 
 
+@pytest.mark.train
 def test_train_det_on_a_disk_that_fills_up_after_epoch_1(
     synth_cub_root: Path, full_disk: tuple[Path, callable], capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     folder, make_full = full_disk
     train_det = tool("train_det")
-    real_end = train_det.end_epoch
+    real_end = detect.train.detection.end_epoch
 
     def end_then_fill(run: object, epoch: int, stats: dict, start: float) -> None:
         real_end(run, epoch, stats, start)
         if epoch == 0:
             make_full()
 
-    monkeypatch.setattr(train_det, "end_epoch", end_then_fill)
+    monkeypatch.setattr(detect.train.detection, "end_epoch", end_then_fill)
     out = folder / "run"
     code, errors, _ = run(train_det, det_args(synth_cub_root, out, "eval.interval=1"), capsys)
     assert code == 1 and len(errors) == 1, errors
@@ -159,19 +160,20 @@ def test_train_det_on_a_disk_that_fills_up_after_epoch_1(
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.train
 def test_run_folder_vanishing_mid_run(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import shutil
 
     train_det = tool("train_det")
-    real_end = train_det.end_epoch
+    real_end = detect.train.detection.end_epoch
 
     def end_then_delete(run: object, epoch: int, stats: dict, start: float) -> None:
         real_end(run, epoch, stats, start)
         shutil.rmtree(run.run_dir)
 
-    monkeypatch.setattr(train_det, "end_epoch", end_then_delete)
+    monkeypatch.setattr(detect.train.detection, "end_epoch", end_then_delete)
     out = tmp_path / "run"
     code, errors, _ = run(train_det, det_args(synth_cub_root, out), capsys)
     assert code == 1 and errors == [
@@ -201,6 +203,7 @@ def _killing(cls: type, at_epoch: int, index: int, raise_instead: bool = False) 
 
 
 @pytest.mark.parametrize("how", ["kill", "raise"])
+@pytest.mark.train
 def test_train_det_loader_worker_dies(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
@@ -221,6 +224,7 @@ def test_train_det_loader_worker_dies(
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.train
 def test_train_cls_loader_worker_killed(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,13 +246,13 @@ def test_train_cls_loader_worker_killed(
     assert "data.cache" not in errors[0]  # no such key in classification
 
 
+@pytest.mark.train
 def test_val_det_loader_worker_killed(
-    synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    trained_det_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from detect.data.detection import DetectionDataset
 
-    out = tmp_path / "run"
-    assert run_tool(tool("train_det").main, det_args(synth_cub_root, out, "train.epochs=1")) == 0
+    out = trained_det_run
     monkeypatch.setattr(DetectionDataset, "__getitem__", _killing(DetectionDataset, 0, 2))
     code, errors, _ = run(tool("val_det"), ["--weights", str(out / "best.pt"), "--out", str(tmp_path / "val"),
                                             "train.workers=2"], capsys)  # fmt: skip
@@ -333,12 +337,15 @@ class SignalsDuringLoss:
         return self.criterion(outputs, targets)
 
 
+@pytest.mark.train
 def test_two_ctrl_c_50_ms_apart_still_save_last_pt(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     train_det = tool("train_det")
-    build = train_det.build_det_criterion
-    monkeypatch.setattr(train_det, "build_det_criterion", lambda cfg, model: SignalsDuringLoss(build(cfg, model), 2, 2))
+    build = detect.train.detection.build_det_criterion
+    monkeypatch.setattr(
+        detect.train.detection, "build_det_criterion", lambda cfg, model: SignalsDuringLoss(build(cfg, model), 2, 2)
+    )
     out = tmp_path / "run"
     capsys.readouterr()
     assert run_tool(train_det.main, det_args(synth_cub_root, out)) == 130
@@ -348,12 +355,15 @@ def test_two_ctrl_c_50_ms_apart_still_save_last_pt(
     assert (state["epoch"], state["batch"]) == (0, 2)
 
 
+@pytest.mark.train
 def test_a_signal_during_the_save_after_an_interrupt(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     train_det = tool("train_det")
-    build, real_save = train_det.build_det_criterion, train_det.atomic_save
-    monkeypatch.setattr(train_det, "build_det_criterion", lambda cfg, model: SignalsDuringLoss(build(cfg, model), 2, 1))
+    build, real_save = detect.train.detection.build_det_criterion, train_det.atomic_save
+    monkeypatch.setattr(
+        detect.train.detection, "build_det_criterion", lambda cfg, model: SignalsDuringLoss(build(cfg, model), 2, 1)
+    )
 
     def save_under_fire(obj: object, path: Path) -> None:
         os.kill(os.getpid(), signal.SIGINT)
@@ -366,12 +376,15 @@ def test_a_signal_during_the_save_after_an_interrupt(
     assert load_checkpoint(out / "last.pt")["train_state"]["batch"] == 2
 
 
+@pytest.mark.train
 def test_three_signals_stop_at_once_and_say_last_pt_was_not_updated(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     train_det = tool("train_det")
-    build = train_det.build_det_criterion
-    monkeypatch.setattr(train_det, "build_det_criterion", lambda cfg, model: SignalsDuringLoss(build(cfg, model), 2, 3))
+    build = detect.train.detection.build_det_criterion
+    monkeypatch.setattr(
+        detect.train.detection, "build_det_criterion", lambda cfg, model: SignalsDuringLoss(build(cfg, model), 2, 3)
+    )
     out = tmp_path / "run"
     capsys.readouterr()
     assert run_tool(train_det.main, det_args(synth_cub_root, out)) == 130
@@ -382,6 +395,7 @@ def test_three_signals_stop_at_once_and_say_last_pt_was_not_updated(
 
 
 @pytest.mark.parametrize("which", ["train_det", "train_cls"])
+@pytest.mark.train
 def test_sigterm_just_after_the_last_epoch(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, which: str
 ) -> None:
@@ -438,11 +452,12 @@ def test_a_failed_new_run_leaves_no_folder_but_a_resumed_or_saved_one_stays(tmp_
     assert not discard_run_dir(tmp_path)  # never one this process did not make
 
 
+@pytest.mark.train
 def test_non_finite_loss_in_the_first_epoch_leaves_no_run_folder(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     train_det = tool("train_det")
-    build = train_det.build_det_criterion
+    build = detect.train.detection.build_det_criterion
 
     def nan_criterion(cfg: object, model: object) -> object:
         criterion = build(cfg, model)
@@ -451,13 +466,14 @@ def test_non_finite_loss_in_the_first_epoch_leaves_no_run_folder(
             for total, parts in [criterion(outputs, targets)]
         )[0]
 
-    monkeypatch.setattr(train_det, "build_det_criterion", nan_criterion)
+    monkeypatch.setattr(detect.train.detection, "build_det_criterion", nan_criterion)
     out = tmp_path / "run"
     code, errors, _ = run(train_det, det_args(synth_cub_root, out), capsys)
     assert code == 2 and "non-finite loss" in errors[0]
     assert not out.exists()
 
 
+@pytest.mark.train
 def test_no_best_ap_before_the_first_evaluation(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from backbones.errors import UserError
 from detect.config import ClsConfig, load_config
-from detect.train.runs import ResultsCSV, make_run_dir, save_config
+from detect.rundirs import make_run_dir
+from detect.train.runs import ResultsCSV, save_config
 
 
 def test_run_dir_suffixes(tmp_path: Path) -> None:

@@ -4,12 +4,13 @@ sweep end to end (1 backbone x 2 heads x {scratch, pretrained} x 1 seed at 64 px
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_tool
 
+from backbones.checkpoint import load_checkpoint
 from backbones.errors import UserError
 from detect.cli import run_tool
 from detect.sweep import plan as sweep_plan
@@ -24,10 +25,7 @@ TINY_CELLS = make_cells(["cspdarknet_n"], ["yolov8", "yolo11"], ["scratch", "pre
 
 
 def load_sweep_tool():
-    spec = importlib.util.spec_from_file_location("sweep_tool", REPO / "tools" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("sweep")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -287,6 +285,7 @@ def tiny_sweep(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return {"out": out, "argv": argv, "layout": layout, "killed": killed}
 
 
+@pytest.mark.train
 def test_cells_are_ordinary_run_directories(tiny_sweep: dict) -> None:
     out = tiny_sweep["out"]
     names = sorted(p.name for p in (out / "cells").iterdir())
@@ -311,6 +310,7 @@ def test_cells_are_ordinary_run_directories(tiny_sweep: dict) -> None:
     assert not [p for p in (out / "cells").iterdir() if p.name.endswith("-2")]
 
 
+@pytest.mark.train
 def test_a_cell_killed_in_its_first_epoch_starts_again_in_its_own_folder(tiny_sweep: dict) -> None:
     killed, log = tiny_sweep["killed"], tiny_sweep["layout"].cell_log(TINY_CELLS[2])
     assert not (killed / "sentinel").exists() and (killed / "best.pt").is_file() and (killed / CELL_DONE).is_file()
@@ -318,6 +318,7 @@ def test_a_cell_killed_in_its_first_epoch_starts_again_in_its_own_folder(tiny_sw
     assert len(commands) == 1 and f"output_dir={killed} " in commands[0] and "train.resume=null" in commands[0]
 
 
+@pytest.mark.train
 def test_report_csv_md_and_pictures(tiny_sweep: dict) -> None:
     out = tiny_sweep["out"]
     with (out / "sweep.csv").open() as handle:
@@ -325,8 +326,13 @@ def test_report_csv_md_and_pictures(tiny_sweep: dict) -> None:
     assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
     crossed = {(h, i) for h in ("yolov8", "yolo11") for i in ("scratch", "pretrained")}
     assert {(r["head"], r["init"]) for r in rows} == crossed
-    for row in rows:
-        assert 0.0 <= float(row["AP"]) <= 1.0 and 0.0 <= float(row["AP50"]) <= 1.0
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    for row in rows:  # the 12 COCO numbers are those train_det stored with the cell's final (EMA) weights
+        cell = next(c for c in TINY_CELLS if (c.head, c.init) == (row["head"], row["init"]))
+        run = tiny_sweep["layout"].cell_dir(cell)
+        final, best = (load_checkpoint(run / name)["metrics"] for name in ("last.pt", "best.pt"))
+        assert [float(row[name]) for name in names] == final["coco_stats"]
+        assert float(row["best_AP"]) == best["AP"]  # 1 epoch: the best epoch is the final one
         assert int(row["params"]) > 1_000_000 and float(row["gflops"]) > 0 and float(row["latency_ms"]) > 0
         assert row["eval_size"] == "64" and row["epochs"] == "1"
         assert (row["cls_top1"] != "") == (row["init"] == "pretrained")
@@ -339,6 +345,7 @@ def test_report_csv_md_and_pictures(tiny_sweep: dict) -> None:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.train
 def test_rerun_skips_every_finished_cell(tiny_sweep: dict, monkeypatch, capsys) -> None:
     def no_tool_run(*args, **kwargs):
         raise AssertionError("a finished cell was run again")
@@ -356,6 +363,7 @@ def test_rerun_skips_every_finished_cell(tiny_sweep: dict, monkeypatch, capsys) 
     assert capsys.readouterr().out.count("it ran with other settings") == 4
 
 
+@pytest.mark.train
 def test_a_stopped_cell_resumes_from_its_last_pt(tiny_sweep: dict, capsys) -> None:
     """A cell stopped after a last.pt (here: after its last epoch, before the sweep recorded it) resumes in place."""
     out, layout = tiny_sweep["out"], tiny_sweep["layout"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_tool
 from PIL import Image
 
 from backbones.errors import UserError
@@ -16,13 +16,6 @@ from detect.data.synth import SpeciesTraits, make_synth_cub, render_sample, spec
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"width_range": (64, 80), "height_range": (48, 60)}
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -135,7 +128,7 @@ def test_bad_arguments_and_existing_data(tmp_path: Path) -> None:
 
 
 def test_cli_generates_skips_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    tool = _tool("make_synth_cub")
+    tool = load_tool("make_synth_cub")
     args = ["--out", str(tmp_path), "--species", "2", "--per-species", "2", "--image-width", "64", "80"]
     args += ["--image-height", "48", "60"]
     sheet = tmp_path / "sheet.png"

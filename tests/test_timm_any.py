@@ -3,7 +3,6 @@ downloaded), fusing BatchNormAct2d, and a tiny train_cls -> train_det run on a t
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_tool, randomize_bn
 from torch import nn
 
 timm = pytest.importorskip("timm")  # the optional extra `.[timm]` (in `dev`)
@@ -180,18 +180,6 @@ def test_weights_from_a_backbone_checkpoint(tmp_path: Path) -> None:
         build_backbone("timm:resnet18d", weights=str(path))
 
 
-def _randomise_batchnorm(model: nn.Module) -> None:
-    """Statistics and affine terms far from the identity, so that a folding mistake shows."""
-    gen = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-
-
 @pytest.mark.parametrize("name", ["regnetx_002", "resnet18d", "efficientnet_b0"])
 def test_detector_trains_evaluates_and_fuses(name: str) -> None:
     """regnetx_002's ConvNormAct pairs `conv` with a BatchNormAct2d, whose ReLU must survive the folding;
@@ -202,7 +190,7 @@ def test_detector_trains_evaluates_and_fuses(name: str) -> None:
     raw = model(images)
     assert isinstance(raw, list | tuple) and all(torch.isfinite(r).all() for r in raw)
     with torch.no_grad():
-        _randomise_batchnorm(model)
+        randomize_bn(model)  # statistics far from the identity, so that a folding mistake shows
         model.eval()
         reference = model(images)
         bn_act = [m for m in model.backbone.modules() if type(m).__name__ == "BatchNormAct2d"]
@@ -217,13 +205,7 @@ def test_detector_trains_evaluates_and_fuses(name: str) -> None:
         assert len(left) == len(bn_act) > 0
 
 
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+@pytest.mark.train
 def test_train_cls_then_train_det_on_a_timm_backbone(
     synth_cub_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import detect.train.classification
 from backbones import build_backbone
 from backbones.checkpoint import load_backbone_weights, load_checkpoint
 from detect.cli import run_tool
@@ -41,6 +42,7 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.train
 def test_tiny_run_writes_every_artefact(synth_cub_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert train_cls.main(_args(synth_cub_root, out)) == 0
@@ -92,7 +94,7 @@ def straight_run(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def _interrupt_second_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C as epoch 2 starts (after epoch 1 was evaluated and saved)."""
-    real, calls = train_cls.train_one_epoch, []
+    real, calls = detect.train.classification.train_one_epoch, []
 
     def wrapped(*args: object, **kwargs: object) -> dict:
         calls.append(1)
@@ -100,7 +102,7 @@ def _interrupt_second_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_cls, "train_one_epoch", wrapped)
+    monkeypatch.setattr(detect.train.classification, "train_one_epoch", wrapped)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +113,7 @@ def _interrupt_second_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param("mid-epoch", marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.train
 def test_resume_is_bit_identical(
     synth_cub_root: Path,
     straight_run: Path,
@@ -172,6 +175,7 @@ def test_bad_input_subprocess(args: list[str], expected: str, tmp_path: Path) ->
 
 
 @pytest.mark.slow
+@pytest.mark.train
 def test_sigterm_saves_last_pt_and_exits_143(synth_cub_root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MPLCONFIGDIR": str(tmp_path)}
     out = tmp_path / "run"
@@ -215,7 +219,7 @@ def test_run_tool_exit_codes(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_signals_are_held_back_to_safe_points() -> None:
-    from detect.cli import check_interrupt, deferred_interrupts
+    from detect.train.signals import check_interrupt, deferred_interrupts
 
     reached, before = [], signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), deferred_interrupts():

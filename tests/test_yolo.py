@@ -11,7 +11,7 @@ import yaml
 
 from backbones.errors import UserError
 from detect.data.cub import CubDetection
-from detect.data.yolo import YoloDetection, export_yolo, label_path
+from detect.data.yolo_txt import YoloDetection, export_yolo, label_path
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -46,14 +47,8 @@ def _ultralytics_model(scale: str, num_classes: int = 80, seed: int = 0) -> nn.M
     torch.manual_seed(seed)
     model = tasks.DetectionModel(f"yolo11{scale}.yaml", nc=num_classes, verbose=False)
     gen = torch.Generator().manual_seed(seed + 1)
+    randomize_bn(model, generator=gen)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
         detect = model.model[-1]
         for seq in detect.cv3:
             seq[-1].bias.normal_(0.0, 1.0, generator=gen)  # scores spread over (0, 1), not all ~0

@@ -28,7 +28,7 @@ from detect.cli import run_tool
 from detect.config import DetConfig, load_config
 from detect.data.build import SPLITS, build_source
 from detect.data.coco import coco_ground_truth
-from detect.data.yolo import export_yolo
+from detect.data.yolo_txt import export_yolo
 from detect.plugins import import_plugins
 
 USAGE = (

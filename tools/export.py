@@ -40,6 +40,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-det", type=int, default=300, help="--nms most detections per image (default 300)")
     parser.add_argument("--half", action="store_true", help="fp16 (CUDA)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
+    parser.add_argument(
+        "--imports",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="plugin modules the weights need (your own parts); never taken from the file itself",
+    )
     parser.add_argument("--device", default="cpu", help="where the trace runs: cpu, cuda or cuda:K")
     parser.add_argument("--info", action="store_true", help="print parameters, GFLOPs and layers")
     return parser.parse_args(argv)
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(args.conf, args.iou, None, args.max_det)
     if Path(args.weights).suffix.lower() == ".onnx":
         raise UserError(f"{args.weights} is already an export: give the .pt checkpoint")
-    model = load(args.weights, device=args.device)
+    model = load(args.weights, imports=args.imports, imports_how="--imports MODULE", device=args.device)
     img_size = None if size is None else (size[0] if len(size) == 1 else (size[0], size[1]))
     if args.info:
         model.info(img_size)

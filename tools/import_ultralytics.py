@@ -23,6 +23,7 @@ from pathlib import Path
 
 from backbones.checkpoint import atomic_save
 from backbones.errors import UserError
+from detect.checkpoints import detector_checkpoint
 from detect.cli import run_tool
 from detect.config import DetConfig, config_to_dict, load_config
 from detect.interop.ultralytics import (
@@ -34,7 +35,6 @@ from detect.interop.ultralytics import (
     ultralytics_family,
 )
 from detect.models import yolo_spec
-from detect.models.checkpoint import detector_checkpoint
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

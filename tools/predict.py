@@ -34,7 +34,7 @@ from detect.api import Model, Result, check_settings, load
 from detect.cli import run_tool
 from detect.data.source import read_image_rgb
 from detect.inference import VIDEO_SUFFIXES, find_inputs
-from detect.train.runs import make_run_dir
+from detect.rundirs import make_run_dir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,6 +48,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=None, help="letterbox long side (default: the training size)")
     parser.add_argument("--square", action="store_true", help="letterbox to S x S instead of the stride rectangle")
     parser.add_argument("--recursive", action="store_true", help="a --source folder's sub-folders too")
+    parser.add_argument(
+        "--imports",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="plugin modules the weights need (your own parts); never taken from the file itself",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 with a warning on CPUs without "
                         "native bf16)")  # fmt: skip
@@ -100,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     check_settings(args.conf, args.iou, args.img_size, args.max_det)  # before any work
     files = find_inputs(args.source, args.recursive)
-    model: Model = load(args.weights, device=args.device, precision="bf16" if args.bf16 else "fp32")
+    model: Model = load(
+        args.weights,
+        imports=args.imports,
+        imports_how="--imports MODULE",
+        device=args.device,
+        precision="bf16" if args.bf16 else "fp32",
+    )
     if args.info:
         model.info(args.img_size)
     out = make_run_dir(args.out or Path("runs/predict") / Path(args.weights).resolve().parent.name)

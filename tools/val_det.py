@@ -10,7 +10,8 @@ built from the data set), `predictions.json` (COCO results: the data set's own i
 in original-image pixels), `metrics.json` (`coco_stats`, `AP`, `AP50`, `per_class_AP`, ...), `pr_curve.png`,
 `val_predictions.jpg`, and the analysis pictures `confusion_matrix.png`, `confusion_matrix_normalized.png`
 (background row and column, conf 0.25, IoU 0.45), `pr_f1_curves.png`, `per_class_ap.png` (two classes or more);
-prints the 12 COCO numbers and per-class AP.
+prints the 12 COCO numbers and per-class AP. Plugin modules (your own parts, data formats) are imported only when you
+name them, `imports=[my_parts]`: a checkpoint whose config names modules you did not name is refused in one line.
 Bad input (weights, config, data, an unreadable image) is one line on stderr and exit code 2, found before DIR exists.
 """
 
@@ -20,8 +21,9 @@ import argparse
 import sys
 
 from backbones.errors import UserError
-from detect.api import load, validate
+from detect.api import load
 from detect.cli import run_tool
+from detect.config import named_imports
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -43,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: usage errors exit 2 after one line; --help exits 0
         return int(exc.code or 0)
     device = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.device=")), "auto")
-    model = load(args.weights, device=device)
-    validate(model, overrides, args.out, rect=not args.square)
+    model = load(
+        args.weights, device=device, imports=named_imports(overrides)
+    )  # a checkpoint is data: you name plugins
+    model.val(*overrides, out=args.out, rect=not args.square)
     return 0
 
 

@@ -131,14 +131,18 @@ class DetectionDataset(torch.utils.data.Dataset):
     def check_images(self) -> int:
         """Scan every image once without decoding (header, JPEG end marker) and read every annotation.
 
-        Train mode: unreadable images are marked (skipped from the start, one warning each; too many -> UserError).
+        Train mode: unreadable images are marked (skipped from the start, one warning each; too many -> UserError),
+        and a split without a single box, or with a class that never occurs, is a UserError (`check_training_labels`).
         Validation mode: any unreadable image is a UserError naming the first one and the count.
-        Clipped / dropped boxes are logged as one warning with the totals.
+        Clipped / dropped boxes are logged as one warning with the totals. A label outside 0..C-1 (a reader's bug,
+        e.g. a plugin format's) is a UserError naming the image.
 
         Returns:
             The number of unreadable images.
         """
         problems = []
+        num_classes = len(self.source.class_names)
+        counts = np.zeros(num_classes, dtype=np.int64)  # [C] boxes per class
         for index in range(len(self.source)):
             problem = image_file_problem(self.source.image_path(index))
             if problem is not None:
@@ -146,12 +150,19 @@ class DetectionDataset(torch.utils.data.Dataset):
                 if self.unreadable is not None:
                     self.unreadable.mark(index, problem)
                 continue
-            self.source.annotations(index)  # fills the source's box-fix counts
+            _, labels = self.source.annotations(index)  # also fills the source's box-fix counts
+            outside = labels[(labels < 0) | (labels >= num_classes)]
+            if len(outside):
+                raise UserError(f"{source_name(self.source)}: label {int(outside[0])} outside 0..{num_classes - 1} "
+                                f"for image {self.source.image_path(index)}")  # fmt: skip
+            counts += np.bincount(labels, minlength=num_classes)
         if problems and self.unreadable is None:
             raise UserError(f"{len(problems)} unreadable validation image(s); the first: {problems[0]}")
         fixes = getattr(self.source, "box_fixes", None)
         if isinstance(fixes, BoxFixLog) and (fixes.clipped or fixes.dropped):
             LOGGER.warning(fixes.summary())
+        if self.train:
+            check_training_labels(self.source, counts, len(self.source) - len(problems))
         return len(problems)
 
     def cache_bytes(self) -> int:
@@ -307,6 +318,42 @@ class DetectionDataset(torch.utils.data.Dataset):
         if rng.random() < self.fliplr:
             image, boxes = hflip(image, boxes)
         return image, boxes, labels, orig_hw
+
+
+def source_name(source: Any) -> str:
+    """How messages name a source: its reader and the file or folder it reads (COCO json, data.yaml or root)."""
+    where = next((getattr(source, key) for key in ("json_path", "yaml_path", "root") if getattr(source, key, None)), "")
+    return f"{type(source).__name__}({where})" if where else type(source).__name__
+
+
+def check_training_labels(source: Any, counts: np.ndarray, images: int) -> None:
+    """Refuse a training split that cannot teach the detector: no box at all, or a class without a single box.
+
+    Both are a whole run spent on nothing (a label folder in the wrong place reads as images without boxes; a class
+    list longer than the classes annotated gives classes no positive sample). A class absent from the validation
+    split only is fine: `check_images` calls this for the training split only.
+
+    Args:
+        source: the training split's detection source.
+        counts: `[C]` boxes per class over the readable images (after clipping / dropping).
+        images: readable images scanned.
+
+    Raises:
+        UserError: one line naming the source, what is missing, and how many images and boxes were read.
+    """
+    read = f"{images} images and {int(counts.sum())} boxes read"
+    fixes = getattr(source, "box_fixes", None)
+    if isinstance(fixes, BoxFixLog) and fixes.dropped:
+        read += f" ({fixes.dropped} more dropped as zero-area)"
+    if counts.sum() == 0:
+        raise UserError(f"training split of {source_name(source)} has no labelled box ({read}): check that the "
+                        "annotation files are where the data format expects them")  # fmt: skip
+    missing = [str(source.class_names[k]) for k in np.flatnonzero(counts == 0)]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise UserError(f"training split of {source_name(source)}: {len(missing)} of {len(counts)} classes never "
+                        f"occur ({shown}; {read}): a detector cannot learn a class it never sees; remove them from "
+                        "the class list or add labelled images")  # fmt: skip
 
 
 def detection_collate(batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:

@@ -1,7 +1,7 @@
 """The detection-source protocol every data set reader follows, and the helpers they share.
 
 A *detection source* is a random-access view of a box-annotated data set, independent of augmentation: the CUB
-reader (`cub.py`), the COCO json reader (`coco.py`) and the YOLO txt reader (`yolo.py`) all implement it, and the
+reader (`cub.py`), the COCO json reader (`coco.py`) and the YOLO txt reader (`yolo_txt.py`) all implement it, and the
 augmentation pipeline, the COCO / YOLO exporters and the evaluation consume it.
 
 Conventions shared by every source:

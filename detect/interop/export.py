@@ -1,16 +1,17 @@
 """Model export (ONNX, TorchScript) and the onnxruntime runner that predict, val_det and the API use for `.onnx`.
 
-What an exported YOLO-family file computes: `images [B, 3, H, W]` float RGB in [0, 1] (letterboxed, grey 114 pad)
--> `preds [B, A, 4 + C]`, xyxy input pixels then sigmoid scores (the eval output of `Detector`, DESIGN §3), which
-the caller turns into detections with `detect.postprocess.postprocess`. With `nms=True` the graph ends in NMS
-instead (ONNX `NonMaxSuppression`) and returns `detections [K, 7]` rows `(image index, x1, y1, x2, y2, score,
-label)`, sorted by decreasing score, with the confidence threshold, IoU threshold and `max_det` per image fixed at
-export (one candidate per anchor: its best class, as `predict` does; multi-label validation needs the raw file).
+What an exported file computes: `images [B, 3, H, W]` float RGB in [0, 1] (letterboxed, grey 114 pad) -> the head's
+own decode, `preds [B, A, 4 + C]`, xyxy input pixels then sigmoid scores (the eval output of `Detector`, DESIGN §3;
+only head families with a traceable decode export, today the YOLO families), which the caller turns into detections
+with `detect.postprocess.postprocess`. With `nms=True` the graph ends in NMS instead (ONNX `NonMaxSuppression`) and
+returns `detections [K, 7]` rows `(image index, x1, y1, x2, y2, score, label)`, sorted by decreasing score, with the
+confidence threshold, IoU threshold and `max_det` per image fixed at export (one candidate per anchor: its best
+class, as `predict` does; multi-label validation needs the raw file).
 
 Sizes: a file exported without `dynamic` takes exactly the export size (batch 1), and whoever runs it letterboxes
 to that size; with `dynamic`, batch, height and width are free (any multiple of the stride), so the rectangular
-letterbox works through onnxruntime too. The anchors are computed in the graph from the feature-map sizes for that
-reason (the eager head caches them from Python ints, which a trace would freeze).
+letterbox works through onnxruntime too. For that reason the head's decode computes its anchors in the graph from
+the feature-map sizes when traced (eagerly it caches them per size, which a trace would freeze).
 
 Everything a runner needs travels in the file: ONNX metadata key `plugdet` (TorchScript: extra file `plugdet.json`)
 holds JSON with the class names, category ids, image size, stride, NMS settings and the checkpoint's config, so
@@ -24,47 +25,21 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torchvision.ops import nms
 
 from backbones.errors import UserError
-from detect.boxes import dist2bbox
 from detect.models.detector import Detector
-from detect.models.heads.yolo import YoloHead, flatten_levels
 from detect.postprocess import postprocess
 
 META_KEY = "plugdet"
 FORMATS = ("onnx", "torchscript")
-
-
-def _anchors(level_maps: Sequence[torch.Tensor], strides: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cell-centre anchor points [A, 2] (grid units) and strides [A, 1] from the maps' own sizes, traceably (the
-    same values and order as `detect.boxes.make_anchors`)."""
-    points, scales = [], []
-    for x, stride in zip(level_maps, strides, strict=True):
-        height, width = x.shape[2], x.shape[3]
-        xs = torch.arange(width, device=x.device, dtype=torch.float32) + 0.5
-        ys = torch.arange(height, device=x.device, dtype=torch.float32) + 0.5
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # [H, W] each
-        points.append(torch.stack((grid_x, grid_y), dim=-1).reshape(-1, 2))  # [H*W, 2]
-        scales.append((torch.zeros_like(grid_x) + float(stride)).reshape(-1, 1))  # [H*W, 1]
-    return torch.cat(points), torch.cat(scales)
-
-
-def _dfl(box_logits: torch.Tensor, bins: torch.Tensor, reg_max: int) -> torch.Tensor:
-    """`dfl_distances` with the bin count as a constant, so the 1x1 convolution's kernel has a known shape in the
-    graph (the same convolution, so the same sums): [B, 4 * R, A] -> [B, A, 4]."""
-    batch, num_anchors = box_logits.shape[0], box_logits.shape[2]
-    probs = box_logits.view(batch, 4, reg_max, num_anchors).transpose(1, 2).softmax(dim=1)  # [B, R, 4, A]
-    distance = F.conv2d(probs, bins.to(probs.dtype).view(1, reg_max, 1, 1))  # [B, 1, 4, A]
-    return distance.view(batch, 4, num_anchors).transpose(1, 2)  # [B, A, 4]
 
 
 def nms_in_graph(preds: torch.Tensor, conf: float, iou: float, max_det: int) -> torch.Tensor:
@@ -93,34 +68,30 @@ def nms_in_graph(preds: torch.Tensor, conf: float, iou: float, max_det: int) -> 
 
 
 class ExportModule(nn.Module):
-    """A detector as exported: images -> `preds [B, A, 4 + C]` (YOLO family, shape-generic decode), or -> the
-    [K, 7] detections with `nms`; another head family exports its own eval output at a fixed size."""
+    """A detector as exported: images -> its head's own decode, `preds [B, A, 4 + C]`, or -> the [K, 7] detections
+    with `nms`. Only a head family with a traceable decode (`DetectionHead.traceable_decode`) exports; the decode,
+    anchors included, is the head's, computed in the graph from the maps' sizes so that dynamic shapes work."""
 
     def __init__(self, detector: Detector, nms: Mapping[str, float] | None = None) -> None:
         super().__init__()
+        head = detector.head
+        if not head.traceable_decode:
+            raise UserError(f"export: the {type(head).__name__} head is not exportable by plugdet yet (no traceable "
+                            "decode); tools/export.py exports the YOLO families (yolov8, yolo11)")  # fmt: skip
         self.detector = detector.eval()
         self.nms = dict(nms) if nms else None
-        self.yolo = isinstance(detector.head, YoloHead)
-        if not self.yolo and getattr(detector.head, "net", None) is not None:  # torchvision's families
-            raise UserError(f"export: the {type(detector.head).__name__} head (torchvision's) is not exportable by "
-                            "plugdet yet; tools/export.py exports the YOLO families (yolov8, yolo11)")  # fmt: skip
-        if self.nms and not self.yolo:
-            raise UserError("--nms applies to the YOLO head family (decoded [B, A, 4 + C] outputs) only")
         self.eval()  # the exporter restores this mode afterwards; a fused detector refuses train mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> the head's decode [B, A, 4 + C], or [K, 7] with `nms`. The parts are called here rather
+        than `Detector.forward`, which turns the image size into Python ints: a trace would freeze those."""
         detector = self.detector
-        if not self.yolo:
-            return detector(images)
-        head: YoloHead = detector.head  # type: ignore[assignment]
-        raw = head(detector.neck(detector.backbone(images)))  # per level [B, 4R + C, H_l, W_l]
-        box_logits, cls_logits = flatten_levels(raw, head.reg_max, head.num_classes)  # [B, 4R, A], [B, C, A]
-        distance = _dfl(box_logits, head.dfl_bins.float(), head.reg_max)  # [B, A, 4]
-        points, strides = _anchors(raw, head.strides)  # [A, 2], [A, 1]
-        preds = torch.cat((dist2bbox(distance, points) * strides, cls_logits.transpose(1, 2).sigmoid()), dim=-1)
+        image_size = (images.shape[-2], images.shape[-1])
+        raw = detector.head(detector.neck(detector.backbone(images)), image_size)
+        preds = detector.head.decode(raw, image_size)  # [B, A, 4 + C]
         if self.nms:
             return nms_in_graph(preds, self.nms["conf"], self.nms["iou"], int(self.nms["max_det"]))
-        return preds  # [B, A, 4 + C]
+        return preds
 
 
 def export_metadata(checkpoint: Mapping[str, Any], img_size: tuple[int, int], stride: int, dynamic: bool,
@@ -177,8 +148,6 @@ def export_model(
     if h % stride or w % stride or h <= 0 or w <= 0:
         raise UserError(f"export size {h}x{w} must be positive multiples of the stride {stride}")
     module = ExportModule(detector.to(device), nms)
-    if not module.yolo and dynamic:
-        raise UserError(f"--dynamic needs the YOLO head family; {type(detector.head).__name__} exports at one size")
     example = torch.zeros(1, 3, h, w, device=device)
     if half:
         module, example = module.half(), example.half()

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.errors import UserError
-from detect.boxes import IOU_KINDS, bbox2dist, box_overlap, dist2bbox, make_anchors
+from detect.boxes import IOU_KINDS, bbox2dist, box_overlap, dist2bbox
 from detect.losses.assign import TaskAlignedAssigner
-from detect.models.heads.yolo import dfl_distances, flatten_levels
+from detect.models.heads.yolo import YoloDecoder
 from detect.models.registry import register_loss
 
 __all__ = ["YoloLoss", "build_yolo_loss", "distribution_focal_loss", "pad_targets"]
@@ -95,10 +95,11 @@ class YoloLoss:
     ``total = (box + cls + dfl) * B``: the scaling of Ultralytics' trainer, so that its learning rates and gains carry
     over unchanged. The parts equal Ultralytics' ``v8DetectionLoss`` loss items for the same predictions and targets.
 
+    The anchors, the DFL bins and the split of the raw maps come from ``decoder``: the head's own when the loss is
+    built for a head (`yolo_loss`), so they are made once per map size, not on every call.
+
     Args:
-        num_classes: number of classes C.
-        strides: stride of each level, shallow to deep.
-        reg_max: DFL bins per side R.
+        decoder: the YOLO decode (C classes, the strides, R DFL bins per side), a head's `YoloHead.decoder`.
         assigner: the label assigner (`TaskAlignedAssigner`), called on detached scores and pixel boxes.
         box_gain: gain of the box part.
         cls_gain: gain of the classification part.
@@ -108,9 +109,7 @@ class YoloLoss:
 
     def __init__(
         self,
-        num_classes: int,
-        strides: Sequence[int],
-        reg_max: int,
+        decoder: YoloDecoder,
         assigner: TaskAlignedAssigner,
         box_gain: float = 7.5,
         cls_gain: float = 0.5,
@@ -119,9 +118,8 @@ class YoloLoss:
     ) -> None:
         if iou not in IOU_KINDS:
             raise ValueError(f"YoloLoss: unknown iou {iou!r}; choose one of {', '.join(IOU_KINDS)}")
-        self.num_classes = num_classes
-        self.strides = tuple(strides)
-        self.reg_max = reg_max
+        self.decoder = decoder
+        self.num_classes, self.strides, self.reg_max = decoder.num_classes, decoder.strides, decoder.reg_max
         self.assigner = assigner
         self.box_gain, self.cls_gain, self.dfl_gain = box_gain, cls_gain, dfl_gain
         self.iou = iou
@@ -138,19 +136,16 @@ class YoloLoss:
             parts: ``{"box", "cls", "dfl"}`` detached scalars (gains applied, not multiplied by B).
         """
         self._check_levels(level_outputs)
-        box_flat, cls_flat = flatten_levels(level_outputs, self.reg_max, self.num_classes)  # [B, 4R, A], [B, C, A]
-        shapes = [tuple(out.shape[2:]) for out in level_outputs]
-        anchors, stride = make_anchors(shapes, self.strides, device=box_flat.device, dtype=box_flat.dtype)
-        box_logits = box_flat.permute(0, 2, 1).contiguous()  # [B, A, 4R]
-        cls_logits = cls_flat.permute(0, 2, 1).contiguous()  # [B, A, C]
+        # [B, A, 4R], [B, A, C] float32 views; [A, 2], [A, 1] the decoder's anchors for these sizes (cached)
+        box_logits, cls_logits, anchors, stride = self.decoder.split(level_outputs)
+        cls_logits = cls_logits.contiguous()  # [B, A, C]: the BCE sums, and their gradients, in this memory order
         batch = cls_logits.shape[0]
         if targets.shape[0] and not ((targets[:, 1] >= 0) & (targets[:, 1] < self.num_classes)).all():
             bad = targets[:, 1][(targets[:, 1] < 0) | (targets[:, 1] >= self.num_classes)].unique().tolist()
             raise UserError(f"targets: class ids {bad} out of range [0, {self.num_classes})")
         gt_labels, gt_boxes, mask_gt = pad_targets(targets.to(cls_logits.device, torch.float32), batch)
 
-        bins = torch.arange(self.reg_max, dtype=box_flat.dtype, device=box_flat.device)
-        pred_boxes = dist2bbox(dfl_distances(box_flat, bins), anchors)  # [B, A, 4] xyxy grid units
+        pred_boxes = dist2bbox(self.decoder.box_distances(box_logits), anchors)  # [B, A, 4] xyxy grid units
 
         assigned = self.assigner(
             cls_logits.detach().sigmoid(),
@@ -204,22 +199,33 @@ def build_yolo_loss(
     eps: float = 1e-9,
     assign_iou: str = "ciou",
     min_gt_side: float | None = None,
+    decoder: YoloDecoder | None = None,
 ) -> YoloLoss:
     """The YOLO loss with its TaskAlignedAssigner, from plain numbers (YOLOv8's defaults, DESIGN §5).
 
-    `min_gt_side` None is YOLOv8's choice, the middle stride (see `TaskAlignedAssigner`).
+    `min_gt_side` None is YOLOv8's choice, the middle stride (see `TaskAlignedAssigner`). `decoder` is the head's to
+    share (`yolo_loss`); None builds one from `num_classes`, `strides` and `reg_max`.
     """
+    if decoder is None:
+        decoder = YoloDecoder(num_classes, strides, reg_max)
+    elif (decoder.num_classes, decoder.strides, decoder.reg_max) != (num_classes, tuple(strides), reg_max):
+        raise ValueError(f"build_yolo_loss: the decoder's (num_classes, strides, reg_max) "
+                         f"{(decoder.num_classes, decoder.strides, decoder.reg_max)} differ from "
+                         f"{(num_classes, tuple(strides), reg_max)}")  # fmt: skip
     if min_gt_side is None:
         min_gt_side = float(strides[1] if len(strides) > 1 else strides[0])
     assigner = TaskAlignedAssigner(topk, num_classes, alpha, beta, eps, min_gt_side=min_gt_side, iou=assign_iou)
-    return YoloLoss(num_classes, strides, reg_max, assigner, box, cls, dfl, iou)
+    return YoloLoss(decoder, assigner, box, cls, dfl, iou)
 
 
 @register_loss("yolo")
 def yolo_loss(head: Any, loss: Mapping[str, Any], assign: Mapping[str, Any]) -> YoloLoss:
     """The registered `yolo` loss of a YOLO head, from the config's `loss.*` (box, cls, dfl, iou) and `assign.*`
-    (topk, alpha, beta, eps, iou, min_gt_side) sections; missing keys take YOLOv8's values."""
+    (topk, alpha, beta, eps, iou, min_gt_side) sections; missing keys take YOLOv8's values. The loss decodes with the
+    head's `decoder` (its anchors and bins); a head of YOLO's raw layout without one gets its own."""
     known_loss, known_assign = {"box", "cls", "dfl", "iou"}, {"topk", "alpha", "beta", "eps", "iou", "min_gt_side"}
     kwargs = {k: v for k, v in loss.items() if k in known_loss}
     kwargs.update({("assign_iou" if k == "iou" else k): v for k, v in assign.items() if k in known_assign})
-    return build_yolo_loss(head.num_classes, head.strides, head.reg_max, **kwargs)
+    decoder = getattr(head, "decoder", None)
+    decoder = decoder if isinstance(decoder, YoloDecoder) else None
+    return build_yolo_loss(head.num_classes, head.strides, head.reg_max, decoder=decoder, **kwargs)

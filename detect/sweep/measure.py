@@ -29,7 +29,7 @@ def measure_checkpoint(path: Path, img_size: int | None, threads: int, runs: int
         threads: torch threads while timing (restored afterwards).
         runs, warmup: timed and untimed batch-1 calls.
     """
-    from detect.models.checkpoint import detector_from_checkpoint, read_detector_checkpoint
+    from detect.checkpoints import detector_from_checkpoint, read_detector_checkpoint
     from detect.models.info import model_info
 
     checkpoint = read_detector_checkpoint(path)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from backbones.errors import UserError
-from detect.cli import shielded_from_signals, signals_received
 from detect.sweep.cells import CELL_DONE, CLS_DONE, Cell, cell_result, read_marker, write_marker
 from detect.sweep.plan import (
     SweepPlan,
@@ -43,6 +42,7 @@ from detect.sweep.plan import (
     planned_weights,
     settings_changed,
 )
+from detect.train.signals import shielded_from_signals, signals_received
 
 
 def ensure_default_data(plan: SweepPlan, roots: set[str]) -> None:

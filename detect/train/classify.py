@@ -1,12 +1,12 @@
-"""Backbone pretraining on CUB classification: builders, `train_one_epoch`, `evaluate`, checkpoints.
+"""Backbone pretraining on CUB classification: builders, the step, `train_one_epoch` and `evaluate`.
 
-Plain functions under the linear `main()` of `tools/train_cls.py` (STYLE 8). Only the `build_*` functions read the
-config; the loops take plain arguments.
+Plain functions under the linear run of `detect.train.classification` (STYLE 8). Only the `build_*` functions read
+the config; the loops take plain arguments.
 
 A run is repeatable and resumable to the bit on CPU: the sample order is a function of (seed, epoch) (`EpochSampler`),
 each image's augmentation of (seed, epoch, index) (`SeededSamples`), and every training step runs with Ctrl-C / SIGTERM
 held back (`deferred_interrupts`), so an interrupt leaves model, optimizer, EMA and RNG in a consistent state that
-`make_checkpoint` captures together with the position (epoch, batches done).
+`detect.train.state.ResumeState` captures together with the position (epoch, batches done).
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from backbones import build_backbone
 from backbones.classifier import Classifier
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
-from detect.cli import AgreedInterrupt, ForcedStop, TrainingInterrupted, check_interrupt, deferred_interrupts
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
 from detect.precision import choose_bf16
 from detect.train.distributed import DistInfo, agree, all_reduce_sum, fetch, get_rank
 from detect.train.optim import ModelEMA, lr_at
-from detect.train.resume import restore_resume_state, resume_state
 from detect.train.seeding import DistributedEpochSampler
+from detect.train.signals import AgreedInterrupt, ForcedStop, TrainingInterrupted, check_interrupt, deferred_interrupts
 
 
 class SeededSamples(Dataset):
@@ -64,7 +63,7 @@ class SeededSamples(Dataset):
             return self.dataset[index]
         except UserError:
             raise
-        except Exception as exc:  # a loader worker's re-raised error keeps the note (`detect.cli.loader_failure`)
+        except Exception as exc:  # a loader worker's re-raised error keeps the note (`failures.loader_failure`)
             exc.add_note(f"(sample index {index})")
             raise
 
@@ -338,57 +337,3 @@ def evaluate(
         "confusion": matrix,
         "num_samples": int(sums[2].item()),
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------------
-def make_checkpoint(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: ModelEMA | None,
-    scaler: torch.amp.GradScaler | None,
-    position: tuple[int, int],
-    best: dict[str, Any],
-    config: dict[str, Any],
-    class_names: list[str],
-    epoch_sums: list[float] | None = None,
-) -> dict[str, Any]:
-    """Everything a resume needs (data only, loads with weights_only).
-
-    Args:
-        position: (epoch in progress, batches of it done); (E, 0) at the boundary after epoch E - 1.
-        epoch_sums: running [loss * n, correct, n] of the epoch in progress (mid-epoch checkpoints).
-        best: {"top1", "epoch"} of the best evaluation so far.
-        config: the resolved config as a plain dict.
-    """
-    return {
-        **resume_state(model, optimizer, ema, scaler, position, best),
-        "epoch_sums": list(epoch_sums) if epoch_sums else None,
-        "config": config,
-        "arch": config["model"]["backbone"],
-        "class_names": list(class_names),
-    }
-
-
-def restore_checkpoint(
-    ckpt: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: ModelEMA | None,
-    scaler: torch.amp.GradScaler | None,
-    path: str,
-) -> tuple[tuple[int, int], dict[str, Any], list[float] | None]:
-    """Load a `make_checkpoint` dict into the training objects and the global RNGs.
-
-    Returns:
-        (position (epoch, batch), best, epoch_sums) to continue from.
-
-    Raises:
-        UserError: the checkpoint misses a part or does not fit the model (names the file).
-    """
-    missing = [key for key in ("model", "optimizer", "epoch", "batch", "best", "rng") if key not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a train_cls last.pt (missing {', '.join(missing)}); cannot resume from it")
-    position, best = restore_resume_state(ckpt, model, optimizer, ema, scaler, path)
-    return position, best, ckpt.get("epoch_sums")

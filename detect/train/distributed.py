@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from backbones.errors import RunError, UserError
-from detect.cli import check_interrupt, failure_line, leaving, pending_interrupt, raise_agreed_interrupt
+from detect.train.failures import failure_line
+from detect.train.signals import check_interrupt, leaving, pending_interrupt, raise_agreed_interrupt
 
 # How long a collective waits for a rank that neither answers nor closes its connection (hung, or its node gone). It
 # must outlast rank 0's evaluation, which the other ranks wait through.

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from backbones.errors import UserError
 from backbones.freeze import keep_frozen_bn_eval
-from detect.cli import AgreedInterrupt, ForcedStop, TrainingInterrupted, deferred_interrupts, leaving
 from detect.precision import Precision
 from detect.train.distributed import agree, all_reduce_sum, fetch, get_rank, get_world_size, is_main_process, unwrap
 from detect.train.optim import ModelEMA, set_group_values, warmup_accumulate, warmup_values, yolo_lr_factor
+from detect.train.signals import AgreedInterrupt, ForcedStop, TrainingInterrupted, deferred_interrupts, leaving
 
 
 @dataclass(frozen=True)

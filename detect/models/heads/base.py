@@ -2,7 +2,7 @@
 
 A head family owns everything specific to it: its modules, the name of its default loss (registered in
 `detect.models.registry.LOSSES`), how it decodes raw outputs, and how those become detections. Nothing outside a
-family names its loss parts or its internals (reg_max, anchors, ...).
+family names its loss parts or its internals (reg_max, anchors, ...): export, too, only calls `decode`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ class DetectionHead(nn.Module):
         default_loss: the registered loss `build_criterion` uses when the config names none (`loss.name`).
         needs_targets: True for a family whose training forward needs the targets (two-stage RPN / RoI sampling);
             `Detector` then passes them in, and its criterion reads the losses from the raw outputs.
+        traceable_decode: True for a family whose eval forward and `decode` trace (torch.jit.trace, ONNX) with the
+            sizes read from the maps in the graph, and decode to the dense `[B, A, 4 + C]` (xyxy input pixels, then
+            scores) that `detect.postprocess` and the exported NMS read. Only such a family exports
+            (`detect.interop.export`), with dynamic sizes and optional NMS in the graph.
 
     Attributes a subclass sets:
         num_classes, strides (of its input levels).
@@ -27,6 +31,7 @@ class DetectionHead(nn.Module):
 
     default_loss: ClassVar[str] = ""
     needs_targets: ClassVar[bool] = False
+    traceable_decode: ClassVar[bool] = False
     num_classes: int
     strides: tuple[int, ...]
 
@@ -38,7 +43,7 @@ class DetectionHead(nn.Module):
         raise NotImplementedError
 
     def decode(self, raw: Any, image_size: tuple[int, int]) -> Any:
-        """What the eval-mode detector returns (and exports) for these raw outputs."""
+        """What the eval-mode detector returns (and, with `traceable_decode`, exports) for these raw outputs."""
         raise NotImplementedError
 
     def postprocess(

@@ -7,9 +7,9 @@ in grid units of the level, measured from the anchor point at the cell centre. Y
 convolutions; YOLO11's is depthwise-separable (a 3x3 depthwise then a 1x1 pointwise convolution, twice).
 
 Registered heads: `yolov8` and `yolo11`. Their criterion is the `yolo` loss (`detect.losses.yolo`, BCE + IoU + DFL
-on TaskAligned targets); `flatten_levels` and `dfl_distances` are the one decode both the head and the loss use.
-Eval-mode output (also the ONNX output): `[B, A, 4 + C]`, xyxy input pixels then sigmoid scores, which
-`detect.postprocess.postprocess` turns into detections by class-aware NMS.
+on TaskAligned targets). `YoloDecoder` is the one decode: the head owns one, the loss and export use the head's.
+Eval-mode output (also the ONNX output, since the decode is traceable): `[B, A, 4 + C]`, xyxy input pixels then
+sigmoid scores, which `detect.postprocess.postprocess` turns into detections by class-aware NMS.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,40 +52,113 @@ def _separable_branch(c_in: int, hidden: int, c_out: int) -> nn.Sequential:
     )
 
 
-def flatten_levels(
-    level_outputs: Sequence[torch.Tensor], reg_max: int, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the level maps over anchors, in float32 (the loss and the decode need the range under AMP).
+def _tracing() -> bool:
+    """True while torch.jit.trace or torch.onnx.export records the graph (sizes are then graph values, not ints)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+class YoloDecoder:
+    """The one YOLO decode: raw level maps -> anchor points, DFL distances, xyxy boxes and class scores.
+
+    The head owns one (`YoloHead.decoder`) and decodes through it; its loss uses the head's (`detect.losses.yolo`), so
+    the anchors and the bins the loss sees are the head's; a loss built from plain numbers builds its own. It holds no
+    weights, only numbers and caches: anchors per set of level sizes and device, the DFL bins per device.
+
+    The box distance of a side is the expectation of the softmax over its `reg_max` bins (GFL's integral, Li et al.,
+    "Generalized Focal Loss", NeurIPS 2020, arXiv:2006.04388), in grid units of the level, measured from the anchor
+    point at the cell centre (`detect.boxes.make_anchors`).
 
     Args:
-        level_outputs: per-level [B, 4 * reg_max + C, H_l, W_l].
-
-    Returns:
-        box_logits [B, 4 * reg_max, A] and cls_logits [B, C, A]; anchors level by level, row-major in a level.
+        num_classes: C.
+        strides: stride of each level in input pixels, shallow to deep.
+        reg_max: R, distance bins per box side.
     """
-    flat = torch.cat([o.float().flatten(2) for o in level_outputs], dim=2)  # [B, 4R + C, A]
-    box_logits, cls_logits = flat.split((4 * reg_max, num_classes), dim=1)
-    return box_logits, cls_logits
 
+    max_cached_shapes: ClassVar[int] = 8  # level-size sets kept (rect validation batches have a few aspect ratios)
 
-def dfl_distances(box_logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """The DFL expectation: per side, the softmax over the bins times the bin values (GFL's integral).
+    def __init__(self, num_classes: int, strides: Sequence[int], reg_max: int) -> None:
+        self.num_classes = int(num_classes)
+        self.strides: tuple[int, ...] = tuple(int(s) for s in strides)
+        self.reg_max = int(reg_max)
+        self._anchors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bins: dict[torch.device, torch.Tensor] = {}
 
-    A 1x1 convolution of the probabilities with the bin values sums in the same order as YOLOv8's, so imported
-    Ultralytics weights decode to the same boxes to the last few ulps.
+    def anchors(self, raw: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchor points [A, 2] (grid units) and per-anchor strides [A, 1], float32, for these maps' sizes.
 
-    Args:
-        box_logits: [B, 4 * R, A].
-        bins: [R] the bin values 0..R-1.
+        Eager: made once per (level sizes, device) and then the same tensors (at most `max_cached_shapes` sizes kept,
+        the oldest dropped). Traced (TorchScript, ONNX): computed in the graph from the maps' own sizes, since a cached
+        tensor would be frozen into the file and a dynamic-shape export must take any size.
+        """
+        device = raw[0].device
+        if _tracing():
+            return make_anchors([o.shape[2:] for o in raw], self.strides, device=device)
+        shapes = tuple((int(o.shape[2]), int(o.shape[3])) for o in raw)
+        key = (shapes, device)
+        if key not in self._anchors:
+            if len(self._anchors) >= self.max_cached_shapes:
+                del self._anchors[next(iter(self._anchors))]  # dicts keep insertion order: the oldest
+            self._anchors[key] = make_anchors(shapes, self.strides, device=device, dtype=torch.float32)
+        return self._anchors[key]
 
-    Returns:
-        [B, A, 4] ltrb distances in grid units.
-    """
-    batch, channels, num_anchors = box_logits.shape
-    reg_max = channels // 4
-    probs = box_logits.view(batch, 4, reg_max, num_anchors).transpose(1, 2).softmax(dim=1)  # [B, R, 4, A]
-    distance = F.conv2d(probs, bins.to(probs.dtype).view(1, reg_max, 1, 1))  # [B, 1, 4, A]
-    return distance.view(batch, 4, num_anchors).transpose(1, 2)  # [B, A, 4]
+    def bins(self, device: torch.device) -> torch.Tensor:
+        """The DFL bin values 0..R-1, [R] float32, made once per device."""
+        if device not in self._bins:
+            self._bins[device] = torch.arange(self.reg_max, dtype=torch.float32, device=device)
+        return self._bins[device]
+
+    def split(self, raw: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The level maps as per-anchor box and class logits, in float32 (the loss and the decode need the range
+        under AMP), with the anchors of these sizes.
+
+        Args:
+            raw: per-level [B, 4 * R + C, H_l, W_l], box bin logits first (side-major: l, t, r, b, R bins each).
+
+        Returns:
+            box_logits [B, A, 4 * R] and cls_logits [B, A, C], transposed views of one [B, 4R + C, A] tensor (so
+            `reshape`, not `view`; elementwise ops then run in the maps' memory order, YOLOv8's, to the last ulp),
+            anchor points [A, 2] and strides [A, 1] (`anchors`); A = sum of H_l * W_l, level by level, row-major in a
+            level.
+        """
+        flat = torch.cat([o.float().flatten(2) for o in raw], dim=2)  # [B, 4R + C, A]
+        box_flat, cls_flat = flat.split((4 * self.reg_max, self.num_classes), dim=1)  # [B, 4R, A], [B, C, A]
+        points, strides = self.anchors(raw)  # [A, 2], [A, 1]
+        return box_flat.transpose(1, 2), cls_flat.transpose(1, 2), points, strides
+
+    def box_distances(self, box_logits: torch.Tensor, bins: torch.Tensor | None = None) -> torch.Tensor:
+        """The DFL expectation of each side: softmax over the bins times the bin values.
+
+        A 1x1 convolution of the probabilities with the bin values sums in the same order as YOLOv8's, so imported
+        Ultralytics weights decode to the same boxes to the last few ulps.
+
+        Args:
+            box_logits: [B, A, 4 * R], as `split` returns them.
+            bins: [R] bin values; default `bins(device)`. A head passes its own `dfl_bins` (the weights' values).
+
+        Returns:
+            [B, A, 4] ltrb distances in grid units.
+        """
+        batch, num_anchors, reg_max = box_logits.shape[0], box_logits.shape[1], self.reg_max
+        bins = self.bins(box_logits.device) if bins is None else bins
+        by_side = box_logits.transpose(1, 2).reshape(batch, 4, reg_max, num_anchors)  # [B, 4, R, A]
+        probs = by_side.transpose(1, 2).softmax(dim=1)  # [B, R, 4, A]
+        distance = F.conv2d(probs, bins.to(probs.dtype).view(1, reg_max, 1, 1))  # [B, 1, 4, A]
+        return distance.view(batch, 4, num_anchors).transpose(1, 2)  # [B, A, 4]
+
+    def decode(self, raw: Sequence[torch.Tensor], bins: torch.Tensor | None = None) -> torch.Tensor:
+        """Boxes and scores of every anchor, in float32 whatever the input dtype or autocast state; traceable.
+
+        Args:
+            raw: per-level [B, 4 * R + C, H_l, W_l].
+            bins: [R] bin values (see `box_distances`).
+
+        Returns:
+            [B, A, 4 + C]: xyxy boxes in input pixels, then sigmoid class scores; anchors in `split`'s order.
+        """
+        with torch.autocast(raw[0].device.type, enabled=False):
+            box_logits, cls_logits, points, strides = self.split(raw)  # [B, A, 4R], [B, A, C], [A, 2], [A, 1]
+            boxes = dist2bbox(self.box_distances(box_logits, bins), points) * strides  # [B, A, 4] xyxy pixels
+            return torch.cat((boxes, cls_logits.sigmoid()), dim=-1)  # [B, A, 4 + C]
 
 
 class YoloHead(DetectionHead):
@@ -101,9 +175,11 @@ class YoloHead(DetectionHead):
 
     A variant overrides `box_branch_for` / `cls_branch_for` (`Yolo11Head` does); the loss, the decode and NMS come
     with the family. Every branch ends in a 1x1 `pred` convolution with a bias (`reset_bias` sets its prior).
+    `decoder` (a `YoloDecoder`) holds the anchors and the split of the raw maps; the loss is built on it.
     """
 
     default_loss = "yolo"
+    traceable_decode = True
 
     def __init__(
         self,
@@ -129,9 +205,10 @@ class YoloHead(DetectionHead):
         # The bin values 0..reg_max-1 of the DFL integral. A frozen Parameter rather than a buffer on purpose: YOLOv8
         # keeps them as the weight of a frozen 1x1 conv, which its parameter counts include (yolov8n: 3,157,200
         # parameters, 3,157,184 trainable), and we match those counts exactly. Optimisers must skip it
-        # (requires_grad is False); `reset_bias` and loading keep it at arange(reg_max).
+        # (requires_grad is False); `reset_bias` and loading keep it at arange(reg_max). The decode reads these, the
+        # values the weights carry (an EMA-averaged file may hold them an ulp off arange, as Ultralytics' do).
         self.dfl_bins = nn.Parameter(torch.arange(self.reg_max, dtype=torch.float32), requires_grad=False)
-        self._anchor_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self.decoder = YoloDecoder(self.num_classes, self.strides, self.reg_max)  # anchors, bins, split, decode
         self.reset_bias()
 
     def box_branch_for(self, c_in: int, hidden: int, c_out: int) -> nn.Module:
@@ -180,19 +257,8 @@ class YoloHead(DetectionHead):
             for x, box, cls in zip(features, self.box_branch, self.cls_branch, strict=True)
         ]
 
-    def anchors(
-        self, feature_shapes: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anchor points (grid units) [A, 2] and per-anchor strides [A, 1] for these level sizes (`make_anchors`),
-        cached for the last shapes."""
-        key = (tuple(tuple(s) for s in feature_shapes), device, dtype)
-        if self._anchor_cache is None or self._anchor_cache[0] != key:
-            points, strides = make_anchors(feature_shapes, self.strides, offset=0.5, device=device, dtype=dtype)
-            self._anchor_cache = (key, points, strides)
-        return self._anchor_cache[1], self._anchor_cache[2]
-
     def decode(self, raw: Sequence[torch.Tensor], image_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Boxes and scores of every anchor, computed in float32 whatever the input dtype or autocast state.
+        """Boxes and scores of every anchor (`YoloDecoder.decode` with this head's `dfl_bins`); float32, traceable.
 
         Args:
             raw: per-level [B, 4 * reg_max + C, H_l, W_l], as returned by `forward`.
@@ -201,15 +267,7 @@ class YoloHead(DetectionHead):
             [B, A, 4 + C]: xyxy boxes in input pixels, then sigmoid class scores; A = sum of H_l * W_l, anchors level
             by level and row-major inside a level (the order of `make_anchors`).
         """
-        shapes = [(int(o.shape[2]), int(o.shape[3])) for o in raw]
-        device = raw[0].device
-        with torch.autocast(device.type, enabled=False):
-            box_logits, cls_logits = flatten_levels(raw, self.reg_max, self.num_classes)  # [B, 4R, A], [B, C, A]
-            distance = dfl_distances(box_logits, self.dfl_bins.float())  # [B, A, 4] ltrb, grid units
-            points, stride = self.anchors(shapes, device, torch.float32)  # [A, 2], [A, 1]
-            boxes = dist2bbox(distance, points) * stride  # [B, A, 4] xyxy pixels
-            scores = cls_logits.transpose(1, 2).sigmoid()  # [B, A, C]
-            return torch.cat((boxes, scores), dim=-1)
+        return self.decoder.decode(raw, self.dfl_bins)
 
     def postprocess(
         self, decoded: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False

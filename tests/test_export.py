@@ -1,0 +1,132 @@
+"""Export (`detect.interop.export`) runs the head's own decode: a dynamic-shape ONNX file and a TorchScript trace,
+made at one size, give the eager detector's decoded outputs on other, rectangular sizes; NMS in the graph keeps
+working; a head family without a traceable decode is refused in one line."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from backbones.errors import UserError
+from detect.interop.export import OnnxDetector, export_model
+from detect.models import build_yolo
+from detect.models.detector import Detector
+from detect.models.heads.base import DetectionHead
+from detect.postprocess import postprocess
+
+CHECKPOINT = {"class_names": ["a", "b", "c"]}
+EXPORT_SIZE = (96, 160)
+RECTANGLES = ((128, 64), (64, 192))  # other sizes than the export size, both orientations
+
+
+def _images(shape: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 3, *shape, generator=torch.Generator().manual_seed(shape[0] + shape[1]))
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    """A YOLOv8n with 3 classes whose outputs depend on the image: BatchNorm statistics measured on one batch (at
+    init they would normalise every map to about a constant), class biases 0 and box-bin biases N(0, 4), so that
+    scores near 0.8 differ by more than 1e-4 and no NMS decision rests on a tie."""
+    torch.manual_seed(0)
+    model = build_yolo("n", 3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the batches seen
+        model.train()(_images(EXPORT_SIZE, batch=4))
+        gen = torch.Generator().manual_seed(2)
+        for cls, box in zip(model.head.cls_branch, model.head.box_branch, strict=True):
+            cls.pred.bias.zero_()
+            box.pred.bias.copy_(torch.randn(64, generator=gen) * 2)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_torchscript_trace_equals_the_eager_decode_on_other_rectangles(detector: Detector, tmp_path: Path) -> None:
+    """The trace runs the same kernels as eager mode, so the outputs are equal to the bit; anchors come from the maps'
+    sizes in the graph (a frozen anchor table would give the wrong A or the wrong boxes)."""
+    path = export_model(detector, CHECKPOINT, tmp_path / "m.torchscript", fmt="torchscript", img_size=EXPORT_SIZE)
+    traced = torch.jit.load(str(path))
+    for shape in RECTANGLES:
+        images = _images(shape)
+        eager = detector(images)  # [B, A, 4 + C]
+        assert eager.shape == (2, sum((shape[0] // s) * (shape[1] // s) for s in (8, 16, 32)), 7)
+        assert torch.equal(traced(images), eager)
+
+
+@torch.no_grad()
+def test_dynamic_onnx_equals_the_eager_decode_on_other_rectangles(detector: Detector, tmp_path: Path) -> None:
+    """onnxruntime's convolutions round differently from torch's: scores agree to 1e-5, box corners to 1e-5 of their
+    value plus 1e-5 of the image side."""
+    pytest.importorskip("onnxruntime")
+    runner = OnnxDetector(export_model(detector, CHECKPOINT, tmp_path / "m.onnx", img_size=EXPORT_SIZE, dynamic=True))
+    assert runner.fixed_shape is None and runner.fixed_batch is None
+    for shape in RECTANGLES:
+        images = _images(shape)
+        got, eager = runner(images), detector(images)
+        assert got.shape == eager.shape
+        torch.testing.assert_close(got[..., :4], eager[..., :4], rtol=1e-5, atol=1e-5 * max(shape))
+        torch.testing.assert_close(got[..., 4:], eager[..., 4:], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_onnx_nms_in_the_graph_equals_the_eager_detections(detector: Detector, tmp_path: Path) -> None:
+    """The exported NMS (dynamic file, rectangular input) keeps, per image, the detections `postprocess` gives on the
+    eager decode: same labels, scores to 1e-5, boxes as in the test above."""
+    pytest.importorskip("onnxruntime")
+    settings = {"conf": 0.5, "iou": 0.7, "max_det": 5}
+    path = export_model(detector, CHECKPOINT, tmp_path / "nms.onnx", img_size=EXPORT_SIZE, dynamic=True, nms=settings)
+    images = _images(RECTANGLES[0])
+    rows = OnnxDetector(path)(images)  # [K, 7] (image, x1, y1, x2, y2, score, label), by decreasing score
+    expected = postprocess(detector(images), settings["conf"], settings["iou"], settings["max_det"])
+    assert rows.shape == (10, 7)
+    for image, reference in enumerate(expected):
+        mine = rows[rows[:, 0] == image]
+        assert mine[:, 6].long().tolist() == reference["labels"].tolist()
+        torch.testing.assert_close(mine[:, 5], reference["scores"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(mine[:, 1:5], reference["boxes"], rtol=1e-5, atol=1e-5 * max(RECTANGLES[0]))
+
+
+class _NoDecodeHead(DetectionHead):
+    """A family whose decode is Python per image (not traceable): export must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes, self.strides = 1, (32,)
+        self.score = nn.Conv2d(4, 1, 1)
+
+    def forward(self, features: list[torch.Tensor], image_size: tuple[int, int], targets=None) -> torch.Tensor:
+        return self.score(features[-1])
+
+    def decode(self, raw: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        return [{"scores": r.flatten().sigmoid()} for r in raw]
+
+
+class _Stem(nn.Module):
+    strides, out_channels = (32,), (4,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 32, stride=32)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.conv(images)]
+
+
+def test_a_head_without_a_traceable_decode_is_refused_in_one_line(tmp_path: Path) -> None:
+    detector = Detector(_Stem(), nn.Identity(), _NoDecodeHead())
+    with pytest.raises(UserError) as info:
+        export_model(detector, {"class_names": ["a"]}, tmp_path / "m.onnx", img_size=64)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("export: the _NoDecodeHead head is not exportable by plugdet yet (no traceable decode)")
+    assert not (tmp_path / "m.onnx").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the YOLO head does export: its family declares a traceable decode
+        assert build_yolo("n", 1).head.traceable_decode
