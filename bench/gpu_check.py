@@ -8,7 +8,7 @@ with the standard library alone, so a broken environment still gets its summary 
     python bench/gpu_check.py env                         # versions, GPU, CPUs -> records (printed too)
     python bench/gpu_check.py export ROOT OUT --val-images N
     python bench/gpu_check.py stage NAME STATUS SECONDS COMMAND
-    python bench/gpu_check.py tests LOG [--item NAME]     # pytest outcome counts and MEASURED lines
+    python bench/gpu_check.py tests LOG CMD [--stage S]   # pytest outcome counts and MEASURED lines
     python bench/gpu_check.py bench JSON COMMAND          # bench_train_vs_ultralytics.py --json
     python bench/gpu_check.py loader JSON COMMAND         # bench_loader.py --json
     python bench/gpu_check.py family NAME RUN_DIR SECONDS COMMAND
@@ -20,6 +20,7 @@ Records live in $GPU_CHECK_WORK (default /tmp/gpu_check); the summary goes to $O
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -77,7 +78,9 @@ def cmd_env(args: argparse.Namespace) -> int:
             props = torch.cuda.get_device_properties(0)
             info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1),
                         sms=props.multi_processor_count, cudnn=torch.backends.cudnn.version(),
-                        bf16=torch.cuda.is_bf16_supported(), nccl=".".join(map(str, torch.cuda.nccl.version())))  # fmt: skip
+                        bf16=torch.cuda.is_bf16_supported())  # fmt: skip
+            with contextlib.suppress(Exception):  # a build without NCCL: the tests say so
+                info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     except Exception as err:  # the report still says what broke
         info["torch_error"] = f"{type(err).__name__}: {err}"
     packages = {}
@@ -146,13 +149,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_tests(args: argparse.Namespace) -> int:
     """pytest's final counts ("5 passed, 1 failed in 12.3s") and every `MEASURED name k=v ...` line of the log."""
     text = Path(args.log).read_text(errors="replace") if Path(args.log).is_file() else ""
+    start = text.rfind(f"] {args.stage} (timeout")  # this stage's part of a log that several stages share
+    text = text[start:] if start >= 0 else text
     finals = re.findall(r"^=*\s*((?:\d+ \w+(?:, )?)+) in [\d.]+s", text, flags=re.M)
     counts = finals[-1] if finals else "no pytest summary line (crashed or stopped)"
-    figure(args.item, "pytest", "outcome", counts, args.command)
+    figure(args.stage, "pytest", "outcome", counts, args.command)
     for name, rest in re.findall(r"^MEASURED (\S+) (.*)$", text, flags=re.M):
-        record("measured", stage=args.item, name=name, values=rest.strip())
+        record("measured", stage=args.stage, name=name, values=rest.strip())
     for line in re.findall(r"^(?:FAILED|ERROR) .*$", text, flags=re.M):
-        record("measured", stage=args.item, name="failure", values=line[:300])
+        record("measured", stage=args.stage, name="failure", values=line[:300])
     return 0
 
 
@@ -182,7 +187,9 @@ def cmd_loader(args: argparse.Namespace) -> int:
     data = json.loads(Path(args.json).read_text())
     s = data["setting"]
     for row in data["rows"]:
-        item = f"{row['images']}, {row['workers']} workers, {s['img_size']} px, batch {s['batch']}, pin {s['pin_memory']}"
+        item = (
+            f"{row['images']}, {row['workers']} workers, {s['img_size']} px, batch {s['batch']}, pin {s['pin_memory']}"
+        )
         figure("loader", item, "loader img/s", round(row["img_s"], 1), args.command)
     return 0
 
@@ -279,7 +286,7 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("tests")
     p.add_argument("log")
     p.add_argument("command")
-    p.add_argument("--item", default="tests")
+    p.add_argument("--stage", default="tests", help="the stage whose part of the log to read")
     for name in ("bench", "loader"):
         p = sub.add_parser(name)
         p.add_argument("json")

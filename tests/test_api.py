@@ -18,12 +18,12 @@ import torch
 
 from backbones.checkpoint import atomic_save
 from detect.api import load
+from detect.checkpoints import detector_checkpoint
 from detect.cli import run_tool
 from detect.config import DetConfig, config_to_dict, load_config
 from detect.data.source import read_image_rgb
 from detect.inference import detect_image
 from detect.models import build_yolo
-from detect.checkpoints import detector_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"

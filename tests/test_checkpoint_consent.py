@@ -18,8 +18,8 @@ import torch
 from backbones.errors import UserError
 from detect.checkpoints import detector_checkpoint, refuse_unnamed_plugins
 from detect.config import config_to_dict, load_config
+from detect.config.schema import DetConfig
 from detect.models import DetectorSpec, PartSpec, build_detector
-from detect.schema import DetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = '''from pathlib import Path

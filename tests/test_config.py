@@ -1,4 +1,4 @@
-"""detect/config.py: typed defaults, YAML, overrides, and one-line errors naming key, value and valid keys."""
+"""detect/config/loading.py: typed defaults, YAML, overrides, and one-line errors naming key, value and valid keys."""
 
 from __future__ import annotations
 

@@ -548,8 +548,8 @@ def test_a_folder_given_as_weights_to_val_det(tmp_path: Path, capsys: pytest.Cap
 def test_help_lists_every_key_and_print_config_exits(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, which: str
 ) -> None:
-    from detect.config_help import leaf_keys
-    from detect.schema import ClsConfig
+    from detect.config.help import leaf_keys
+    from detect.config.schema import ClsConfig
 
     schema = DetConfig if which == "train_det" else ClsConfig
     capsys.readouterr()

@@ -30,7 +30,7 @@ USAGE = ("usage: sweep.py [CONFIG.yaml] [key=value ...] [--cell K --of N] [--rep
          "(e.g. seeds=[0,1] output_dir=runs/sweep/mine)")  # fmt: skip
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answered from the schema alone, without torch
-    from detect.config_help import tool_help
+    from detect.config.help import tool_help
     from detect.sweep.config import SweepConfig
 
     print(tool_help(__doc__, USAGE, SweepConfig))

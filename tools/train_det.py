@@ -23,8 +23,8 @@ USAGE = ("usage: train_det.py [CONFIG.yaml] [key=value ...] [--print-config] [--
          "(e.g. train.epochs=5 model.backbone=resnet50)")  # fmt: skip
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answered from the schema alone, without torch
-    from detect.config_help import tool_help
-    from detect.schema import DetConfig
+    from detect.config.help import tool_help
+    from detect.config.schema import DetConfig
 
     print(tool_help(__doc__, USAGE, DetConfig))
     sys.exit(0)

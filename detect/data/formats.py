@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from backbones.errors import UserError
 from backbones.registry import Registry
-from detect.schema import DetDataConfig
+from detect.config.schema import DetDataConfig
 
 if TYPE_CHECKING:
     from detect.data.source import DetectionSource

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from backbones.errors import UserError
-from detect.schema import _at_least, _optional_at_least
+from detect.config.schema import _at_least, _optional_at_least
 
 INITS = ("scratch", "pretrained", "imagenet")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a head's name becomes part of a folder name

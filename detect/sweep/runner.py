@@ -48,7 +48,7 @@ from detect.train.signals import shielded_from_signals, signals_received
 def ensure_default_data(plan: SweepPlan, roots: set[str]) -> None:
     """Generate the synthetic mini-CUB once, under a lock, when a run reads its default root and it is absent (the
     tools would each generate it, and two shards starting at once would write it together)."""
-    from detect.schema import DetDataConfig
+    from detect.config.schema import DetDataConfig
 
     default = DetDataConfig.root
     if default not in roots or Path(default).exists():

@@ -1,9 +1,9 @@
 """Typed configuration: dataclass schemas, YAML files over their defaults, dotted `key=value` overrides.
 
-A config is an OmegaConf `DictConfig` built from a dataclass schema (`ClsConfig`, `DetConfig`, in `detect.schema`),
-so every key has a type and a default; a YAML file only lists what differs, and the command line overrides either. An
-unknown key, a wrong type or a value outside a field's choices or range is a `UserError` of one line that names the
-key, the value, where it came from (file and line, or the override) and the valid keys of that section; a key that
+A config is an OmegaConf `DictConfig` built from a dataclass schema (`ClsConfig`, `DetConfig`, in
+`detect.config.schema`), so every key has a type and a default; a YAML file only lists what differs, and the command
+line overrides either. An unknown key, a wrong type or a value outside a field's choices or range is a `UserError`
+of one line that names the key, the value, where it came from (file and line, or the override) and the valid keys of that section; a key that
 moved names its new place, and an unknown key close to a known one (or Ultralytics' name for it: `epochs`, `imgsz`)
 says "did you mean". Every range is checked here, when the config is resolved, before a tool does any work.
 
@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from backbones.errors import UserError
-from detect.config_help import describe_bounds, did_you_mean, is_section
-from detect.schema import MOVED_KEYS, ClsConfig, ClsDataConfig, DetConfig, DetDataConfig  # noqa: F401  (re-exported)
+from detect.config.help import describe_bounds, did_you_mean, is_section
+from detect.config.schema import MOVED_KEYS
 
 
 def migrate_config(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -321,7 +321,7 @@ def answer_info_flags(
     """A tool's information flags: `--help` lists every key of `schema` with its default and range; `--print-config`
     prints the config `resolve` makes of the other arguments. Prints the answer and returns True when one was asked."""
     if {"-h", "--help"} & set(argv):
-        from detect.config_help import tool_help
+        from detect.config.help import tool_help
 
         print(tool_help(doc, usage, schema))
         return True

@@ -2,7 +2,7 @@
 
 `ClsConfig` (tools/train_cls.py) and `DetConfig` (train_det, val_det) are dataclasses of sections; a field's
 `metadata` holds its choices, its range (`min`, `max`, open ends) or the multiple it must be, which
-`detect.config.load_config` checks when the config is resolved and `--help` shows (`detect.config_help`). The trailing
+`detect.config.load_config` checks when the config is resolved and `--help` shows (`detect.config.help`). The trailing
 comment of a field is its help text.
 
 This module imports nothing heavy: `--help` reads it without torch.

@@ -1,7 +1,7 @@
 """What a user can learn about the config keys without reading code: `--help` text and "did you mean" hints.
 
-Both are generated from the schema (`detect.schema`): a field's default, its range or choices (field metadata) and its
-help text (the field's trailing comment). Light on purpose: it imports no torch, no OmegaConf, so that
+Both are generated from the schema (`detect.config.schema`): a field's default, its range or choices (field metadata)
+and its help text (the field's trailing comment). Light on purpose: it imports no torch, no OmegaConf, so that
 `tools/train_det.py --help` answers at once.
 """
 
@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from detect.schema import ULTRALYTICS_KEYS
+from detect.config.schema import ULTRALYTICS_KEYS
 
 _COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
 
