@@ -3,9 +3,10 @@
 A config is an OmegaConf `DictConfig` built from a dataclass schema (`ClsConfig`, `DetConfig`, in
 `detect.config.schema`), so every key has a type and a default; a YAML file only lists what differs, and the command
 line overrides either. An unknown key, a wrong type or a value outside a field's choices or range is a `UserError`
-of one line that names the key, the value, where it came from (file and line, or the override) and the valid keys of that section; a key that
-moved names its new place, and an unknown key close to a known one (or Ultralytics' name for it: `epochs`, `imgsz`)
-says "did you mean". Every range is checked here, when the config is resolved, before a tool does any work.
+of one line that names the key, the value, where it came from (file and line, or the override) and the valid keys of
+that section; a key that moved names its new place, and an unknown key close to a known one (or Ultralytics' name
+for it: `epochs`, `imgsz`) says "did you mean". Every range is checked here, when the config is resolved, before a
+tool does any work.
 
 Only `build_*` functions and `tools/` read a config (STYLE 4); the resolved config is saved as `config.yaml` in the
 run directory and as a plain dict (`config_to_dict`) in every checkpoint.
