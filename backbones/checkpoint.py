@@ -13,6 +13,7 @@ import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -179,9 +180,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return obj
 
 
+def _pickles_ultralytics(path: Path, imported: str) -> bool:
+    """Whether a refused file is an Ultralytics `.pt` (its pickle names `ultralytics.` classes): the refused global
+    itself, or any module name in the archive's pickle (the first refused global may be a torch or numpy one)."""
+    if imported.startswith("ultralytics."):
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            return any(b"ultralytics." in archive.read(name) for name in pickles)
+    except (OSError, zipfile.BadZipFile, RuntimeError):  # a legacy (non-zip) pickle: the global is all we know
+        return False
+
+
 def _refusal(path: Path, text: str) -> str:
-    """One line for a file the data-only unpickler refused: code it would import, or not a checkpoint at all."""
+    """One line for a file the data-only unpickler refused: an Ultralytics `.pt` (to convert with
+    tools/import_ultralytics.py), other code it would import, or not a checkpoint at all."""
     imported = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose"
+    if imported and _pickles_ultralytics(path, imported.group(1)):
+        return (
+            f"{path} is an Ultralytics checkpoint (a pickle of its Python classes, e.g. {imported.group(1)}), which "
+            f"plugdet does not unpickle: convert it once with `python tools/import_ultralytics.py {path} --out "
+            "OUT.pt` and pass OUT.pt instead"
+        )
     if imported:
         return (
             f"refused to load checkpoint {path}: it would import {imported.group(1)}; a checkpoint must hold only "

@@ -12,7 +12,7 @@ with the standard library alone, so a broken environment still gets its summary 
     python bench/gpu_check.py bench JSON COMMAND          # bench_train_vs_ultralytics.py --json
     python bench/gpu_check.py loader JSON COMMAND         # bench_loader.py --json
     python bench/gpu_check.py family NAME RUN_DIR SECONDS COMMAND
-    python bench/gpu_check.py data ROOT SECONDS COMMAND
+    python bench/gpu_check.py data ROOT LOG COMMAND
     python bench/gpu_check.py summary                     # $OUT/summary.md
 Records live in $GPU_CHECK_WORK (default /tmp/gpu_check); the summary goes to $OUT (default /tmp/gpu_check_out).
 """
@@ -216,12 +216,16 @@ def cmd_family(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    """Images written, and the generator's own time per image (its "wrote N images ... in S s" line: no start-up)."""
     root = Path(args.root) / "CUB_200_2011"
     images = len((root / "images.txt").read_text().splitlines()) if (root / "images.txt").is_file() else 0
     figure("data", str(args.root), "images generated", images, args.command)
-    if images:
-        figure("data", str(args.root), "generation ms / image", round(1000 * float(args.seconds) / images, 2),
-               args.command)  # fmt: skip
+    log = Path(args.log).read_text(errors="replace") if Path(args.log).is_file() else ""
+    wrote = re.findall(r"wrote (\d+) images .* in ([\d.]+) s", log)
+    if wrote:
+        count, seconds = int(wrote[-1][0]), float(wrote[-1][1])
+        figure("data", str(args.root), "generation s (one process)", seconds, args.command)
+        figure("data", str(args.root), "generation ms / image", round(1000 * seconds / count, 2), args.command)
     return 0
 
 
@@ -295,7 +299,7 @@ def main(argv: list[str]) -> int:
     for name in ("name", "run_dir", "seconds", "command"):
         p.add_argument(name)
     p = sub.add_parser("data")
-    for name in ("root", "seconds", "command"):
+    for name in ("root", "log", "command"):
         p.add_argument(name)
     sub.add_parser("summary")
     args = parser.parse_args(argv)

@@ -102,8 +102,12 @@ run_stage() {
   echo "CPUs: $(nproc)"; free -g 2>/dev/null | head -2; df -h /tmp 2>/dev/null | tail -1
 } >>"$OUT/env.log" 2>&1
 if ((DRY)); then
-  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-  log "dry run: no wheel install (the .venv has every package)" >>"$OUT/env.log"
+  # polars is not carried (54 MB of wheel): hide it here too, so the dry run shows Ultralytics trains without it
+  mkdir -p "$WORK/no-polars/polars"
+  echo 'raise ImportError("polars is not carried to the GPU machine (bench/gpu_check.sh)")' \
+    >"$WORK/no-polars/polars/__init__.py"
+  export PYTHONPATH=$WORK/no-polars:$REPO${PYTHONPATH:+:$PYTHONPATH}
+  log "dry run: no wheel install (the .venv has every package but polars, hidden)" >>"$OUT/env.log"
 else
   ls .whl/*.whl >>"$OUT/env.log" 2>&1
   run_stage install env.log 90 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -138,7 +142,7 @@ GEN_RC=$?
 case $GEN_RC in 0) GEN_STATUS=ok ;; 124 | 137 | 143) GEN_STATUS="timeout" ;; *) GEN_STATUS="failed (exit $GEN_RC)" ;; esac
 log "generate: $GEN_STATUS after ${GEN_S}s" >>"$OUT/data.log"
 $PY bench/gpu_check.py stage generate "$GEN_STATUS" "$GEN_S" "$GEN_CMD"
-$PY bench/gpu_check.py data "$DATA" "$GEN_S" "$GEN_CMD"
+$PY bench/gpu_check.py data "$DATA" "$OUT/data.log" "$GEN_CMD"
 run_stage export data.log 60 $PY bench/gpu_check.py export "$DATA" "$YOLO" --val-images $VAL_IMAGES
 DATA_YAML=$YOLO/data_val$VAL_IMAGES.yaml  # the val subset (bench_train_vs_ultralytics.write_val_subset)
 [[ -f "$DATA_YAML" ]] || DATA_YAML=$YOLO/data.yaml
@@ -149,7 +153,7 @@ log "data yaml: $DATA_YAML" >>"$OUT/data.log"
 # ---------------------------------------------------------------------------------------------------------------------
 BENCH=(bench/bench_train_vs_ultralytics.py --device $DEVICE --data-yaml "$DATA_YAML" --work "$WORK/tvu"
   --img-size $IMG --batch $BATCH --epochs $EPOCHS --seeds 0 --workers $WORKERS --threads $THREADS --cache none
-  --eval-backend faster --eval-workers $WORKERS --run-timeout $RUN_TIMEOUT --json "$WORK/tvu.json")
+  --variants amp --eval-backend faster --eval-workers $WORKERS --run-timeout $RUN_TIMEOUT --json "$WORK/tvu.json")
 run_stage train_vs_ultralytics train_vs_ul.log 200 $PY "${BENCH[@]}"
 for f in "$WORK"/tvu/logs/*.log; do  # each training run's own log, after the bench's output
   [[ -f $f ]] && { echo "----- $f (last 60 lines)"; tail -60 "$f"; } >>"$OUT/train_vs_ul.log"
@@ -171,7 +175,7 @@ summary loader
 # ---------------------------------------------------------------------------------------------------------------------
 for family in yolov8n faster_rcnn retinanet fcos yolo11n resnet50; do
   args=(tools/train_det.py configs/det/${family}_cub.yaml data.format=yolo "data.yaml=$DATA_YAML"
-    model.backbone_weights=null train.epochs=1 train.close_mosaic=0 eval.interval=1 eval.backend=faster
+    data.labels=bird model.backbone_weights=null train.epochs=1 train.close_mosaic=0 eval.interval=1 eval.backend=faster
     "output_dir=$WORK/families/$family" train.device=$DEVICE data.img_size=$IMG $FAMILY_BATCH)
   ((DRY)) && args+=(train.workers=$WORKERS train.threads=$THREADS)
   run_stage "family $family" families.log 75 $PY "${args[@]}"

@@ -189,8 +189,9 @@ class Model:
     def val(self, *overrides: str, out: str | os.PathLike | None = None, rect: bool = True,
             verbose: bool = True) -> dict[str, Any]:  # fmt: skip
         """COCO evaluation on the validation split of the file's data set (or of `overrides`, e.g.
-        "data.root=/data/CUB"); writes gt.json, predictions.json, metrics.json and pictures to `out` (default
-        runs/val/<name>) and returns the metrics dict metrics.json holds. `rect`: aspect-ratio-grouped batches."""
+        "data.root=/data/CUB"); writes gt.json, predictions.json, metrics.json and pictures to `out` (used only if
+        absent or empty, else a UserError; default runs/val/<name>, then -2, -3, ...) and returns the metrics dict
+        metrics.json holds. `rect`: aspect-ratio-grouped batches."""
         from detect.eval.validate import validate
 
         return validate(self, list(overrides), out, rect, verbose)

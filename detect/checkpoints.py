@@ -31,6 +31,7 @@ from backbones.checkpoint import load_checkpoint
 from backbones.errors import UserError
 from detect.models.build import DetectorSpec, build_detector
 from detect.models.detector import Detector
+from detect.models.yolo_family import legacy_yolo_spec
 from detect.plugins import import_plugins
 
 logger = logging.getLogger("plugdet")
@@ -129,6 +130,11 @@ def refuse_unnamed_plugins(checkpoint: Mapping[str, Any], imports: Sequence[str]
                         f"them, name them yourself ({how.replace('MODULE', listed)})")  # fmt: skip
 
 
+def spec_of(arch: Mapping[str, Any]) -> DetectorSpec:
+    """The detector spec a checkpoint's `arch` holds; an `arch` written before the spec is the YOLOv8 it describes."""
+    return DetectorSpec.from_arch(arch) if "spec" in arch else legacy_yolo_spec(arch)
+
+
 def detector_from_checkpoint(
     checkpoint: Mapping[str, Any],
     device: str | torch.device = "cpu",
@@ -156,7 +162,7 @@ def detector_from_checkpoint(
     """
     consent_to_plugins(checkpoint, imports, where, how)
     arch = checkpoint["arch"]
-    model = build_detector(DetectorSpec.from_arch(arch))
+    model = build_detector(spec_of(arch))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:

@@ -2,12 +2,18 @@
 removed again when the run fails before leaving anything to keep.
 
 `make_run_dir("runs/cls/default")` returns that folder if it is new or empty, else `runs/cls/default-2`, `-3`, ...
+A folder the user named explicitly (`predict.py --out X`, `val_det.py --out X`, `Model.val(out=X)`) is never renamed:
+`make_run_dir(X, exact="--out")` uses X if it is absent or empty and refuses it in one line otherwise, so the results
+land where the user looks. `discarded_on_failure(run_dir)` removes a folder that a failed or interrupted
+validation / prediction left empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from backbones.errors import RunError, UserError
@@ -30,19 +36,25 @@ def _missing_folders(path: Path) -> list[Path]:
     return missing
 
 
-def make_run_dir(output_dir: str | Path) -> Path:
+def make_run_dir(output_dir: str | Path, exact: str | None = None) -> Path:
     """Create the run directory: `output_dir` if absent or empty, else the first free `output_dir-2`, `-3`, ...
 
     Args:
         output_dir: the wanted folder, e.g. "runs/cls/default".
+        exact: the option that named `output_dir` explicitly (e.g. "--out"): then that folder or none, never a
+            numbered neighbour (results written to `X-2` while the user looks in `X` would look lost).
 
     Returns:
         The created (empty) folder.
 
     Raises:
-        UserError: the location is not a folder or cannot be written.
+        UserError: the location is not a folder or cannot be written, or (`exact`) it exists and is not empty.
     """
     wanted = Path(output_dir)
+    if exact is not None and not _is_free(wanted):
+        what = "is not empty" if wanted.is_dir() else "is a file"
+        raise UserError(f"output folder {wanted} ({exact}) already exists and {what}: choose another folder or "
+                        "remove it")  # fmt: skip
     candidate, suffix = wanted, 1
     while not _is_free(candidate):
         suffix += 1
@@ -79,6 +91,19 @@ def discard_run_dir(run_dir: str | Path) -> bool:
         if folder != run_dir and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     return not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@contextlib.contextmanager
+def discarded_on_failure(run_dir: Path) -> Iterator[Path]:
+    """Run the block that fills `run_dir`; when it raises (bad input, Ctrl-C) before writing a file, `discard_run_dir`
+    removes the empty folder again, so a failed validation or prediction leaves nothing behind. A folder holding
+    results (a prediction interrupted after some images) is kept as it is."""
+    try:
+        yield run_dir
+    except BaseException:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            discard_run_dir(run_dir)
+        raise
 
 
 def require_run_dir(run_dir: Path) -> None:

@@ -13,9 +13,10 @@ from torch import nn
 
 from detect.eval.evaluate import evaluate
 from detect.losses import build_criterion
+from detect.losses.registry import LOSSES, register_loss
 from detect.models import DetectorSpec, PartSpec, build_detector
 from detect.models.heads.base import DetectionHead
-from detect.models.registry import HEADS, LOSSES, register_head, register_loss
+from detect.models.registry import HEADS, register_head
 from detect.precision import Precision
 from detect.train.engine import EpochStart, Optimization, Schedule, StepState, train_one_epoch
 

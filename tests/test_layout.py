@@ -1,5 +1,6 @@
-"""The layout shows the architecture: imports flow tools -> detect -> backbones, and inside `detect` from training
-and evaluation down to models and losses, never back; no module-level import cycle."""
+"""The layout shows the architecture: imports flow tools -> detect -> backbones, and inside `detect` from the API,
+training and evaluation through checkpoints down to models and losses, never back; no import cycle between modules or
+between packages, counting the imports inside functions (lazy imports still make a cycle of dependencies)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ FORBIDDEN = [
     ("detect.losses", "detect.train"), ("detect.losses", "detect.eval"), ("detect.losses", "detect.data"),
     ("detect.data", "detect.models"), ("detect.data", "detect.losses"), ("detect.data", "detect.train"),
     ("detect.data", "detect.eval"), ("detect.eval", "detect.train"), ("detect.boxes", "detect.models"),
-    ("detect.postprocess", "detect.models"),
+    ("detect.postprocess", "detect.models"), ("detect.models", "detect.losses"), ("detect.models", "detect.plugins"),
+    ("detect.models", "detect.checkpoints"), ("detect.losses", "detect.checkpoints"),
+    ("detect.losses", "detect.plugins"),
+    ("detect.train", "detect.api"), ("detect.eval", "detect.api"), ("detect.checkpoints", "detect.train"),
+    ("detect.checkpoints", "detect.eval"), ("detect.checkpoints", "detect.api"), ("detect.config", "detect.train"),
+    ("detect.config", "detect.models"), ("detect.config", "detect.data"),
 ]  # fmt: skip
 
 
@@ -64,9 +70,8 @@ def _executed(name: str, target: str) -> set[str]:
     return {m for m in chain if m in MODULES and m != name and not _under(name, m)}
 
 
-def test_no_module_level_import_cycle() -> None:
-    graph = {name: set().union(*(_executed(name, t) for t in imports_of(path, True)), set())
-             for name, path in MODULES.items()}  # fmt: skip
+def _find_cycle(graph: dict[str, set[str]]) -> None:
+    """Raise naming the first cycle of `graph` (depth-first)."""
     state: dict[str, int] = {}
 
     def visit(node: str, stack: list[str]) -> None:
@@ -81,3 +86,30 @@ def test_no_module_level_import_cycle() -> None:
     for name in graph:
         if name not in state:
             visit(name, [name])
+
+
+@pytest.mark.parametrize("top_level_only", [True, False], ids=["module-level", "with-function-level"])
+def test_no_import_cycle_between_modules(top_level_only: bool) -> None:
+    graph = {name: set().union(*(_executed(name, t) for t in imports_of(path, top_level_only)), set())
+             for name, path in MODULES.items()}  # fmt: skip
+    _find_cycle(graph)
+
+
+def package_of(name: str) -> str:
+    """`detect.train.engine` -> `detect.train`; a root module is its own package (`detect.api`); `backbones.*` one."""
+    parts = name.split(".")
+    return "backbones" if parts[0] == "backbones" else ".".join(parts[:2])
+
+
+def test_no_import_cycle_between_packages() -> None:
+    graph: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        targets = {package_of(t) for t in imports_of(path, top_level_only=False) if _resolves(t)}
+        graph.setdefault(package_of(name), set()).update(targets - {package_of(name), "detect"})
+    _find_cycle(graph)
+
+
+def _resolves(target: str) -> bool:
+    """Whether an imported name is a module of ours (or an attribute of one): `detect.models.Detector` is
+    `detect.models`."""
+    return target in MODULES or target.rsplit(".", 1)[0] in MODULES

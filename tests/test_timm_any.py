@@ -23,7 +23,7 @@ from backbones.errors import UserError  # noqa: E402
 from backbones.freeze import freeze_stages  # noqa: E402
 from detect.cli import run_tool  # noqa: E402
 from detect.models.build import build_detector  # noqa: E402
-from detect.models.yolo import yolo_spec  # noqa: E402
+from detect.models.yolo_family import yolo_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (the modules of timm's levels at strides 8, 16, 32 (timm's names), channels); mambaout returns NHWC.

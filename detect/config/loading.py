@@ -73,9 +73,17 @@ def _valid_keys(schema: type, dotted: str) -> str:
     return _valid_keys_of(cls, f"{name}." if name else "")
 
 
+# Keys that only one data format reads: a hint naming one names the format too, since the key alone is refused under
+# the default data.format=cub (`detect.data.formats.check_data_config`). `data=x.yaml` means a YOLO data set.
+_FORMAT_OF_KEY = {"data.yaml": "yolo", "data.train_json": "coco", "data.val_json": "coco"}
+
+
 def _hint(root: type, dotted: str) -> str:
-    """' did you mean 'train.epochs'?' for an unknown key close to a known one (or named as Ultralytics names it)."""
+    """' did you mean 'train.epochs'?' for an unknown key close to a known one (or named as Ultralytics names it);
+    ' did you mean 'data.format=yolo data.yaml=...'?' when the key belongs to one data format."""
     guess = did_you_mean(root, dotted)
+    if guess in _FORMAT_OF_KEY:
+        return f" did you mean 'data.format={_FORMAT_OF_KEY[guess]} {guess}=...'?"
     return f" did you mean {guess!r}?" if guess else ""
 
 

@@ -1,7 +1,9 @@
 """Validation of a loaded detector file on its data set: what `tools/val_det.py` and `Model.val` run.
 
 It writes gt.json, predictions.json, metrics.json (the COCO numbers, the weights, the letterbox), pr_curve.png, the
-analysis pictures and val_predictions.jpg to a fresh folder, and returns what metrics.json holds. The data set is the
+analysis pictures and val_predictions.jpg to a fresh folder, and returns what metrics.json holds. The folder is `out`
+when given (absent or empty, else a one-line `UserError`: results never land in a renamed `out-2`), else
+`runs/val/<run name>` (numbered `-2`, `-3`, ... when taken); an evaluation that fails or is interrupted removes it. The data set is the
 checkpoint's own (its saved config), or another through overrides such as "data.root=/data/CUB".
 """
 
@@ -28,7 +30,7 @@ from detect.eval.coco import format_table
 from detect.eval.evaluate import evaluate
 from detect.eval.viz import plot_pr_curve, save_gt_vs_pred_grid
 from detect.precision import make_precision
-from detect.rundirs import make_run_dir
+from detect.rundirs import discarded_on_failure, make_run_dir
 
 
 def data_description(data: Any) -> str:
@@ -76,10 +78,14 @@ def validate(
                         num_workers=cfg.train.workers, collate_fn=detection_collate, worker_init_fn=quiet_worker,
                         pin_memory=model.device.type == "cuda")  # fmt: skip
     gt = coco_ground_truth(source)
-    out_dir = make_run_dir(out or Path("runs/val") / Path(model.weights).resolve().parent.name)
-    metrics, predictions, kept = evaluate(model.runner, loader, gt, list(source.category_ids), precision,
-                                          cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
-                                          keep_images=8, coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
+    if out:  # the user's folder, as named: absent or empty, else refused (never a silent `-2`)
+        out_dir = make_run_dir(out, exact="--out / out=")
+    else:
+        out_dir = make_run_dir(Path("runs/val") / Path(model.weights).resolve().parent.name)
+    with discarded_on_failure(out_dir):  # an interrupted or failed evaluation leaves no empty folder
+        metrics, predictions, kept = evaluate(model.runner, loader, gt, list(source.category_ids), precision,
+                                              cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend,
+                                              keep_images=8, coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
     write_json(out_dir / "gt.json", gt)
     write_json(out_dir / "predictions.json", predictions)
     saved = {k: v for k, v in metrics.items() if k != "precision"}

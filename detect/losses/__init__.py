@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from detect.losses import torchvision, yolo  # noqa: F401  (registration happens on import)
-from detect.models.registry import LOSSES
+from detect.losses.registry import LOSSES
 
 
 def build_criterion(

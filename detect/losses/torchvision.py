@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from detect.models.registry import register_loss
+from detect.losses.registry import register_loss
 
 
 class TorchvisionLoss:

@@ -20,8 +20,8 @@ from torch import Tensor
 from backbones.errors import UserError
 from detect.boxes import IOU_KINDS, bbox2dist, box_overlap, dist2bbox
 from detect.losses.assign import TaskAlignedAssigner
+from detect.losses.registry import register_loss
 from detect.models.heads.yolo import YoloDecoder
-from detect.models.registry import register_loss
 
 __all__ = ["YoloLoss", "build_yolo_loss", "distribution_focal_loss", "pad_targets"]
 

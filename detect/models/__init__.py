@@ -9,6 +9,6 @@ from __future__ import annotations
 from detect.models import heads, necks  # noqa: F401  (registration happens on import)
 from detect.models.build import DetectorSpec, PartSpec, build_detector
 from detect.models.detector import Detector
-from detect.models.yolo import build_yolo, yolo_spec
+from detect.models.yolo_family import build_yolo, yolo_spec
 
 __all__ = ["Detector", "DetectorSpec", "PartSpec", "build_detector", "build_yolo", "yolo_spec"]

@@ -6,7 +6,7 @@ A spec names the backbone, the neck and the head, each with its keyword argument
     {"spec": 2, "num_classes": C, "backbone": {"name", "kwargs"}, "neck": {"name", "kwargs"}, "head": {...}}
 
 Checkpoints written before the spec (main at 7293d08) are read as the YOLOv8 family they describe
-(`DetectorSpec.from_arch`, `detect.models.yolo.legacy_yolo_spec`).
+(`DetectorSpec.from_arch`, `detect.models.yolo_family.legacy_yolo_spec`).
 """
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ class DetectorSpec:
 
     @classmethod
     def from_arch(cls, arch: Mapping[str, Any]) -> DetectorSpec:
-        """Read a checkpoint's `arch`: the spec form, or the YOLOv8 form of checkpoints written before it."""
-        if "spec" not in arch:  # written before the spec: YOLOv8 on any backbone
-            from detect.models.yolo import legacy_yolo_spec  # the YOLO family module builds on this one
-
-            return legacy_yolo_spec(arch)
+        """Read a checkpoint's `arch` in the spec form (the YOLOv8 form of checkpoints written before it is
+        `detect.models.yolo_family.legacy_yolo_spec`'s, which `detect.checkpoints.spec_of` chooses)."""
+        if "spec" not in arch:
+            raise UserError(f"arch {dict(arch)} is not a detector spec (no 'spec' version)")
         if int(arch["spec"]) > SPEC_VERSION:
             raise UserError(f"detector spec version {arch['spec']} is newer than this plugdet's ({SPEC_VERSION})")
         parts = {key: PartSpec(str(arch[key]["name"]), dict(arch[key].get("kwargs") or {}))

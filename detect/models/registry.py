@@ -1,4 +1,5 @@
-"""Registries of the detector's parts: necks, head families and their losses (the shape of `backbones.registry`).
+"""Registries of the detector's parts: necks and head families (the shape of `backbones.registry`; the losses' is
+`detect.losses.registry`).
 
 A part of your own registers in your own module, and the config key `imports: [your_module]` imports it before
 anything is built (`detect.plugins.import_plugins`); plugdet is never edited. The contracts (DESIGN §3):
@@ -9,13 +10,6 @@ anything is built (`detect.plugins.import_plugins`); plugdet is never edited. Th
 - **Head factory** `(num_classes: int, in_channels: tuple[int, ...], strides: tuple[int, ...], **kwargs) ->
   DetectionHead` (see `detect.models.heads.base`): the head owns its modules, names its default loss, decodes its
   raw outputs and turns them into detections.
-- **Loss factory** `(head, loss: dict, assign: dict) -> criterion`: built from the head's plain numbers and the
-  config's `loss.*` / `assign.*` sections; it builds its own assigner and hands it to the criterion. A criterion is
-  `criterion(raw_outputs, targets [N, 6]) -> (total, parts: dict[str, Tensor])`; the engine sums nothing itself.
-  A criterion's optional attribute `reduction` says what `total` is over the process's batch: "sum" (the default,
-  YOLO's: the engine multiplies it by the world size, so DDP's gradient average is the global sum) or "mean"
-  (torchvision's families: back-propagated as it is, so DDP's average is the global mean).
-  `detect.losses.build_criterion` picks the factory.
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ from backbones.registry import Registry
 
 NECKS = Registry("neck")
 HEADS = Registry("head")
-LOSSES = Registry("loss")
 HEAD_NECKS: dict[str, dict[str, Any] | None] = {}  # head -> its own neck (`register_head(..., neck=...)`)
 
 
@@ -70,21 +63,12 @@ def default_neck(head: str) -> tuple[str, dict[str, Any]]:
     return head, {}
 
 
-def register_loss(name: str) -> Callable:
-    """Decorator registering a loss factory `(head, loss: dict, assign: dict) -> criterion` under `name`."""
-    return LOSSES.register(name)
-
-
 def list_necks() -> list[str]:
     return NECKS.names()
 
 
 def list_heads() -> list[str]:
     return HEADS.names()
-
-
-def list_losses() -> list[str]:
-    return LOSSES.names()
 
 
 def build_neck(name: str, in_channels: Sequence[int], strides: Sequence[int], **kwargs: Any) -> nn.Module:

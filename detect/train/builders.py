@@ -24,7 +24,7 @@ from detect.losses import build_criterion
 from detect.models import Detector, DetectorSpec, PartSpec, build_detector
 from detect.models.build import neck_takes_scale
 from detect.models.registry import default_neck
-from detect.models.yolo import FAMILY_BACKBONES
+from detect.models.yolo_family import FAMILY_BACKBONES
 from detect.train.distributed import DistInfo
 from detect.train.engine import Schedule
 from detect.train.memory import cache_train_images

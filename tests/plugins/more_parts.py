@@ -11,8 +11,8 @@ from torch import nn
 from backbones.checkpoint import load_backbone_weights
 from backbones.layers import ConvBNAct
 from backbones.registry import register_backbone
+from detect.losses.registry import register_loss
 from detect.losses.yolo import yolo_loss
-from detect.models.registry import register_loss
 
 
 class PlainNet(nn.Module):

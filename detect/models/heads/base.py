@@ -1,7 +1,7 @@
 """What every head family is: the contract `Detector`, the engine, evaluation and predict rely on (DESIGN §3).
 
 A head family owns everything specific to it: its modules, the name of its default loss (registered in
-`detect.models.registry.LOSSES`), how it decodes raw outputs, and how those become detections. Nothing outside a
+`detect.losses.registry.LOSSES`), how it decodes raw outputs, and how those become detections. Nothing outside a
 family names its loss parts or its internals (reg_max, anchors, ...): export, too, only calls `decode`.
 """
 
