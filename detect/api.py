@@ -240,7 +240,6 @@ class Model:
             base["imports"] = self.imports
         saved = {**(self.checkpoint.get("config") or {}), "imports": []}  # the user names plugins, never the file
         saved["train"] = {**saved.get("train", {}), "resume": None}
-        saved.pop("output_dir", None)
         return train(config, [*_as_overrides(base), *_as_overrides(overrides)], _base=saved if config is None else None)
 
 
@@ -249,7 +248,7 @@ class TrainedRun:
     """A finished training run (`train`, `pretrain`, `Model.train`).
 
     Attributes:
-        dir: the run folder; best: its best.pt; last: its last.pt; backbone: backbone.pt (pretraining only).
+        dir: the run folder (absolute); best: its best.pt; last: its last.pt; backbone: backbone.pt (pretraining).
         metrics: best.pt's metrics (detection: AP, AP50, coco_stats, per_class_AP; classification: top1, top5, ...).
     """
 
@@ -294,9 +293,10 @@ def train(config: str | os.PathLike | None = None, overrides: Sequence[str] | Ma
     from detect.train.detection import train_detector
 
     run = train_detector(str(config) if config is not None else None, _as_overrides(overrides), _base)
-    best = run.run_dir / "best.pt"
+    folder = run.run_dir.absolute()
+    best = folder / "best.pt"
     metrics = dict(read_detector_checkpoint(best)["metrics"]) if best.is_file() else {}
-    return TrainedRun(run.run_dir, best, run.run_dir / "last.pt", metrics)
+    return TrainedRun(folder, best, folder / "last.pt", metrics)
 
 
 def pretrain(config: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainedRun:
@@ -309,9 +309,10 @@ def pretrain(config: str | os.PathLike | None = None, overrides: Sequence[str] |
     from detect.train.classification import pretrain_backbone
 
     run = pretrain_backbone(str(config) if config is not None else None, _as_overrides(overrides))
-    best = run.run_dir / "best.pt"
+    folder = run.run_dir.absolute()
+    best = folder / "best.pt"
     metrics = dict(load_checkpoint(best)["metrics"]) if best.is_file() else {}
-    return TrainedRun(run.run_dir, best, run.run_dir / "last.pt", metrics, run.run_dir / "backbone.pt")
+    return TrainedRun(folder, best, folder / "last.pt", metrics, folder / "backbone.pt")
 
 
 def load(weights: str | os.PathLike, device: str | torch.device = "auto", precision: str = "fp32",

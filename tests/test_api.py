@@ -3,13 +3,9 @@ Ultralytics' default `predict()`, ONNX parity with the torch path, the analysis 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import io
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ import pytest
 import torch
 
 from backbones.checkpoint import atomic_save
+from backbones.errors import UserError
 from detect.api import load
 from detect.checkpoints import detector_checkpoint
 from detect.cli import run_tool
@@ -91,26 +88,47 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"source": source, "imported": out}
 
 
-def test_api_example_runs_verbatim(det_ckpt: Path, synth_cub_root: Path, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """docs/api_example.py (the README's snippet), run as written from a folder holding its two paths."""
-    (tmp_path / "runs" / "det" / "default").mkdir(parents=True)
-    shutil.copy(det_ckpt, tmp_path / "runs" / "det" / "default" / "best.pt")
-    (tmp_path / "data").mkdir()
-    os.symlink(synth_cub_root, tmp_path / "data" / "synth_cub")
+@pytest.mark.slow
+def test_pretrain_train_val_det_and_fine_tune_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process `pretrain` then `train` on a CUB-format tree made for this test (another seed, 3 species, 6 per
+    species); tools/val_det.py on the returned best.pt finds the coco_stats `train()` returned; `load(best).train`
+    fine-tunes from those weights (model.weights = the file) in a fresh run folder."""
+    from detect.api import pretrain, train
+    from detect.data.synth import make_synth_cub
+
+    root = tmp_path / "unseen"
+    make_synth_cub(root, num_species=3, images_per_species=6, seed=7, width_range=(96, 128), height_range=(72, 96))
     monkeypatch.chdir(tmp_path)
-    code = (REPO / "docs" / "api_example.py").read_text()
-    assert len(code.strip().splitlines()) <= 7
-    namespace: dict = {}
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        exec(compile(code, "api_example.py", "exec"), namespace)
-    lines = [line for line in printed.getvalue().splitlines() if line.startswith(str(Path("data")))]
-    assert len(lines) == 4  # 4 species x their _0000 image
-    assert len(namespace["metrics"]["coco_stats"]) == 12 and 0.0 <= namespace["metrics"]["AP"] <= 1.0
-    out = Path(namespace["metrics"]["out"])
-    for name in ("metrics.json", "predictions.json", "confusion_matrix.png", "confusion_matrix_normalized.png",
-                 "pr_f1_curves.png"):  # fmt: skip
-        assert (out / name).is_file(), name
+    common = [f"data.root={root}", "train.epochs=1", "train.workers=0"]
+    cls_run = pretrain(overrides=[*common, "data.img_size=64", "data.resize_size=72", "train.batch_size=6",
+                                  "output_dir=runs/cls"])  # fmt: skip
+    assert cls_run.backbone == tmp_path / "runs" / "cls" / "backbone.pt" and cls_run.backbone.is_file()
+    assert cls_run.metrics["epoch"] == 1 and cls_run.metrics["top1"] == torch.load(cls_run.best)["metrics"]["top1"]
+    det_run = train(overrides={"data.root": str(root), "train.epochs": 2, "train.workers": 0, "data.img_size": 96,
+                               "train.batch_size": 4, "train.close_mosaic": 1, "output_dir": "runs/det",
+                               "model.backbone_weights": str(cls_run.backbone)})  # fmt: skip
+    assert (det_run.dir, det_run.best, det_run.last) == (tmp_path / "runs" / "det", det_run.dir / "best.pt",
+                                                          det_run.dir / "last.pt")  # fmt: skip
+    assert run_tool(tool("val_det").main, ["--weights", str(det_run.best), "--out", "runs/val"]) == 0
+    validated = json.loads((tmp_path / "runs" / "val" / "metrics.json").read_text())
+    assert len(det_run.metrics["coco_stats"]) == 12
+    assert validated["coco_stats"] == pytest.approx(det_run.metrics["coco_stats"], abs=1e-3)
+    tuned = load(det_run.best, device="cpu").train(overrides=["train.epochs=1"])
+    assert tuned.dir == tmp_path / "runs" / "det-2" and tuned.best.is_file()
+    saved = torch.load(tuned.last)["config"]
+    assert saved["model"]["weights"] == str(det_run.best) and saved["model"]["backbone_weights"] is None
+    assert saved["data"]["root"] == str(root) and saved["train"]["epochs"] == 1
+
+
+def test_overrides_take_strings_or_a_mapping_of_dotted_keys() -> None:
+    from detect.api import _as_overrides
+
+    assert _as_overrides(["train.epochs=3"]) == ["train.epochs=3"]
+    assert _as_overrides({"train.epochs": 3, "model.backbone_weights": None, "data.root": "/d", "imports": ["a.b"],
+                          "train.amp": True}) == ["train.epochs=3", "model.backbone_weights=null", "data.root=/d",
+                                                  'imports=["a.b"]', "train.amp=true"]  # fmt: skip
+    with pytest.raises(UserError, match="not the string"):
+        _as_overrides("train.epochs=3")
 
 
 def test_bgr_arrays_tensors_and_device_strings_give_the_same_boxes(det_ckpt: Path, synth_cub_root: Path) -> None:

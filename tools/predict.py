@@ -1,20 +1,22 @@
 """Draw a detector's boxes on images: `python tools/predict.py --weights W --source IMG|DIR|GLOB|VIDEO [options]`.
 
 W is a plugdet checkpoint (train_det's best.pt, or tools/import_ultralytics.py's output) or an `.onnx` from
-tools/export.py (run by onnxruntime). Writes annotated copies (box, class name, score) and `predictions.json` (per
-file: xyxy boxes in original-image pixels, scores, labels, class names) to `--out` (absent or empty, else refused
-in one line; default `runs/predict/<run name>`, then `-2`, `-3`, ...: never overwriting). A folder gives its files (`--recursive`: every file below it); a glob
-is expanded by Python (`'data/**/*.jpg'` matches any depth; quote it so the shell does not). Videos (.mp4 .avi .mov
-.mkv) are read and written frame by frame through OpenCV. Options: `--conf 0.25 --iou 0.7 --max-det 300 --img-size N
-(default: the training size; a multiple of 32) --square --device auto|cpu|cuda|cuda:K --bf16 --info`.
+tools/export.py (run by onnxruntime). Writes annotated copies (box, class name, score) and `predictions.json` (per file:
+xyxy boxes in original-image pixels, scores, labels, class names) to `--out` (absent or empty, else refused in one line;
+default `runs/predict/<run name>`, then `-2`, `-3`, ...: never overwriting). A folder gives its files (`--recursive`:
+every file below it); a glob is expanded by Python (`'data/**/*.jpg'` matches any depth; quote it so the shell does
+not). Videos (.mp4 .avi .mov .mkv) are read and written frame by frame through OpenCV. Options: `--conf 0.25 --iou 0.7
+--max-det 300 --img-size N (default: the training size; a multiple of 32) --square --device auto|cpu|cuda|cuda:K --bf16
+--info`.
 
 Each image is letterboxed to the smallest rectangle whose sides are multiples of the stride, its long side at the
 image size, as Ultralytics' predictor does (`--square`: to S x S). A fixed-size ONNX file gets its export size.
 
 Output files are named after the input files (`<name>`, or `<folder>_<name>`, `<folder>_<name>-2`, ... when names
-repeat), always directly inside `--out`. An unreadable image (missing, corrupt, truncated) is skipped with a
-`warning:` line naming it and listed under "skipped" in the summary; if no input can be read, exit code 2 and no
-output folder is left behind (nor after Ctrl-C before the first annotated image). A bad option value (`--conf 2`, `--img-size 100`) is one line and exit code 2 before anything is read.
+repeat), always directly inside `--out`. An unreadable image (missing, corrupt, truncated) is skipped with a `warning:`
+line naming it and listed under "skipped" in the summary; if no input can be read, exit code 2 and no output folder is
+left behind (nor after Ctrl-C before the first annotated image). A bad option value (`--conf 2`, `--img-size 100`) is
+one line and exit code 2 before anything is read.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.info:
         model.info(args.img_size)
+
+    def run(image: np.ndarray) -> Result:
+        return model.predict(image, args.conf, args.iou, args.img_size, args.max_det, rect=not args.square)[0]
+
     default = Path("runs/predict") / Path(args.weights).resolve().parent.name
     out = make_run_dir(args.out, exact="--out") if args.out else make_run_dir(default)
     with discarded_on_failure(out):  # nothing annotated yet (all unreadable, Ctrl-C): the folder goes again
@@ -126,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 def predict_files(files: list[Path], out: Path, run: Callable[[np.ndarray], Result], conf: float) -> None:
     """Annotate each file into `out`, write predictions.json and print the summary line; unreadable images are
     skipped with a warning, none readable is a `UserError`."""
-
-    def run(image: np.ndarray) -> Result:
-        return model.predict(image, args.conf, args.iou, args.img_size, args.max_det, rect=not args.square)[0]
-
     entries, used, skipped = [], set(), []
     for path in files:
         name = output_name(path, used)

@@ -1,18 +1,19 @@
 """Evaluate a detector with COCO mAP: `python tools/val_det.py --weights W [--out DIR] [--square] [key=value ...]`.
 
-W is a plugdet checkpoint (train_det's best.pt / last.pt, or tools/import_ultralytics.py's output) or an `.onnx`
-from tools/export.py (run by onnxruntime; its metadata holds the checkpoint's config). The data set, image size and
-NMS settings come from the file's config; `key=value` overrides any of them (e.g. `data.root=/data/CUB
-eval.backend=faster eval.max_det=100`). Validation batches are grouped by aspect ratio, each letterboxed to its
-smallest stride-multiple rectangle (`--square`: every image to S x S, as before; a fixed-size ONNX file always gets
-its export size). Writes to DIR (default `runs/val/<run name>`, never overwriting): `gt.json` (COCO ground truth
-built from the data set), `predictions.json` (COCO results: the data set's own image and category ids, xywh boxes
-in original-image pixels), `metrics.json` (`coco_stats`, `AP`, `AP50`, `per_class_AP`, ...), `pr_curve.png`,
-`val_predictions.jpg`, and the analysis pictures `confusion_matrix.png`, `confusion_matrix_normalized.png`
-(background row and column, conf 0.25, IoU 0.45), `pr_f1_curves.png`, `per_class_ap.png` (two classes or more);
-prints the 12 COCO numbers and per-class AP. Plugin modules (your own parts, data formats) are imported only when you
-name them, `imports=[my_parts]`: a checkpoint whose config names modules you did not name is refused in one line.
-Bad input (weights, config, data, an unreadable image) is one line on stderr and exit code 2, found before DIR exists.
+W is a plugdet checkpoint (train_det's best.pt / last.pt, or tools/import_ultralytics.py's output) or an `.onnx` from
+tools/export.py (run by onnxruntime; its metadata holds the checkpoint's config). The data set, image size and NMS
+settings come from the file's config; `key=value` overrides any of them (e.g. `data.root=/data/CUB eval.backend=faster
+eval.max_det=100`). Validation batches are grouped by aspect ratio, each letterboxed to its smallest stride-multiple
+rectangle (`--square`: every image to S x S, as before; a fixed-size ONNX file always gets its export size). Writes to
+DIR (absent or empty, else refused in one line; default `runs/val/<run name>`, then `-2`, `-3`, ...: never overwriting;
+an interrupted run leaves no empty DIR): `gt.json` (COCO ground truth built from the data set), `predictions.json` (COCO
+results: the data set's own image and category ids, xywh boxes in original-image pixels), `metrics.json` (`coco_stats`,
+`AP`, `AP50`, `per_class_AP`, ...), `pr_curve.png`, `val_predictions.jpg`, and the analysis pictures
+`confusion_matrix.png`, `confusion_matrix_normalized.png` (background row and column, conf 0.25, IoU 0.45),
+`pr_f1_curves.png`, `per_class_ap.png` (two classes or more); prints the 12 COCO numbers and per-class AP. Plugin
+modules (your own parts, data formats) are imported only when you name them, `imports=[my_parts]`: a checkpoint whose
+config names modules you did not name is refused in one line. Bad input (weights, config, data, an unreadable image) is
+one line on stderr and exit code 2, found before DIR exists.
 """
 
 from __future__ import annotations

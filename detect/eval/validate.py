@@ -2,8 +2,8 @@
 
 It writes gt.json, predictions.json, metrics.json (the COCO numbers, the weights, the letterbox), pr_curve.png, the
 analysis pictures and val_predictions.jpg to a fresh folder, and returns what metrics.json holds. The folder is `out`
-when given (absent or empty, else a one-line `UserError`: results never land in a renamed `out-2`), else
-`runs/val/<run name>` (numbered `-2`, `-3`, ... when taken); an evaluation that fails or is interrupted removes it. The data set is the
+when given (absent or empty, else a one-line `UserError`: results never land in a renamed `out-2`), else `runs/val/<run
+name>` (numbered `-2`, `-3`, ... when taken); an evaluation that fails or is interrupted removes it. The data set is the
 checkpoint's own (its saved config), or another through overrides such as "data.root=/data/CUB".
 """
 
