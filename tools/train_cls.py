@@ -18,35 +18,24 @@ import sys
 USAGE = ("usage: train_cls.py [CONFIG.yaml] [key=value ...] [--print-config] [--debug]   "
          "(e.g. train.epochs=5 model.backbone=resnet18)")  # fmt: skip
 
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answered from the schema alone, without torch
-    from detect.config.help import tool_help
-    from detect.config.schema import ClsConfig
+if __name__ == "__main__":  # --help is answered from the schema alone, without importing torch
+    from detect.config.help import exit_with_help_if_asked
 
-    print(tool_help(__doc__, USAGE, ClsConfig))
-    sys.exit(0)
+    exit_with_help_if_asked(__doc__, USAGE, "ClsConfig")
 
-from backbones.errors import UserError
 from detect.cli import run_tool
-from detect.config import ClsConfig, answer_info_flags
+from detect.config import ClsConfig, answer_info_flags, split_config_args
 from detect.train.classification import pretrain_backbone, resolve_cls_config
-
-
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Split argv into an optional config file (the one argument without '=') and key=value overrides."""
-    paths = [arg for arg in argv if "=" not in arg]
-    if len(paths) > 1:
-        raise UserError(f"expected at most one config file, got {', '.join(paths)}; {USAGE}")
-    if paths and paths[0].startswith("-"):
-        raise UserError(f"unknown option {paths[0]}; {USAGE}")
-    return (paths[0] if paths else None), [arg for arg in argv if "=" in arg]
 
 
 def main(argv: list[str] | None = None) -> int:
     """`tools/train_cls.py [CONFIG] [key=value ...]`; the run is `detect.train.classification.pretrain_backbone`."""
     argv = sys.argv[1:] if argv is None else argv
-    if answer_info_flags(argv, __doc__, USAGE, ClsConfig, lambda rest: resolve_cls_config(*parse_args(rest), False)[0]):
+    if answer_info_flags(
+        argv, __doc__, USAGE, ClsConfig, lambda rest: resolve_cls_config(*split_config_args(rest, USAGE), False)[0]
+    ):
         return 0
-    pretrain_backbone(*parse_args(argv))
+    pretrain_backbone(*split_config_args(argv, USAGE))
     return 0
 
 

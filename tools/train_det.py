@@ -22,33 +22,24 @@ import sys
 USAGE = ("usage: train_det.py [CONFIG.yaml] [key=value ...] [--print-config] [--debug]   "
          "(e.g. train.epochs=5 model.backbone=resnet50)")  # fmt: skip
 
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answered from the schema alone, without torch
-    from detect.config.help import tool_help
-    from detect.config.schema import DetConfig
+if __name__ == "__main__":  # --help is answered from the schema alone, without importing torch
+    from detect.config.help import exit_with_help_if_asked
 
-    print(tool_help(__doc__, USAGE, DetConfig))
-    sys.exit(0)
+    exit_with_help_if_asked(__doc__, USAGE, "DetConfig")
 
-from backbones.errors import UserError
 from detect.cli import run_tool
-from detect.config import DetConfig, answer_info_flags
+from detect.config import DetConfig, answer_info_flags, split_config_args
 from detect.train.detection import resolve_det_config, train_detector
-
-
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """An optional config file (the one argument without '=') and key=value overrides."""
-    paths = [arg for arg in argv if "=" not in arg]
-    if len(paths) > 1 or (paths and paths[0].startswith("-")):
-        raise UserError(f"unexpected arguments {' '.join(paths)}; {USAGE}")
-    return (paths[0] if paths else None), [arg for arg in argv if "=" in arg]
 
 
 def main(argv: list[str] | None = None) -> int:
     """`tools/train_det.py [CONFIG] [key=value ...]`; the run is `detect.train.detection.train_detector`."""
     argv = sys.argv[1:] if argv is None else argv
-    if answer_info_flags(argv, __doc__, USAGE, DetConfig, lambda rest: resolve_det_config(*parse_args(rest), False)[0]):
+    if answer_info_flags(
+        argv, __doc__, USAGE, DetConfig, lambda rest: resolve_det_config(*split_config_args(rest, USAGE), False)[0]
+    ):
         return 0
-    train_detector(*parse_args(argv))
+    train_detector(*split_config_args(argv, USAGE))
     return 0
 
 

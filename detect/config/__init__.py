@@ -18,14 +18,16 @@ if TYPE_CHECKING:
         load_config,
         migrate_config,
         named_imports,
+        split_config_args,
     )
     from detect.config.schema import ClsConfig, ClsDataConfig, DetConfig, DetDataConfig
 
 _FROM_SCHEMA = ("ClsConfig", "ClsDataConfig", "DetConfig", "DetDataConfig")
 _FROM_LOADING = ("answer_info_flags", "check_input_files", "config_to_dict", "config_to_yaml", "load_config",
-                 "migrate_config", "named_imports")  # fmt: skip
+                 "migrate_config", "named_imports", "split_config_args")  # fmt: skip
 __all__ = ["ClsConfig", "ClsDataConfig", "DetConfig", "DetDataConfig", "answer_info_flags", "check_input_files",
-           "config_to_dict", "config_to_yaml", "load_config", "migrate_config", "named_imports"]  # fmt: skip
+           "config_to_dict", "config_to_yaml", "load_config", "migrate_config", "named_imports",
+           "split_config_args"]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,6 +129,16 @@ def did_you_mean(schema: type, dotted: str) -> str | None:
         same_section = [key for key in matches if key.rpartition(".")[0] == section]
         return (same_section or matches)[0]
     return None
+
+
+def exit_with_help_if_asked(doc: str | None, usage: str, schema_name: str) -> None:
+    """A training tool's `-h` / `--help`, answered from the schema alone (no torch imported) before anything else:
+    print `tool_help` for `detect.config.schema.<schema_name>` and exit 0; otherwise return."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        from detect.config import schema
+
+        print(tool_help(doc, usage, getattr(schema, schema_name)))
+        sys.exit(0)
 
 
 def tool_help(doc: str | None, usage: str, schema: type) -> str:

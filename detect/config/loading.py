@@ -166,6 +166,15 @@ def _parse_override(item: str) -> dict[str, Any]:
         raise UserError(f"cannot parse override {item!r}: {str(exc).splitlines()[0]}") from None
 
 
+def split_config_args(argv: Sequence[str], usage: str) -> tuple[str | None, list[str]]:
+    """A training tool's arguments: an optional config file (the one argument without '=') and `key=value`
+    overrides; anything else is one `UserError` line with the usage."""
+    paths = [arg for arg in argv if "=" not in arg]
+    if len(paths) > 1 or (paths and paths[0].startswith("-")):
+        raise UserError(f"unexpected arguments {' '.join(paths)}; {usage}")
+    return (paths[0] if paths else None), [arg for arg in argv if "=" in arg]
+
+
 def named_imports(overrides: Sequence[str]) -> list[str]:
     """The plugin modules the user named in `imports=[...]` overrides (the last one wins), for tools that read a
     checkpoint: only these are ever imported (`detect.checkpoints.consent_to_plugins`)."""

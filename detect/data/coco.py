@@ -25,7 +25,7 @@ import torch
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.boxes import xywh2xyxy, xyxy2xywh
-from detect.data.source import BoxFixLog, DetectionSource, ImageFiles, sanitize_boxes
+from detect.data.source import BoxFixLog, DetectionSource, ImageFiles, read_text, sanitize_boxes
 
 LOGGER = logging.getLogger("plugdet.data")
 
@@ -34,7 +34,7 @@ def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"COCO json not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "COCO json"))
     except json.JSONDecodeError as error:
         raise UserError(f"invalid JSON ({error.msg}): {path}, line {error.lineno}") from None
     if not isinstance(data, dict):

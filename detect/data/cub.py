@@ -31,6 +31,7 @@ from detect.data.source import (
     UnreadableImages,
     image_file_problem,
     read_image_rgb,
+    read_text,
     sanitize_boxes,
 )
 
@@ -112,20 +113,19 @@ def _read_table(path: Path, columns: tuple[str, ...], what: str) -> dict[int, tu
         raise UserError(f"CUB annotation file missing: {path}")
     rows: dict[int, tuple[int, list[str]]] = {}
     expected = " ".join(columns)
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            fields = line.split(maxsplit=len(columns) - 1)
-            if len(fields) != len(columns):
-                raise UserError(
-                    f"truncated line (expected {len(columns)} fields '{expected}', got {len(fields)}): "
-                    f"{_where(path, line_no)}"
-                )
-            key = _parse_int(fields[0], f"{what} id", path, line_no)
-            if key in rows:
-                raise UserError(f"duplicate {what} id {key} (first on line {rows[key][0]}): {_where(path, line_no)}")
-            rows[key] = (line_no, [field.strip() for field in fields[1:]])
+    for line_no, line in enumerate(read_text(path, "CUB annotation file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=len(columns) - 1)
+        if len(fields) != len(columns):
+            raise UserError(
+                f"truncated line (expected {len(columns)} fields '{expected}', got {len(fields)}): "
+                f"{_where(path, line_no)}"
+            )
+        key = _parse_int(fields[0], f"{what} id", path, line_no)
+        if key in rows:
+            raise UserError(f"duplicate {what} id {key} (first on line {rows[key][0]}): {_where(path, line_no)}")
+        rows[key] = (line_no, [field.strip() for field in fields[1:]])
     if not rows:
         raise UserError(f"CUB annotation file is empty: {path}")
     return rows

@@ -23,6 +23,7 @@ Conventions shared by every source:
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from collections.abc import Callable
@@ -42,6 +43,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _EXIF_ORIENTATION = 0x0112
 _EXIF_SWAPS_SIDES = (5, 6, 7, 8)  # transposed or rotated by 90 / 270 degrees
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"  # SOI and EOI markers
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's): text files in these encodings are read too.
+_TEXT_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 T = TypeVar("T")
 
 
@@ -78,6 +87,30 @@ class DetectionSource(Protocol):
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """`(boxes float32 [n, 4] xyxy pixels, labels int64 [n])` of image `index`, clipped to the image."""
         ...
+
+
+def read_text(path: Path, what: str) -> str:
+    """The text of an annotation file: UTF-8, or UTF-16 / UTF-32 / UTF-8 with a byte-order mark (what Windows editors
+    and PowerShell's `>` write); line ends `\r\n` and `\r` become `\n`.
+
+    Raises:
+        UserError: the file cannot be read, or is not text in one of those encodings (one line naming the file, the
+            line and the byte, e.g. a Latin-1 "é").
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {what} ({error.strerror or error.__class__.__name__}): {path}") from None
+    encoding = next((codec for bom, codec in _TEXT_BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        name = encoding.upper().removesuffix("-SIG")
+        line_no = data.count(b"\n", 0, error.start) + 1
+        line = f"line {line_no}, " if name == "UTF-8" else ""
+        raise UserError(f"{what} is not {name} text ({line}byte {error.start} is 0x{data[error.start]:02x}; save "
+                        f"it as UTF-8): {path}") from None  # fmt: skip
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_image_rgb(path: str | Path) -> np.ndarray:

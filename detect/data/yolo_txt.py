@@ -34,6 +34,7 @@ from detect.data.source import (
     BoxFixLog,
     DetectionSource,
     ImageFiles,
+    read_text,
     sanitize_boxes,
 )
 
@@ -42,7 +43,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"data.yaml not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path, "data.yaml"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
@@ -73,7 +74,7 @@ def _image_files(entry: Any, root: Path, key: str, yaml_path: Path) -> list[Path
         if location.is_dir():
             files += [p for p in location.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
         elif location.is_file() and location.suffix == ".txt":
-            for line in location.read_text(encoding="utf-8-sig").splitlines():
+            for line in read_text(location, f"data.yaml '{key}' list file").split("\n"):
                 line = line.strip()
                 if line:
                     files.append(location.parent / line[2:] if line.startswith("./") else root / line)
@@ -103,7 +104,7 @@ def read_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
     classes, boxes = [], []
     if not path.is_file():
         return np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(read_text(path, "YOLO label file").split("\n"), start=1):
         fields = line.split()
         if not fields:
             continue
