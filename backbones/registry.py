@@ -9,7 +9,10 @@ Families such as `tv:<name>` register a resolver for every name under their pref
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import nn
@@ -60,6 +63,42 @@ class Registry:
                 + " (a part of your own registers in a module named by the config key `imports`)"
             )
         return self._factories[name]
+
+
+def check_keywords(factory: Factory, kwargs: Mapping[str, Any], what: str, skip: int = 0) -> None:
+    """No setting is dropped in silence, and none fails deep inside a factory: a keyword `factory` does not take
+    (and it has no `**kwargs`) is one UserError line naming it and the keywords it does take.
+
+    Args:
+        factory: the registered callable.
+        kwargs: the keywords a config gives it (e.g. `model.head_kwargs`).
+        what: how the message names them, e.g. "model.head_kwargs of head 'yolov8'".
+        skip: leading positional parameters the caller fills itself (e.g. a head's num_classes, in_channels, strides).
+    """
+    try:
+        params = list(inspect.signature(factory).parameters.values())[skip:]
+    except (TypeError, ValueError):  # a builtin or C callable: it checks its own arguments
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise UserError(f"{what} has no setting {', '.join(map(repr, unknown))}: it takes "
+                        f"{', '.join(accepted) or 'none'}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def keyword_errors(what: str) -> Iterator[None]:
+    """A factory that passes its `**kwargs` on (torchvision's, timm's models, torchvision's detector families) learns
+    of a keyword it does not take only inside: its TypeError becomes the same one line as `check_keywords`'."""
+    try:
+        yield
+    except TypeError as exc:
+        match = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+        if match is None:
+            raise
+        raise UserError(f"{what} has no setting {match.group(1)!r} ({exc})") from None
 
 
 BACKBONES = Registry("backbone")
@@ -114,9 +153,15 @@ def build_backbone(name: str, **kwargs: object) -> nn.Module:
     Raises:
         UserError: unknown name; the message lists the registered names.
     """
+    what = f"model.backbone_kwargs of backbone {name!r}"
     if name not in BACKBONES:
         for prefix, resolver in _FAMILIES.items():
             if name.startswith(prefix) and len(name) > len(prefix):
-                return resolver(name[len(prefix) :], **kwargs)
+                check_keywords(resolver, kwargs, what, skip=1)
+                with keyword_errors(what):
+                    return resolver(name[len(prefix) :], **kwargs)
     families = ", ".join(f"{prefix}<name>" for prefix in sorted(_FAMILIES))
-    return BACKBONES.get(name, also=families)(**kwargs)
+    factory = BACKBONES.get(name, also=families)
+    check_keywords(factory, kwargs, what)
+    with keyword_errors(what):
+        return factory(**kwargs)

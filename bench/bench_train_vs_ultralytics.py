@@ -26,7 +26,9 @@ machine); its trainer also forces `workers=0` on CPU. The Ultralytics subprocess
 On a GPU (`--device cuda`; bench/gpu_check.sh calls it so): plugdet trains with `--variants amp` (fp16 autocast +
 GradScaler, channels_last: configs/det/*_cub.yaml's setting) and Ultralytics with its default `amp=True`. Ultralytics'
 own AMP self-check (`check_amp`) would download yolo26n.pt to compare fp32 and fp16 predictions; offline it is
-replaced by its answer on a healthy GPU (True), so no download is tried. Evaluation runs on the same device in fp32.
+replaced by its answer on a healthy GPU (True), so no download is tried. Where polars is missing (it is not carried
+to the GPU machine), Ultralytics' `read_results_csv`, which only fills its checkpoints' "train_results" metadata,
+returns {} as its own error path does. Evaluation runs on the same device in fp32.
 
     python bench/bench_train_vs_ultralytics.py --device cuda --img-size 640 --batch 64 --epochs 3 --seeds 0 \
         --data-root data/synth_4000 --val-images 500 --workers 8 --cache none --eval-backend faster --json out.json
@@ -87,6 +89,10 @@ def ultralytics_worker(spec_path: str) -> int:
     ul_torch_utils.NUM_THREADS = spec["threads"]  # what its select_device passes to torch.set_num_threads on CPU
     # Its AMP self-check downloads yolo26n.pt; offline, the answer it gives on a healthy GPU (see the docstring)
     ul_trainer.check_amp = lambda model: True
+    try:  # polars (54 MB of wheel) is not carried to the GPU machine; Ultralytics reads results.csv with it only
+        import polars  # noqa: F401  (for the "train_results" metadata of its checkpoints)
+    except ImportError:  # what its own read_results_csv returns when that read fails
+        ul_trainer.BaseTrainer.read_results_csv = lambda self: {}
     record: dict[str, Any] = {"epochs": [], "threads": [], "workers": None, "images": None, "own": {}}
     clock: dict[str, float] = {}
 

@@ -4,6 +4,7 @@ working; a head family without a traceable decode is refused in one line."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class _Decode(nn.Module):
         self.head = head
 
     def forward(self, p3: torch.Tensor, p4: torch.Tensor, p5: torch.Tensor) -> torch.Tensor:
-        return self.head.decode([p3, p4, p5], (p3.shape[2] * 8, p3.shape[3] * 8))
+        return self.head.decode([p3, p4, p5])  # [B, A, 4 + C]
 
 
 @torch.no_grad()
@@ -74,8 +75,6 @@ def test_the_decode_graph_equals_the_eager_decode_on_a_rectangle(detector: Detec
     """The head's decode traced into ONNX (dynamic sizes, traced on 96x160 maps' worth) agrees with the eager decode
     on the raw maps of a 128x64 input to 1e-5 (of the side for boxes): anchors, DFL and scores come from the graph."""
     ort = pytest.importorskip("onnxruntime")
-    import io
-
     head, names = detector.head, ["p3", "p4", "p5"]
     example = detector.head(detector.neck(detector.backbone(_images(EXPORT_SIZE, batch=1))))
     buffer = io.BytesIO()

@@ -28,8 +28,8 @@ from backbones.checkpoint import atomic_save, atomic_write_bytes, load_checkpoin
 from backbones.errors import OutputError
 from detect.cli import run_tool
 from detect.rundirs import discard_run_dir, make_run_dir
-from detect.train.builders import available_memory, cgroup_memory_left
 from detect.train.failures import loader_failure
+from detect.train.memory import available_memory, cgroup_memory_left
 from detect.train.runs import ResultsCSV
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,10 @@ Sharding: `--cell K --of N` runs only the cells whose index i has i % N == K (K 
 processes or nodes (e.g. a cluster's array job, K = the task id) share the sweep over one OUTPUT folder. A shard
 pretrains the backbones its own cells need; two shards needing the same one take turns on a lock file
 (OUTPUT/locks/, fcntl.flock: local disk, or NFS with working locks): one trains it, the other reuses it. The shard
-that finishes the last cell writes the report; `--report` writes it at any time from the cells finished so far.
+that finishes the last cell writes the report (shards finishing together take turns on its lock: one writes it).
+`--report` writes it at any time from the cells finished so far, and first says how many cells of which sweep (the
+CONFIG and overrides given: name those the sweep ran with) have finished: none, nothing is written (exit code 1);
+no folder of any of its cells, as after another sweep, one line and exit code 2.
 `--list` prints the cells, their shard and status. Bad input (an unknown sweep key, a bad key in the tools'
 overrides, an unknown backbone or head): one line on stderr, exit code 2, before any run. A failed cell: its log's
 path and tail, the sweep goes on, exit code 1 at the end.
@@ -69,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError("--cell K and --of N go together (K in 0..N-1)")
     if args.report and args.of is not None:
         raise UserError("--report writes the whole sweep's report: drop --cell/--of")
-    args.config = paths[0] if paths else str(DEFAULT_CONFIG)
+    args.config, args.named = (paths[0], True) if paths else (str(DEFAULT_CONFIG), False)
     args.overrides = [arg for arg in rest if "=" in arg]
     args.cell, args.of = (0, 1) if args.of is None else (args.cell, args.of)
     return args
@@ -87,7 +90,7 @@ def list_cells(plan, n: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from detect.sweep.plan import Tools, cell_record, make_plan
-    from detect.sweep.report import report_sweep
+    from detect.sweep.report import announce_report, report_once
     from detect.sweep.runner import ensure_default_data, run_cells
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -95,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     heads, roots = check_sweep(cfg)
     plan = make_plan(cfg, heads, Tools(TOOLS))
     mine = shard(plan.cells, args.cell, args.of)
-    title = f"Sweep {args.config}" + (f" {' '.join(args.overrides)}" if args.overrides else "")
+    command = " ".join([args.config, *args.overrides])  # what names this sweep: its CONFIG and overrides
+    title = f"Sweep {command}"
+    named = command if args.named else " ".join([f"{args.config} (no CONFIG: the default)", *args.overrides])
     if args.list:
         list_cells(plan, args.of)
         return 0
     failed = []
+    if args.report and not announce_report(plan, named):
+        return 1
     if not args.report:
         from backbones.checkpoint import atomic_write_bytes
 
@@ -116,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
         if finished < len(plan.cells):
             print(f"[sweep] {finished}/{len(plan.cells)} cells finished; the report is written when all are (or now: "
-                  f"python tools/sweep.py {args.config} --report)", flush=True)  # fmt: skip
+                  f"python tools/sweep.py {command} --report)", flush=True)  # fmt: skip
             return 1 if failed else 0
-    paths = report_sweep(plan, title)
-    print(f"[sweep] report: {', '.join(str(p) for p in paths)}", flush=True)
+    paths, written = report_once(plan, title, force=args.report)  # shards finishing together: one writes it
+    state = "" if written else " (up to date: written earlier from these same cells, by another shard or run)"
+    print(f"[sweep] report{state}: {', '.join(str(p) for p in paths)}", flush=True)
     print(paths[1].read_text(), end="")
     return 1 if failed else 0
 

@@ -78,6 +78,7 @@ class ClsTrainConfig:
     device: str = _choice("auto", "cpu", "cuda")
     workers: int = _at_least(2, 0)  # DataLoader worker processes (0: load in the main process)
     threads: int | None = _optional_at_least(1)  # torch.set_num_threads (None: torch's default)
+    ddp_timeout: float = _at_least(5.0, 0.05)  # torchrun: minutes a rank waits for a hung one (not for rank 0's eval)
     resume: str | None = None  # a last.pt to continue from (its run directory and config)
 
 
@@ -154,6 +155,7 @@ class DetTrainConfig:
     device: str = _choice("auto", "cpu", "cuda")
     workers: int = _at_least(2, 0)  # DataLoader worker processes (0: load in the main process)
     threads: int | None = _optional_at_least(1)  # torch.set_num_threads (None: torch's default)
+    ddp_timeout: float = _at_least(5.0, 0.05)  # torchrun: minutes a rank waits for a hung one (not for rank 0's eval)
     resume: str | None = None  # a last.pt to continue from (its run directory and config)
 
 

@@ -53,14 +53,31 @@ def _require(entry: Any, keys: tuple[str, ...], what: str, path: Path) -> None:
             raise UserError(f"{what} misses key '{key}': {path}")
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer (`true` / `false` are not ids, though Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
 def _index_by_id(entries: list, keys: tuple[str, ...], kind: str, path: Path) -> dict[int, dict]:
-    """{id: entry} keeping list order; missing keys and duplicate ids are errors naming the entry."""
+    """{id: entry} keeping list order; missing keys, ids that are not integers, and duplicate ids are errors naming
+    the entry; so are text fields (`file_name`, `name`) that are not text and image sizes that are not positive
+    integers."""
     by_id: dict[int, dict] = {}
     for position, entry in enumerate(entries):
-        name = f"{kind} {entry.get('id', f'#{position}')}" if isinstance(entry, dict) else f"{kind} #{position}"
+        name = f"{kind} {entry.get('id', f'#{position}')!r}" if isinstance(entry, dict) else f"{kind} #{position}"
         _require(entry, keys, name, path)
-        if not isinstance(entry["id"], int):
+        if not _is_int(entry["id"]):
             raise UserError(f"{name}: id must be an integer: {path}")
+        for key in ("file_name", "name"):
+            if key in keys and (not isinstance(entry[key], str) or not entry[key]):
+                raise UserError(f"{name}: {key} must be a non-empty string, got {entry[key]!r}: {path}")
+        for key in ("width", "height"):
+            if kind == "image" and key in entry and not (_is_int(entry[key]) and entry[key] > 0):
+                raise UserError(f"{name}: {key} must be a positive integer (pixels), got {entry[key]!r}: {path}")
         if entry["id"] in by_id:
             raise UserError(f"duplicate {kind} id {entry['id']}: {path}")
         by_id[entry["id"]] = entry
@@ -102,8 +119,13 @@ class CocoDetection(ImageFiles):
         crowd = 0
         seen: set[int] = set()
         for annotation in data["annotations"]:
-            what = f"annotation {annotation.get('id', '?') if isinstance(annotation, dict) else '?'}"
+            what = f"annotation {annotation.get('id', '?') if isinstance(annotation, dict) else '?'!r}"
             _require(annotation, ("id", "image_id", "category_id", "bbox"), what, self.json_path)
+            for key in ("id", "image_id", "category_id"):
+                if not _is_int(annotation[key]):
+                    raise UserError(f"{what}: {key} must be an integer, got {annotation[key]!r}: {self.json_path}")
+            if annotation.get("iscrowd", 0) not in (0, 1) or isinstance(annotation.get("iscrowd"), float):
+                raise UserError(f"{what}: iscrowd must be 0 or 1, got {annotation['iscrowd']!r}: {self.json_path}")
             if annotation["id"] in seen:
                 raise UserError(f"duplicate annotation id {annotation['id']}: {self.json_path}")
             seen.add(annotation["id"])
@@ -113,7 +135,7 @@ class CocoDetection(ImageFiles):
                 raise UserError(f"{what}: unknown image_id {annotation['image_id']}: {self.json_path}")
             bbox = annotation["bbox"]
             valid = isinstance(bbox, list) and len(bbox) == 4
-            if not valid or not all(isinstance(v, int | float) and np.isfinite(v) for v in bbox):
+            if not valid or not all(map(_is_number, bbox)):
                 raise UserError(f"{what}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}: {self.json_path}")
             if annotation.get("iscrowd", 0):
                 crowd += 1

@@ -136,6 +136,8 @@ def _parse_int(text: str, what: str, path: Path, line: int) -> int:
         value = int(text)
     except ValueError:
         raise UserError(f"non-numeric {what} '{text}': {_where(path, line)}") from None
+    if not -(2**63) <= value < 2**63:  # numpy's int64, which holds every id
+        raise UserError(f"{what} {text} is out of range (a 64-bit integer): {_where(path, line)}")
     return value
 
 

@@ -56,7 +56,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 def _class_names(data: dict[str, Any], path: Path) -> list[str]:
     names = data.get("names")
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
+        if not all(isinstance(key, int) for key in names) or sorted(names) != list(range(len(names))):
             raise UserError(f"data.yaml 'names' keys must be 0..{len(names) - 1}: {path}")
         names = [names[index] for index in range(len(names))]
     if not isinstance(names, list) or not names:
@@ -137,7 +137,10 @@ class YoloDetection(ImageFiles):
         data = _load_yaml(self.yaml_path)
         self.class_names = _class_names(data, self.yaml_path)
         self.category_ids = list(range(1, len(self.class_names) + 1))
-        root = Path(data.get("path") or self.yaml_path.parent).expanduser()
+        path = data.get("path") or self.yaml_path.parent
+        if not isinstance(path, str | Path):
+            raise UserError(f"data.yaml 'path' must be a folder (text), got {path!r}: {self.yaml_path}")
+        root = Path(path).expanduser()
         if not root.is_absolute():
             root = self.yaml_path.parent / root if (self.yaml_path.parent / root).exists() else Path.cwd() / root
         self.root = root

@@ -83,12 +83,8 @@ class ExportModule(nn.Module):
         self.eval()  # the exporter restores this mode afterwards; a fused detector refuses train mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> the head's decode [B, A, 4 + C], or [K, 7] with `nms`. The parts are called here rather
-        than `Detector.forward`, which turns the image size into Python ints: a trace would freeze those."""
-        detector = self.detector
-        image_size = (images.shape[-2], images.shape[-1])
-        raw = detector.head(detector.neck(detector.backbone(images)), image_size)
-        preds = detector.head.decode(raw, image_size)  # [B, A, 4 + C]
+        """[B, 3, H, W] -> the head's decode [B, A, 4 + C] (the eval-mode `Detector` output), or [K, 7] with `nms`."""
+        preds = self.detector(images)  # [B, A, 4 + C]
         if self.nms:
             return nms_in_graph(preds, self.nms["conf"], self.nms["iou"], int(self.nms["max_det"]))
         return preds

@@ -61,7 +61,7 @@ class Detector(nn.Module):
             Eval mode: `head.decode(raw)`; for the YOLO family [B, A, 4 + C] float32, xyxy input pixels then
             sigmoid scores (also the exported output).
         """
-        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        image_size = (images.shape[-2], images.shape[-1])  # ints in eager mode; traced sizes stay free in an export
         raw = self.head(self.neck(self.backbone(images)), image_size, targets if self.training else None)
         return raw if self.training else self.head.decode(raw, image_size)
 

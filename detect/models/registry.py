@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from backbones.errors import UserError
-from backbones.registry import Registry
+from backbones.registry import Registry, check_keywords, keyword_errors
 
 NECKS = Registry("neck")
 HEADS = Registry("head")
@@ -73,11 +73,17 @@ def list_heads() -> list[str]:
 
 def build_neck(name: str, in_channels: Sequence[int], strides: Sequence[int], **kwargs: Any) -> nn.Module:
     """A registered neck on maps of `in_channels` at `strides`; an unknown name lists the registered ones."""
-    return NECKS.get(name)(tuple(in_channels), tuple(strides), **kwargs)
+    factory, what = NECKS.get(name), f"model.neck_kwargs of neck {name!r}"
+    check_keywords(factory, kwargs, what, skip=2)
+    with keyword_errors(what):
+        return factory(tuple(in_channels), tuple(strides), **kwargs)
 
 
 def build_head(
     name: str, num_classes: int, in_channels: Sequence[int], strides: Sequence[int], **kwargs: Any
 ) -> nn.Module:
     """A registered head family for `num_classes` classes on maps of `in_channels` at `strides`."""
-    return HEADS.get(name)(int(num_classes), tuple(in_channels), tuple(strides), **kwargs)
+    factory, what = HEADS.get(name), f"model.head_kwargs of head {name!r}"
+    check_keywords(factory, kwargs, what, skip=3)
+    with keyword_errors(what):
+        return factory(int(num_classes), tuple(in_channels), tuple(strides), **kwargs)

@@ -80,7 +80,8 @@ class SweepLayout:
     cls/<backbone>/          train_cls run directory (+ sweep_pretrain.json when finished), shared by its cells
     imagenet/<backbone>/     backbone.pt made from the sweep config's imagenet file
     logs/<cell>.log          the tools' output, one file per cell (cls__<backbone>.log per pretraining)
-    locks/                   lock files that keep two shards from pretraining the same backbone at once
+    locks/                   lock files through which shards take turns (a backbone's pretraining, a cell, the
+                             report), and report.json: which cells' records the report was last written from
     sweep.yaml, sweep.csv, sweep.md, ap_vs_latency.png, transfer_gain.png
     """
 
@@ -103,6 +104,9 @@ class SweepLayout:
 
     def lock(self, name: str) -> Path:
         return self.root / "locks" / f"{slug(name)}.lock"
+
+    def report_stamp(self) -> Path:
+        return self.root / "locks" / "report.json"
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:

@@ -8,19 +8,29 @@ and latency are measured once per backbone x head (`detect.sweep.measure`), in t
 
 `summarise`, `csv_rows` and `markdown` take plain records (the cells' `sweep_cell.json` content) and measurements,
 so the arithmetic is tested without training anything.
+
+Shards finishing together: every shard that sees the last cell finished asks for the report (`report_once`), under
+the report's lock, and only the first writes it. It then stamps `locks/report.json` with what the report was made
+from (the title and a digest of each finished cell's record), and a later asker with the same cells and title finds
+the report up to date and writes nothing. The stamp is written after the four files, so a writer killed halfway
+leaves no stamp and the next asker writes the report again.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detect.sweep.cells import CELL_DONE, Cell, read_marker
+from detect.sweep.cells import CELL_DONE, Cell, read_marker, write_marker
+from detect.sweep.locks import file_lock
 
 if TYPE_CHECKING:
     from detect.sweep.plan import SweepPlan
@@ -173,6 +183,9 @@ def notes_for(records: Mapping[int, Mapping[str, Any]], cells: Sequence[Cell], c
     ]
 
 
+REPORT_FILES = ("sweep.csv", "sweep.md", "ap_vs_latency.png", "transfer_gain.png")
+
+
 def write_report(out_dir: Path, title: str, cells: Sequence[Cell], records: Mapping[int, Mapping[str, Any]],
                  costs: Costs, cpu: str) -> list[Path]:  # fmt: skip
     """sweep.csv, sweep.md, ap_vs_latency.png and transfer_gain.png in `out_dir` (each written atomically)."""
@@ -180,7 +193,7 @@ def write_report(out_dir: Path, title: str, cells: Sequence[Cell], records: Mapp
     from detect.sweep.plots import plot_ap_vs_latency, plot_transfer_gain
 
     rows = summarise(cells, records, costs)
-    paths = [out_dir / name for name in ("sweep.csv", "sweep.md", "ap_vs_latency.png", "transfer_gain.png")]
+    paths = [out_dir / name for name in REPORT_FILES]
     atomic_write_bytes(csv_text(csv_rows(cells, records, costs)).encode("utf-8"), paths[0])
     text = markdown(rows, title, notes_for(records, cells, costs, cpu))
     atomic_write_bytes(text.encode("utf-8"), paths[1])
@@ -189,23 +202,78 @@ def write_report(out_dir: Path, title: str, cells: Sequence[Cell], records: Mapp
     return paths
 
 
-def report_sweep(plan: SweepPlan, title: str) -> list[Path]:
-    """Write the report of every finished cell of `plan` into its output_dir, measuring each backbone x head on the
-    best.pt of its first finished cell; returns the files written."""
+def finished_records(plan: SweepPlan) -> dict[int, dict[str, Any]]:
+    """The record of every finished cell of `plan`, by cell index."""
+    records = {}
+    for cell in plan.cells:
+        record = read_marker(plan.layout.cell_dir(cell) / CELL_DONE)
+        if record is not None:
+            records[cell.index] = record
+    return records
+
+
+def report_sweep(plan: SweepPlan, title: str, records: Mapping[int, Mapping[str, Any]] | None = None) -> list[Path]:
+    """Write the report of the finished cells of `plan` (`records`, default: read now) into its output_dir,
+    measuring each backbone x head on the best.pt of its first finished cell; returns the files written."""
     from backbones.errors import UserError
     from detect.precision import cpu_report
     from detect.sweep.measure import measure_checkpoint
 
-    m, records, costs = plan.cfg.measure, {}, {}
+    m, costs = plan.cfg.measure, {}
+    records = finished_records(plan) if records is None else records
     for cell in plan.cells:
-        record = read_marker(plan.layout.cell_dir(cell) / CELL_DONE)
-        if record is None:
-            continue
-        records[cell.index] = record
-        if (cell.backbone, cell.head) not in costs:
+        if cell.index in records and (cell.backbone, cell.head) not in costs:
             weights = plan.layout.cell_dir(cell) / "best.pt"
             try:
                 costs[(cell.backbone, cell.head)] = measure_checkpoint(weights, m.img_size, m.threads, m.runs, m.warmup)
             except (UserError, OSError) as exc:
                 print(f"[sweep] warning: cannot measure {weights}: {exc}", flush=True)
     return write_report(plan.layout.root, title, plan.cells, records, costs, cpu_report())
+
+
+def report_stamp(title: str, records: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """What a report is made from: its title and a digest of each finished cell's record (by cell index)."""
+    digests = {str(index): hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
+               for index, record in sorted(records.items())}  # fmt: skip
+    return {"title": title, "cells": digests}
+
+
+def report_once(plan: SweepPlan, title: str, force: bool = False) -> tuple[list[Path], bool]:
+    """Under the report's lock: write the report unless the one on disk was made from these very cell records and
+    title (`force`: write it anyway); returns its files and whether this call wrote them."""
+    stamp = plan.layout.report_stamp()
+    with file_lock(plan.layout.lock("report"), wait=True):
+        records = finished_records(plan)
+        made_from = report_stamp(title, records)
+        paths = [plan.layout.root / name for name in REPORT_FILES]
+        if not force and read_marker(stamp) == made_from and all(path.is_file() for path in paths):
+            return paths, False
+        paths = report_sweep(plan, title, records)
+        write_marker(stamp, made_from)
+        return paths, True
+
+
+def announce_report(plan: SweepPlan, sweep: str) -> int:
+    """`--report`: one line saying how many cells of the sweep (`sweep`: its CONFIG and overrides, as given) have
+    finished; returns that count (none: the line goes to stderr, and no report is to be written).
+
+    Raises:
+        UserError: no cell of this sweep has a folder in its output_dir: the wrong CONFIG or overrides (e.g. none
+            given after running another sweep). The line names the sweeps found beside that output_dir.
+    """
+    from backbones.errors import UserError
+
+    root, total = plan.layout.root, len(plan.cells)
+    started = sum(plan.layout.cell_dir(cell).is_dir() for cell in plan.cells)
+    finished = len(finished_records(plan))
+    if not started:
+        others = sorted(str(path.parent) for path in root.parent.glob("*/sweep.yaml") if path.parent != root)
+        beside = f"; sweeps beside it: {', '.join(others[:5])}" if others else ""
+        raise UserError(f"--report: no cell of sweep {sweep} ({total} cells) exists in {root}{beside}; give the CONFIG "
+                        "and overrides it ran with: python tools/sweep.py CONFIG [key=value ...] --report")  # fmt: skip
+    line = f"[sweep] {sweep}: {finished} of {total} cells finished in {root}"
+    if not finished:
+        print(f"{line} ({started} started): no report written", file=sys.stderr, flush=True)
+    else:
+        print(f"{line}; writing the report", flush=True)
+    return finished

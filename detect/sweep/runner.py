@@ -9,31 +9,33 @@ epoch, holds nothing worth keeping, and is deleted and started again. The tools 
 Pretraining is one `tools/train_cls.py` run per backbone (`cls/<backbone>/`), shared by every cell of that backbone
 and run by the first shard that needs it. Two shards needing the same backbone serialise on a lock file
 (`locks/cls__<backbone>.lock`, `fcntl.flock`): the first trains, the second runs its other cells meanwhile and waits
-only when nothing else is left, then reuses the result. The kernel drops a dead process's lock, so a killed shard
-never leaves a stale one (across nodes this needs a file system with working locks: local disk, or NFS with lockd).
+only when nothing else is left, then reuses the result. A cell runs under its own lock too (`locks/cell__<cell>.lock`),
+so two processes never work in one cell folder. The kernel drops a dead process's lock, so a killed shard never
+leaves a stale one (across nodes this needs a file system with working locks: see `detect.sweep.locks`).
 
 The tools' own output goes to `logs/<cell>.log` (appended per attempt); the sweep prints one line per cell, and on a
 failure the log's path and its last lines. A Ctrl-C or SIGTERM reaching the sweep is passed to the running tool,
 which saves its last.pt; the sweep waits for it, then stops (a re-run continues). On Linux a tool also gets SIGTERM
-when the sweep dies by kill -9, so no orphaned training keeps writing into a cell.
+when the sweep dies by kill -9, so no orphaned training keeps writing into a cell; it holds the cell's lock until it
+has saved its last.pt and exited, so a shard started again at once waits for it, then resumes from that last.pt.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from backbones.errors import UserError
 from detect.sweep.cells import CELL_DONE, CLS_DONE, Cell, cell_result, read_marker, write_marker
+from detect.sweep.locks import file_lock, held_fds
 from detect.sweep.plan import (
     SweepPlan,
     cell_record,
@@ -97,13 +99,14 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> int:
     """Run a tool with its output appended to `log`; returns its exit code.
 
     A Ctrl-C / SIGTERM that stops the sweep meanwhile is passed on to the tool (which saves its last.pt), and the
-    sweep waits for the tool to finish before it stops too.
+    sweep waits for the tool to finish before it stops too. The tool inherits the locks the sweep holds (its cell's
+    or its pretraining's), so they stay taken until the tool has exited, even if the sweep is killed first.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle:
         handle.write(f"\n$ {shlex.join(cmd)}\n")
         handle.flush()
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, pass_fds=held_fds(),
                                 preexec_fn=_stop_with_parent if sys.platform == "linux" else None)  # fmt: skip
         try:
             return proc.wait()
@@ -113,23 +116,6 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> int:
                     proc.send_signal((signals_received() or [signal.SIGINT])[-1])
                 proc.wait()
             raise
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, wait: bool) -> Iterator[bool]:
-    """An exclusive lock on `path` (created if needed) for the block; yields False when `wait` is False and another
-    process holds it. The kernel releases it when the holder exits, however it exits."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_in(plan: SweepPlan, run_dir: Path, fresh: list[str], tool: str, log: Path) -> tuple[list[str], float]:
@@ -221,7 +207,7 @@ def weights_ready(plan: SweepPlan, cell: Cell) -> bool:
     if cell.init != "pretrained" or read_marker(plan.layout.cls_dir(cell.backbone) / CLS_DONE):
         return True
     with file_lock(plan.layout.lock(f"cls__{cell.backbone}"), wait=False) as free:
-        return free
+        return free is not None
 
 
 def initial_weights(plan: SweepPlan, cell: Cell) -> tuple[Path | None, float | None]:
@@ -236,7 +222,27 @@ def initial_weights(plan: SweepPlan, cell: Cell) -> tuple[Path | None, float | N
 
 
 def run_cell(plan: SweepPlan, cell: Cell, weights: Path | None, cls_top1: float | None) -> dict[str, Any]:
-    """Train (or resume) the cell's detector and record its result in `sweep_cell.json`; returns that record."""
+    """Train (or resume) the cell's detector under the cell's lock and record its result in `sweep_cell.json`;
+    returns that record.
+
+    The lock is busy while another process works in the cell's folder: the tool of a killed shard still saving its
+    last.pt (it holds the lock until it exits), or a second shard given the same cell. The cell waits for it, then
+    resumes what it left, or takes the record it wrote.
+    """
+    lock = plan.layout.lock(f"cell__{cell.name}")
+    with file_lock(lock, wait=False) as held:
+        if held is not None:
+            return _train_cell(plan, cell, weights, cls_top1)
+    print(f" (waiting: another process holds {lock}) ...", end="", flush=True)
+    with file_lock(lock, wait=True):
+        return _train_cell(plan, cell, weights, cls_top1)
+
+
+def _train_cell(plan: SweepPlan, cell: Cell, weights: Path | None, cls_top1: float | None) -> dict[str, Any]:
+    """Under the cell's lock: train or resume it unless it finished meanwhile; returns its record."""
+    finished = cell_record(plan, cell)
+    if finished is not None:
+        return finished
     run_dir, fresh = plan.layout.cell_dir(cell), det_command(plan, cell, weights)
     cmd, seconds = run_in(plan, run_dir, fresh, "train_det", plan.layout.cell_log(cell))
     if not (run_dir / "best.pt").is_file():

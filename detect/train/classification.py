@@ -39,7 +39,7 @@ from detect.train.classify import (
     evaluate,
     train_one_epoch,
 )
-from detect.train.distributed import DistInfo, init_distributed, prepare_model, unwrap
+from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, setup_step, unwrap
 from detect.train.failures import memory_advice
 from detect.train.lifecycle import execute
 from detect.train.optim import ModelEMA, build_optimizer, build_param_groups
@@ -179,25 +179,31 @@ def save_best(run: ClsRun, epoch: int, metrics: dict) -> None:
 
 
 def build_cls_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> ClsRun:
-    """Data, model, optimizer, (resume), then the run directory: bad input is found before it exists."""
+    """Data, model, optimizer, (resume), then the run directory: bad input is found before it exists. Under DDP each
+    step is a `setup_step`: a fault on any rank stops every rank with one line from rank 0 naming the rank."""
     t = cfg.train
     ensure_synthetic_data(cfg.data.root, cfg.data.root == ClsDataConfig.root, info)
-    train_set, val_set = build_cls_datasets(cfg)
-    model = build_cls_model(cfg, train_set.num_classes, load_weights=ckpt is None).to(info.device)
-    optimizer = build_optimizer(t.optimizer, build_param_groups(model, t.weight_decay), t.lr, t.momentum)
-    ema = ModelEMA(model) if t.ema else None
-    amp_dtype = autocast_dtype(cfg, info.device)
-    if t.amp and info.device.type != "cuda" and info.is_main:
-        print("warning: train.amp needs CUDA; training in float32 (train.bf16=true autocasts on CPU)", file=sys.stderr)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    state = ResumeState(model=model, optimizer=optimizer, ema=ema, scaler=scaler,
-                        best={"top1": -1.0, "top5": 0.0, "epoch": 0})  # fmt: skip
-    if ckpt is not None:
-        state.restore(ckpt, t.resume)
-    state.model = prepare_model(model, info, t.sync_bn)
-    loaders = build_cls_loaders(train_set, val_set, cfg, info)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    stepper = ClsStepper(optimizer, loss_fn, build_lr_schedule(cfg), ema, scaler, amp_dtype)
+    with setup_step("building the datasets"):
+        train_set, val_set = build_cls_datasets(cfg)
+    with setup_step("building the model"):
+        model = build_cls_model(cfg, train_set.num_classes, load_weights=ckpt is None).to(info.device)
+        optimizer = build_optimizer(t.optimizer, build_param_groups(model, t.weight_decay), t.lr, t.momentum)
+        ema = ModelEMA(model) if t.ema else None
+        amp_dtype = autocast_dtype(cfg, info.device)
+        if t.amp and info.device.type != "cuda" and info.is_main:
+            print("warning: train.amp needs CUDA; training in float32 (train.bf16=true autocasts on CPU)",
+                  file=sys.stderr)  # fmt: skip
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        state = ResumeState(model=model, optimizer=optimizer, ema=ema, scaler=scaler,
+                            best={"top1": -1.0, "top5": 0.0, "epoch": 0})  # fmt: skip
+        if ckpt is not None:
+            state.restore(ckpt, t.resume)
+    with setup_step("building the loaders"):
+        loaders = build_cls_loaders(train_set, val_set, cfg, info)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        stepper = ClsStepper(optimizer, loss_fn, build_lr_schedule(cfg), ema, scaler, amp_dtype)
+    with setup_step("wrapping the model in DistributedDataParallel"):
+        state.model = prepare_model(model, info, t.sync_bn)
     run_dir = prepare_run(cfg, ckpt is not None, info)
     try:
         if info.is_main:
@@ -220,10 +226,14 @@ def pretrain_backbone(config: str | None = None, overrides: Sequence[str] = ()) 
         overrides: `key=value` strings, as on the tool's command line.
     """
     cfg, ckpt = resolve_cls_config(config, overrides)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.ddp_timeout)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
-    run = build_cls_run(cfg, ckpt, info)
+    try:
+        run = build_cls_run(cfg, ckpt, info)
+    except BaseException as stop:
+        cleanup_distributed(stop)  # after a set-up fault every rank agreed on, rank 0 ends first (its line)
+        raise
     execute(run)
     return run

@@ -41,7 +41,7 @@ from detect.train.builders import (
     build_schedule,
     detector_spec,
 )
-from detect.train.distributed import DistInfo, init_distributed, prepare_model, unwrap
+from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, setup_step, unwrap
 from detect.train.engine import EpochStart, Optimization, train_one_epoch
 from detect.train.failures import memory_advice
 from detect.train.lifecycle import execute
@@ -174,34 +174,43 @@ class DetRun:
 
 
 def build_det_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> DetRun:
-    """Check all input (data, model, weights) before the run directory exists (DESIGN §8), then build the run."""
+    """Check all input (data, model, weights) before the run directory exists (DESIGN §8), then build the run.
+
+    Under DDP each step is a `setup_step`: a fault on any rank stops every rank at that step's end, with one line from
+    rank 0 naming the rank and the step, before anyone waits in a collective for the rank that stopped."""
     t = cfg.train
     ensure_synthetic_data(cfg.data.root, cfg.data.format == "cub" and cfg.data.root == DetDataConfig.root, info)
-    train_set, val_set = build_det_datasets(cfg)
-    num_classes = cfg.model.num_classes or len(train_set.source.class_names)
-    if num_classes != len(train_set.source.class_names):
-        raise UserError(f"model.num_classes={num_classes} but the data has {len(train_set.source.class_names)} classes")
-    model = build_det_model(cfg, num_classes, load_backbone=ckpt is None).to(info.device)
-    criterion, optimizer = build_det_criterion(cfg, model), build_det_optimizer(cfg, model)
-    ema = ModelEMA(model) if t.ema else None
-    scaler = torch.amp.GradScaler("cuda") if info.device.type == "cuda" and t.amp and not t.bf16 else None
-    state = ResumeState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, best={"AP": -1.0, "epoch": 0},
-                        keep_gradients=True)  # fmt: skip
-    if ckpt is not None:
-        state.restore(ckpt["train_state"], cfg.train.resume)
-        state.sums = read_loss_sums(state.sums)
+    with setup_step("building the datasets"):
+        train_set, val_set = build_det_datasets(cfg)
+        num_classes = cfg.model.num_classes or len(train_set.source.class_names)
+        if num_classes != len(train_set.source.class_names):
+            raise UserError(f"model.num_classes={num_classes} but the data has {len(train_set.source.class_names)} "
+                            "classes")  # fmt: skip
+    with setup_step("building the model"):
+        model = build_det_model(cfg, num_classes, load_backbone=ckpt is None).to(info.device)
+        criterion, optimizer = build_det_criterion(cfg, model), build_det_optimizer(cfg, model)
+        ema = ModelEMA(model) if t.ema else None
+        scaler = torch.amp.GradScaler("cuda") if info.device.type == "cuda" and t.amp and not t.bf16 else None
+        state = ResumeState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, best={"AP": -1.0, "epoch": 0},
+                            keep_gradients=True)  # fmt: skip
+        if ckpt is not None:
+            state.restore(ckpt["train_state"], cfg.train.resume)
+            state.sums = read_loss_sums(state.sums)
     run_dir = prepare_run(cfg, ckpt is not None, info)
     try:
-        if info.is_main:
-            ResultsCSV(run_dir / "results.csv").truncate(state.position[0])
-            if not (run_dir / "val_gt.json").exists():
-                write_coco_json(val_set.source, run_dir / "val_gt.json")
-        model = prepare_model(model, info, t.sync_bn)
-        loaders = build_det_loaders(train_set, val_set, cfg, info)
-        iters = -(-len(loaders[1].shard(0)) // loaders[0].batch_size)  # batches in a full epoch
-        opt = Optimization(optimizer, build_schedule(cfg, iters), ema, scaler, t.grad_clip)
-        precision = Precision(info.device, t.amp, choose_bf16(info.device, t.bf16, "train.bf16"), t.channels_last)
-        tb = open_tensorboard(run_dir) if info.is_main else None
+        with setup_step("writing val_gt.json", alone=True):
+            if info.is_main:
+                ResultsCSV(run_dir / "results.csv").truncate(state.position[0])
+                if not (run_dir / "val_gt.json").exists():
+                    write_coco_json(val_set.source, run_dir / "val_gt.json")
+        with setup_step("building the loaders"):
+            loaders = build_det_loaders(train_set, val_set, cfg, info)
+            iters = -(-len(loaders[1].shard(0)) // loaders[0].batch_size)  # batches in a full epoch
+            opt = Optimization(optimizer, build_schedule(cfg, iters), ema, scaler, t.grad_clip)
+            precision = Precision(info.device, t.amp, choose_bf16(info.device, t.bf16, "train.bf16"), t.channels_last)
+            tb = open_tensorboard(run_dir) if info.is_main else None
+        with setup_step("wrapping the model in DistributedDataParallel"):
+            model = prepare_model(model, info, t.sync_bn)
     except BaseException:
         if info.is_main:
             discard_run_dir(run_dir)
@@ -289,11 +298,15 @@ def train_detector(
             last.pt that survived); KeyboardInterrupt: Ctrl-C / SIGTERM, after last.pt was saved.
     """
     cfg, ckpt = resolve_det_config(config, overrides, base=base)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.ddp_timeout)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
-    run = build_det_run(cfg, ckpt, info)
+    try:
+        run = build_det_run(cfg, ckpt, info)
+    except BaseException as stop:
+        cleanup_distributed(stop)  # after a set-up fault every rank agreed on, rank 0 ends first (its line)
+        raise
     if info.is_main:  # after every input check: bad input stays one line
         logger.info(format_info(model_info(unwrap(run.model), cfg.data.img_size), "detector"))
         spec = run.arch

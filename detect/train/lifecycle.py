@@ -3,9 +3,11 @@
 `execute(run)` runs the epochs of a built run (`detect.train.detection.DetRun`, `detect.train.classification.ClsRun`)
 and owns everything around them: Ctrl-C / SIGTERM save last.pt at the exact position reached and say how to continue;
 a third signal stops at once and says that last.pt was not updated; a full disk, a dead loader worker or a lost DDP
-rank is one `RunError` line naming the last.pt that survived (with the memory advice for a loader worker); a run
-folder that never reached a last.pt is removed; a finished run prints its `done:` line. Under DDP every rank stops at
-the same step, whichever rank the signal or the fault reached (`distributed.agree`), and rank 0 alone speaks.
+rank (dead, or hung for `train.ddp_timeout`) is one `RunError` line naming it and the last.pt that survived (with the
+memory advice for a loader worker); a run folder that never reached a last.pt is removed; a finished run prints its
+`done:` line. Under DDP every rank stops at the same step, whichever rank the signal or the fault reached
+(`distributed.agree`), and rank 0 alone speaks; the other ranks wait for rank 0's evaluation outside the timeout
+(`distributed.main_alone`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Protocol
 
 from backbones.checkpoint import atomic_save
 from detect.rundirs import discard_run_dir
-from detect.train.distributed import DistInfo, agree, cleanup_distributed, group_stop_error
+from detect.train.distributed import DistInfo, agree, cleanup_distributed, group_stop_error, main_alone
 from detect.train.runs import stopped_run_error, survivor_note
 from detect.train.signals import (
     ForcedStop,
@@ -97,7 +99,10 @@ def _guarded_epochs(run: TrainingRun) -> None:
                 # Evaluation, results.csv and checkpoints of an epoch finish together: a Ctrl-C / SIGTERM waits for
                 # last.pt (a second one too; a third stops at once), so a resume never misses an epoch's row.
                 with deferred_interrupts():
-                    run.end_epoch(epoch, stats, start)
+                    # DDP: the other ranks wait for rank 0's evaluation and files on the store, not in a collective:
+                    # however long it takes on a big data set, it does not count against train.ddp_timeout
+                    with main_alone(f"evaluating epoch {epoch + 1}"):
+                        run.end_epoch(epoch, stats, start)
                     agree()  # DDP: a signal held by any rank while rank 0 evaluated stops all of them here
                 run.saved = run.state.position  # rank 0 wrote it (the other ranks passed `agree` after that)
     except ForcedStop:

@@ -21,7 +21,7 @@ from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import RunError
 from detect.config import config_to_yaml
 from detect.rundirs import make_run_dir, remove_stale_temporaries
-from detect.train.distributed import DistInfo, barrier, broadcast_object
+from detect.train.distributed import DistInfo, broadcast_object, setup_step
 from detect.train.failures import loader_failure
 
 
@@ -40,13 +40,14 @@ def survivor_note(run_dir: Path, saved: tuple[int, int] | None) -> str:
 
 def ensure_synthetic_data(root: str, is_default: bool, info: DistInfo) -> None:
     """Rank 0 generates the synthetic mini-CUB in `root` when the default data root is asked for (`is_default`) and
-    absent, so the tools' no-argument runs work on a bare checkout; every rank waits for it."""
-    if info.is_main and is_default and not Path(root).exists():
-        from detect.data.synth import make_synth_cub
+    absent, so the tools' no-argument runs work on a bare checkout; every rank waits for it (beyond
+    `train.ddp_timeout`: while rank 0 works, `setup_step(alone=True)`), and a fault stops every rank."""
+    with setup_step("generating the synthetic mini-CUB", alone=True):
+        if info.is_main and is_default and not Path(root).exists():
+            from detect.data.synth import make_synth_cub
 
-        print(f"generating the synthetic mini-CUB in {root} ...", flush=True)
-        make_synth_cub(root)
-    barrier()
+            print(f"generating the synthetic mini-CUB in {root} ...", flush=True)
+            make_synth_cub(root)
 
 
 def prepare_run(cfg: DictConfig, resuming: bool, info: DistInfo) -> Path:
@@ -54,15 +55,16 @@ def prepare_run(cfg: DictConfig, resuming: bool, info: DistInfo) -> Path:
 
     A new run gets `make_run_dir(cfg.output_dir)`; a resumed run keeps the folder of `cfg.train.resume`, cleared of
     the temporary files an earlier, killed run may have left. Call it once data, model and weights have been checked,
-    so that bad input leaves no run directory behind.
+    so that bad input leaves no run directory behind. Under DDP the other ranks wait for rank 0 outside any collective,
+    and a fault of rank 0 here (a folder it cannot write) stops every rank with one line (`setup_step`).
     """
     run_dir = None
-    if info.is_main:
-        run_dir = Path(cfg.train.resume).parent if resuming else make_run_dir(cfg.output_dir)
-        if resuming:
-            remove_stale_temporaries(run_dir)
-        save_config(cfg, run_dir)
-    barrier()
+    with setup_step("creating the run folder", alone=True):
+        if info.is_main:
+            run_dir = Path(cfg.train.resume).parent if resuming else make_run_dir(cfg.output_dir)
+            if resuming:
+                remove_stale_temporaries(run_dir)
+            save_config(cfg, run_dir)
     return Path(broadcast_object(str(run_dir)))
 
 
