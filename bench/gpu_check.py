@@ -13,7 +13,7 @@ with the standard library alone, so a broken environment still gets its summary 
     python bench/gpu_check.py loader JSON COMMAND         # bench_loader.py --json
     python bench/gpu_check.py family NAME RUN_DIR SECONDS COMMAND
     python bench/gpu_check.py data ROOT LOG COMMAND
-    python bench/gpu_check.py summary                     # $OUT/summary.md
+    python bench/gpu_check.py summary [--print]           # $OUT/summary.md (--print: figures on stdout)
 Records live in $GPU_CHECK_WORK (default /tmp/gpu_check); the summary goes to $OUT (default /tmp/gpu_check_out).
 """
 
@@ -149,8 +149,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_tests(args: argparse.Namespace) -> int:
     """pytest's final counts ("5 passed, 1 failed in 12.3s") and every `MEASURED name k=v ...` line of the log."""
     text = Path(args.log).read_text(errors="replace") if Path(args.log).is_file() else ""
-    start = text.rfind(f"] {args.stage} (timeout")  # this stage's part of a log that several stages share
-    text = text[start:] if start >= 0 else text
+    start = text.rfind(f"] {args.stage} (timeout")  # this stage's part of a log that several stages share:
+    end = text.find(f"] {args.stage}: ", max(start, 0))  # from its start line to its status line
+    text = text[max(start, 0) : end if end >= 0 else len(text)]
     finals = re.findall(r"^=*\s*((?:\d+ \w+(?:, )?)+) in [\d.]+s", text, flags=re.M)
     counts = finals[-1] if finals else "no pytest summary line (crashed or stopped)"
     figure(args.stage, "pytest", "outcome", counts, args.command)
@@ -273,6 +274,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
     partial = OUT / ".summary.md.partial"
     partial.write_text("\n".join(lines) + "\n")
     os.replace(partial, OUT / "summary.md")
+    if args.print:  # the figures without their commands: what a 12,000-character output tail can hold
+        print(lines[0])
+        for r in rows:
+            if r["kind"] == "stage":
+                print(f"stage {r['stage']}: {r['status']} ({r['seconds']:.0f} s)")
+            elif r["kind"] == "figure":
+                print(f"{r['stage']} | {r['item']} | {r['figure']} | {r['value']}")
+            elif r["kind"] == "measured":
+                print(f"{r['stage']} | {r['name']} {r['values']}")
     return 0
 
 
@@ -301,7 +311,8 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("data")
     for name in ("root", "log", "command"):
         p.add_argument(name)
-    sub.add_parser("summary")
+    p = sub.add_parser("summary")
+    p.add_argument("--print", action="store_true", help="also print the figures, without their commands")
     args = parser.parse_args(argv)
     handler = globals()[f"cmd_{args.cmd}"]
     return handler(args)

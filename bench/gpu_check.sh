@@ -44,7 +44,7 @@ else
   export GPU_CHECK_MODE="GPU"
   PY=${PY:-python3}
   # 20 species x 200 = 4,000 images (2,000 train / 2,000 test), ~12 ms each on one core: in the background
-  DEVICE=cuda SPECIES=20 PER_SPECIES=200 SIZE_ARGS=""
+  DEVICE=cuda SPECIES=20 PER_SPECIES=${GPU_CHECK_PER_SPECIES:-200} SIZE_ARGS=""
   IMG=640 BATCH=64 EPOCHS=3 WORKERS=8 THREADS=8 VAL_IMAGES=500 LOADER_WORKERS="8 15" LOADER_BATCHES=15
   PIN="--pin-memory" RUN_TIMEOUT=80 FAMILY_BATCH="" NICE=""
 fi
@@ -196,6 +196,5 @@ fi
 
 log "done: $(($(date +%s) - START))s of ${BUDGET}s" | tee -a "$OUT/env.log"
 ls -la "$OUT" >>"$OUT/env.log"
-summary done
-cat "$OUT/summary.md"
+$PY bench/gpu_check.py summary --print || cat "$OUT/summary.md"
 exit 0

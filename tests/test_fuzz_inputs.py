@@ -29,9 +29,11 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from helpers import load_tool
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import detect.train.detection
 from detect.cli import run_tool
 from detect.config import DetConfig, load_config
 from detect.train.builders import build_det_datasets
@@ -42,7 +44,7 @@ NAMES = ("Alpha", "Beta")
 IMAGES = [("a1", 1, 1, (4, 3, 20, 15)), ("a2", 1, 1, (0, 0, 32, 24)), ("a3", 1, 0, (6, 5, 10, 10)),
           ("b1", 2, 1, (10, 2, 12, 20)), ("b2", 2, 1, (1.5, 2.5, 8, 8)), ("b3", 2, 0, (3, 3, 25, 18))]  # fmt: skip
 FATAL, WARN, BENIGN, ANY = "fatal", "warn", "benign", "any"
-MAX_EXAMPLES = 60  # per format: ~20 s each on a busy 2-core machine
+MAX_EXAMPLES = 150  # per format: ~15 s each on a busy 2-core machine
 DEADLINE_S = 20  # one case; a hang fails the test instead of stalling CI
 TEXT_OPS = ("truncate", "field", "dup", "drop", "missing", "empty", "blank", "crlf", "tabs", "bom", "utf16", "latin1",
             "cut", "garbage")  # fmt: skip
@@ -327,7 +329,7 @@ CUB_EXAMPLES = [
     [("images.txt", "latin1", 0, 0, "", b"")],  # was a UnicodeDecodeError traceback
     [("bounding_boxes.txt", "utf16", 0, 0, "", b"")],  # was a UnicodeDecodeError traceback; now read
     [("classes.txt", "bom", 0, 0, "", b"")],  # was "non-numeric class id '\ufeff1'"; now read
-    [("images.txt", "field", 0, 0, "99999999999999999999", b"")],  # was an OverflowError traceback
+    [("images.txt", "field", 0, 0, "99999999999999999999", b"")],  # (all four files: an OverflowError traceback)
     [("bounding_boxes.txt", "field", 1, 3, "-3", b"")],  # negative width: dropped, counted
     [("bounding_boxes.txt", "field", 0, 1, "nan", b"")],
     [("image_class_labels.txt", "field", 2, 1, "99", b"")],
@@ -373,10 +375,22 @@ def cub_apply(root: Path, mutation: tuple) -> str:
 
 
 cub_mutation = st.one_of(
-    st.tuples(st.sampled_from(CUB_FILES), st.sampled_from(TEXT_OPS), st.integers(0, 40), st.integers(0, 4),
-              st.sampled_from(PAYLOADS), st.binary(max_size=8)),  # fmt: skip
-    st.tuples(st.sampled_from([row[0] for row in IMAGES]), st.sampled_from(IMAGE_OPS), st.just(0), st.just(0),
-              st.just(""), st.just(b"")),  # fmt: skip
+    st.tuples(
+        st.sampled_from(CUB_FILES),
+        st.sampled_from(TEXT_OPS),
+        st.integers(0, 40),
+        st.integers(0, 4),
+        st.sampled_from(PAYLOADS),
+        st.binary(max_size=8),
+    ),  # fmt: skip
+    st.tuples(
+        st.sampled_from([row[0] for row in IMAGES]),
+        st.sampled_from(IMAGE_OPS),
+        st.just(0),
+        st.just(0),
+        st.just(""),
+        st.just(b""),
+    ),  # fmt: skip
 )
 
 
@@ -601,3 +615,39 @@ def test_fuzzed_yolo_files(templates: Path, references: dict) -> None:
                         references)  # fmt: skip
     assert tally["cases"] >= MAX_EXAMPLES + len(YOLO_EXAMPLES)
     assert tally["usable"] >= 10 and tally["errors"] >= 10 and tally["warned"] >= 2, tally
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train_det's whole start-up (model, loaders, run folder) up to the first epoch, for a handful of cases
+# ----------------------------------------------------------------------------------------------------------------------
+STARTUP_CASES = [
+    ("cub", cub_apply, [("classes.txt", "utf16", 0, 0, "", b"")], 0),
+    ("cub", cub_apply, [("images.txt", "latin1", 0, 0, "", b"")], 2),
+    ("cub", cub_apply, [("b2", "img_cut", 0, 0, "", b"")], 0),  # one training image skipped, with a warning
+    ("coco", coco_apply, [("train.json", "set", "annotations", 0, "category_id", [1])], 2),
+    ("yolo", yolo_apply, [("data.yaml", "yaml_set", "names", 0, {"0": "Alpha", "1": "Beta"})], 2),
+]
+
+
+@pytest.mark.parametrize(("fmt", "apply", "mutations", "code"), STARTUP_CASES)
+def test_train_det_start_up_on_fuzzed_files(fmt: str, apply: Callable, mutations: list, code: int, templates: Path,
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """tools/train_det.py in-process with `lifecycle.execute` replaced: everything before the first step runs."""
+    started = []
+    monkeypatch.setattr(detect.train.detection, "execute", started.append)
+    shutil.copytree(templates / fmt, tmp_path / fmt)
+    for mutation in mutations:
+        apply(tmp_path, mutation)
+    out = tmp_path / "run"
+    argv = [*overrides_for(fmt, tmp_path), "train.epochs=1", f"output_dir={out}"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), deadline(60):
+        found = run_tool(load_tool("train_det").main, argv)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert found == code and not any("Traceback" in line for line in lines), lines
+    if code == 2:
+        assert len(started) == 0 and lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1
+        assert not out.exists()
+    else:
+        assert len(started) == 1 and (out / "val_gt.json").is_file() and (out / "config.yaml").is_file()
+        assert [len(started[0].train_set), len(started[0].val_set)] == [4, 2]

@@ -40,13 +40,34 @@ def test_a_part_keyword_nobody_takes_is_one_line(backbone: PartSpec, neck: PartS
     assert str(error.value) == said
 
 
-def test_train_det_refuses_the_key_before_any_work(synth_cub_root: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["model.head_kwargs.regmax=8"],
+         "model.head_kwargs of head 'yolov8' has no setting 'regmax': it takes reg_max"),
+        (["loss.kwargs.tpok=3"],
+         "loss.kwargs.tpok=3 is not read by loss 'yolo' (of head 'yolov8'): it takes loss.box, loss.cls, loss.dfl, "
+         "loss.iou"),
+        (["loss.box=9", "model.head=retinanet"],
+         "loss.box=9.0 is not read by loss 'torchvision' (of head 'retinanet'): it takes no loss.* settings"),
+        (["assign.topk=5", "model.head=fcos"],
+         "assign.topk=5 is not read by loss 'torchvision' (of head 'fcos'): it takes no assign.* settings"),
+    ],
+)  # fmt: skip
+def test_train_det_refuses_the_key_before_any_work(overrides: list[str], said: str, synth_cub_root: Path,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     from tests.helpers import load_tool
 
     argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=1", "train.workers=0",
-            "model.backbone_weights=null", f"output_dir={tmp_path / 'run'}", "model.head_kwargs.regmax=8"]  # fmt: skip
+            "model.backbone_weights=null", f"output_dir={tmp_path / 'run'}", *overrides]  # fmt: skip
     assert run_tool(load_tool("train_det").main, argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: model.head_kwargs of head 'yolov8' has no setting 'regmax': it takes reg_max"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {said}"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_yolo_setting_changed_from_its_default_reaches_the_loss() -> None:
+    """The check compares with the defaults: a changed YOLO gain or assigner number is read, not refused."""
+    from detect.losses.registry import check_loss_settings
+
+    check_loss_settings("yolo", {"box": 9.0}, {"cls": 1.0}, {"topk": 13}, "yolov8")
+    check_loss_settings("box_cls_only", {"anything": 1}, {"x": 2}, {"y": 3}, "slim_yolo")  # undeclared: not checked

@@ -31,7 +31,7 @@ class TorchvisionLoss:
         return torch.stack(list(parts.values())).sum(), parts
 
 
-@register_loss("torchvision")
+@register_loss("torchvision", loss_keys=(), assign_keys=())  # torchvision's own settings, in its head
 def torchvision_loss(head: Any, loss: Mapping[str, Any], assign: Mapping[str, Any]) -> TorchvisionLoss:
     """The loss of the retinanet, fcos and faster_rcnn heads (their `default_loss`)."""
     return TorchvisionLoss(head)

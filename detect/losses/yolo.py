@@ -218,7 +218,8 @@ def build_yolo_loss(
     return YoloLoss(decoder, assigner, box, cls, dfl, iou)
 
 
-@register_loss("yolo")
+@register_loss("yolo", loss_keys=("box", "cls", "dfl", "iou"),
+               assign_keys=("topk", "alpha", "beta", "eps", "iou", "min_gt_side"))  # fmt: skip
 def yolo_loss(head: Any, loss: Mapping[str, Any], assign: Mapping[str, Any]) -> YoloLoss:
     """The registered `yolo` loss of a YOLO head, from the config's `loss.*` (box, cls, dfl, iou) and `assign.*`
     (topk, alpha, beta, eps, iou, min_gt_side) sections; missing keys take YOLOv8's values. The loss decodes with the

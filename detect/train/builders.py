@@ -9,18 +9,19 @@ import logging
 from collections.abc import Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages
 from detect.checkpoints import load_detector_weights
-from detect.config import config_to_dict
+from detect.config import DetConfig, config_to_dict
 from detect.data.build import build_source
 from detect.data.detection import DetectionDataset, detection_collate
 from detect.data.workers import quiet_worker
 from detect.losses import build_criterion
+from detect.losses.registry import check_loss_settings
 from detect.models import Detector, DetectorSpec, PartSpec, build_detector
 from detect.models.build import neck_takes_scale
 from detect.models.registry import default_neck
@@ -120,8 +121,12 @@ def build_det_model(cfg: DictConfig, num_classes: int, load_backbone: bool = Tru
 
 def build_det_criterion(cfg: DictConfig, model: Detector) -> Callable:
     """The head family's criterion (or the registered `loss.name`), from the `loss.*` and `assign.*` sections."""
-    plain = config_to_dict(cfg)
+    plain, defaults = config_to_dict(cfg), config_to_dict(OmegaConf.structured(DetConfig))
     loss = {k: v for k, v in plain["loss"].items() if k not in ("name", "kwargs")}
+    changed = {k: v for k, v in loss.items() if v != defaults["loss"][k]}
+    assign_changed = {k: v for k, v in plain["assign"].items() if v != defaults["assign"][k]}
+    check_loss_settings(cfg.loss.name or model.head.default_loss, changed, plain["loss"]["kwargs"], assign_changed,
+                        cfg.model.head)  # fmt: skip
     loss.update(plain["loss"]["kwargs"])
     return build_criterion(model.head, cfg.loss.name, loss, plain["assign"])
 
@@ -139,5 +144,3 @@ def build_schedule(cfg: DictConfig, iters_per_epoch: int) -> Schedule:
                     warmup_iters=warmup_iterations(t.warmup_epochs, iters_per_epoch),
                     warmup_bias_lr=t.warmup_bias_lr, warmup_momentum=t.warmup_momentum,
                     batch_size=t.batch_size, nominal_batch_size=t.nominal_batch_size)  # fmt: skip
-
-
