@@ -38,9 +38,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
-# The edit loop: everything but the trainings, torchrun and the slow parity scales (`make test` runs them all).
+# The edit loop: all but the trainings, torchrun, fresh-process tests and slow parity scales (`make test` runs all).
 test-fast: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -m "not train and not slow"
+	$(PY) -m pytest -q -m "not train and not subprocess and not slow"
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -150,8 +150,11 @@ def cmd_tests(args: argparse.Namespace) -> int:
     """pytest's final counts ("5 passed, 1 failed in 12.3s") and every `MEASURED name k=v ...` line of the log."""
     text = Path(args.log).read_text(errors="replace") if Path(args.log).is_file() else ""
     start = text.rfind(f"] {args.stage} (timeout")  # this stage's part of a log that several stages share:
-    end = text.find(f"] {args.stage}: ", max(start, 0))  # from its start line to its status line
-    text = text[max(start, 0) : end if end >= 0 else len(text)]
+    if start < 0:
+        figure(args.stage, "pytest", "outcome", "not run", args.command)
+        return 0
+    end = text.find(f"] {args.stage}: ", start)  # from its start line to its status line
+    text = text[start : end if end >= 0 else len(text)]
     finals = re.findall(r"^=*\s*((?:\d+ \w+(?:, )?)+) in [\d.]+s", text, flags=re.M)
     counts = finals[-1] if finals else "no pytest summary line (crashed or stopped)"
     figure(args.stage, "pytest", "outcome", counts, args.command)

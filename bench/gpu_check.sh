@@ -70,6 +70,7 @@ run_stage() {
   shift 3
   local left=$((DEADLINE - $(date +%s) - RESERVE))
   local limit=$((cap < left ? cap : left))
+  LAST_SECONDS=0
   if ((limit < 5)); then
     log "$name: skipped, ${left}s left" | tee -a "$logfile"
     $PY bench/gpu_check.py stage "$name" "skipped (no time left)" 0 "$*"
@@ -179,7 +180,7 @@ for family in yolov8n faster_rcnn retinanet fcos yolo11n resnet50; do
     "output_dir=$WORK/families/$family" train.device=$DEVICE data.img_size=$IMG $FAMILY_BATCH)
   ((DRY)) && args+=(train.workers=$WORKERS train.threads=$THREADS)
   run_stage "family $family" families.log 75 $PY "${args[@]}"
-  $PY bench/gpu_check.py family "$family" "$WORK/families/$family" "$LAST_SECONDS" "python ${args[*]}"
+  (($? != 125)) && $PY bench/gpu_check.py family "$family" "$WORK/families/$family" "$LAST_SECONDS" "python ${args[*]}"
   summary "family $family"
 done
 
@@ -191,7 +192,7 @@ if ((!DRY)); then
     tests/test_neck.py tests/test_head.py tests/test_loss.py tests/test_assign.py tests/test_boxes.py
     tests/test_postprocess.py tests/test_transforms.py tests/test_mosaic.py tests/test_torchvision_heads.py)
   run_stage compat tests.log 120 $PY "${COMPAT[@]}"
-  $PY bench/gpu_check.py tests "$OUT/tests.log" "python ${COMPAT[*]}" --stage compat
+  (($? != 125)) && $PY bench/gpu_check.py tests "$OUT/tests.log" "python ${COMPAT[*]}" --stage compat
 fi
 
 log "done: $(($(date +%s) - START))s of ${BUDGET}s" | tee -a "$OUT/env.log"

@@ -112,6 +112,7 @@ def test_bad_input_is_one_line_exit_2(args: list[str], message: str, capsys: pyt
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.subprocess
 def test_cli_missing_root_exits_2(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(

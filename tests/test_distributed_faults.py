@@ -228,8 +228,8 @@ def test_an_interrupt_on_rank_1_stops_both_ranks_at_the_same_step(faults: dict) 
     # the sums of epoch 2's two steps (the criterion's calls 4 and 5) over both ranks
     parts = [torch.load(work / "dump" / f"rank{rank}.pt")["parts"][3:5] for rank in (0, 1)]
     expected = {name: sum(step[name] for steps in parts for step in steps) for name in parts[0][0]}
-    assert state["partial_sums"]["batches"] == 4
-    assert state["partial_sums"]["parts"] == pytest.approx(expected, rel=1e-12)
+    assert state["sums"]["batches"] == 4
+    assert state["sums"]["parts"] == pytest.approx(expected, rel=1e-12)
     # ... and the run goes on from there (here in one process) to the end of epoch 2
     assert run_tool(load_tool("train_det").main, [f"train.resume={last}", "train.epochs=2"]) == 0
     assert load_checkpoint(last)["epoch"] == 2
@@ -246,4 +246,4 @@ def test_train_cls_interrupt_on_rank_1_saves_both_ranks_sums(faults: dict) -> No
     ckpt = load_checkpoint(last)
     steps = [torch.load(work / "dump" / f"rank{rank}.pt")["parts"][3:5] for rank in (0, 1)]
     expected = [sum(step[k] for rank in steps for step in rank) for k in range(3)]
-    assert (ckpt["epoch"], ckpt["batch"]) == (1, 2) and ckpt["epoch_sums"] == pytest.approx(expected, rel=1e-12)
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 2) and ckpt["sums"] == pytest.approx(expected, rel=1e-12)

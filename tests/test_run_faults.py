@@ -23,7 +23,9 @@ import torch
 from helpers import load_tool
 
 import backbones.checkpoint as checkpoint_module
+import detect.train.classification
 import detect.train.detection
+import detect.train.lifecycle
 from backbones.checkpoint import atomic_save, atomic_write_bytes, load_checkpoint
 from backbones.errors import OutputError
 from detect.cli import run_tool
@@ -360,7 +362,7 @@ def test_a_signal_during_the_save_after_an_interrupt(
     synth_cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     train_det = tool("train_det")
-    build, real_save = detect.train.detection.build_det_criterion, train_det.atomic_save
+    build, real_save = detect.train.detection.build_det_criterion, detect.train.lifecycle.atomic_save
     monkeypatch.setattr(
         detect.train.detection, "build_det_criterion", lambda cfg, model: SignalsDuringLoss(build(cfg, model), 2, 1)
     )
@@ -370,7 +372,7 @@ def test_a_signal_during_the_save_after_an_interrupt(
         time.sleep(0.05)
         real_save(obj, path)
 
-    monkeypatch.setattr(train_det, "atomic_save", save_under_fire)
+    monkeypatch.setattr(detect.train.lifecycle, "atomic_save", save_under_fire)  # the save after the interrupt
     out = tmp_path / "run"
     assert run_tool(train_det.main, det_args(synth_cub_root, out)) == 130
     assert load_checkpoint(out / "last.pt")["train_state"]["batch"] == 2
@@ -401,8 +403,9 @@ def test_sigterm_just_after_the_last_epoch(
 ) -> None:
     """The signal lands while the last epoch's files are written: no "epoch 3" of a 2-epoch run, `done:` prints."""
     module = tool(which)
+    run_module = detect.train.detection if which == "train_det" else detect.train.classification
     name = "end_epoch" if which == "train_det" else "record_epoch"
-    real = getattr(module, name)
+    real = getattr(run_module, name)
 
     def then_sigterm(*args: object) -> object:
         result = real(*args)
@@ -410,7 +413,7 @@ def test_sigterm_just_after_the_last_epoch(
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(module, name, then_sigterm)
+    monkeypatch.setattr(run_module, name, then_sigterm)
     out = tmp_path / "run"
     capsys.readouterr()
     argv = (det_args if which == "train_det" else cls_args)(synth_cub_root, out)

@@ -134,7 +134,7 @@ def test_the_killed_shard_resumes_its_cell_from_last_pt(shards: dict) -> None:
     assert len(ended) == 1, first  # SIGTERM in epoch 2 saved last.pt, or came after the last epoch was saved
     assert "interrupted" not in second and second.rstrip().splitlines()[-1].startswith("done: best AP")
     killed, again = shards["printed"][3], shards["printed"][4]
-    assert f"cell 4/4 (1/1 of shard 3 of 4) {KILLED.describe()} ..." in killed and " done in " not in killed
+    assert killed.rstrip().endswith(f"cell 4/4 (1/1 of shard 3 of 4) {KILLED.describe()} ...")  # killed in it
     assert f"cell 4/4 (1/1 of shard 3 of 4) {KILLED.describe()} ..." in again
     best = load_checkpoint(run / "best.pt")
     assert best["epoch"] == 2 and read_marker(run / CELL_DONE)["best_epoch"] == 2
@@ -247,3 +247,38 @@ def test_a_killed_sweeps_tool_keeps_the_lock_until_it_exits(tmp_path: Path) -> N
         assert time.monotonic() < deadline, "the tool never released the lock"
         time.sleep(0.05)
     assert saved.read_text() == "saved"  # the lock came free only once the tool had saved and exited
+
+
+def test_the_report_is_written_once_per_set_of_finished_cells(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Shards finishing together each ask for the report: the first writes it and stamps what it was made from, the
+    next finds it up to date; a changed record, another title, a missing file or `force` write it again."""
+    from omegaconf import OmegaConf
+
+    from detect.sweep import measure
+    from detect.sweep.cells import write_marker
+    from detect.sweep.plan import SweepPlan, Tools
+    from detect.sweep.report import report_once
+
+    cfg = OmegaConf.create({"measure": {"img_size": None, "threads": 1, "runs": 1, "warmup": 0}})
+    plan = SweepPlan(cfg, {}, CELLS, SweepLayout(tmp_path), Tools(REPO / "tools"))
+    cost = {"params": 3_000_000, "gflops": 0.1, "latency_ms": 5.0, "img_size": 64, "threads": 1}
+    measured = []
+    monkeypatch.setattr(measure, "measure_checkpoint", lambda path, *args: measured.append(path) or cost)
+    coco = dict.fromkeys(COCO, 0.25)
+    for k, cell in enumerate(CELLS[:3]):
+        write_marker(plan.layout.cell_dir(cell) / CELL_DONE, {**coco, "AP": 0.1 * (k + 1), "epochs": 2, "img_size": 64})
+    paths, written = report_once(plan, "Sweep a")
+    assert written and [p.name for p in paths] == ["sweep.csv", "sweep.md", "ap_vs_latency.png", "transfer_gain.png"]
+    assert len(measured) == 3 and "3 of 4 cells finished (partial report)" in paths[1].read_text()
+    stamp = read_marker(plan.layout.report_stamp())
+    assert stamp["title"] == "Sweep a" and sorted(stamp["cells"]) == ["0", "1", "2"]
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert report_once(plan, "Sweep a") == (paths, False)
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes and len(measured) == 3  # not even measured again
+    write_marker(plan.layout.cell_dir(CELLS[3]) / CELL_DONE, {**coco, "AP": 0.4, "epochs": 2, "img_size": 64})
+    assert report_once(plan, "Sweep a")[1] and "4 of 4 cells finished;" in paths[1].read_text()
+    assert report_once(plan, "Sweep a") == (paths, False)
+    assert report_once(plan, "Sweep b")[1] and paths[1].read_text().startswith("# Sweep b\n")
+    paths[2].unlink()
+    assert report_once(plan, "Sweep b")[1] and paths[2].is_file()
+    assert report_once(plan, "Sweep b", force=True)[1] and len(measured) == 3 + 4 * 4

@@ -120,6 +120,7 @@ def test_models_that_cannot_serve() -> None:
         build_backbone("timm:resnet18d", pretrained=True)
 
 
+@pytest.mark.subprocess
 def test_importing_needs_no_timm_and_building_says_how_to_install() -> None:
     script = (
         "import sys\n"

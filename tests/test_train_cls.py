@@ -162,6 +162,7 @@ def test_bad_input_in_process(synth_cub_root: Path, tmp_path: Path, capsys: pyte
         (["train.epochz=3"], "unknown config key 'train.epochz'"),
     ],
 )
+@pytest.mark.subprocess
 def test_bad_input_subprocess(args: list[str], expected: str, tmp_path: Path) -> None:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MPLCONFIGDIR": str(tmp_path)}
     result = subprocess.run(
