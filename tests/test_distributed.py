@@ -6,7 +6,7 @@ as the tools' docstrings and the README say); the trained parameters are identic
 weights rank 0 saved.
 
 How, without a debug hook in the tools: torchrun runs a small driver (written by the test) that loads the tool as a
-module, wraps three of its names (`prepare_model`, the loader builder, and `DistributedEpochSampler.__iter__`) to
+module, wraps three names of its run (`prepare_model`, the loader builder, and `DistributedEpochSampler.__iter__`) to
 remember the model, the loaders and the indices each rank draws, records every path the process opens for writing
 or renames into place, runs the tool's `main` through `run_tool` exactly as `python tools/X.py` does, and saves
 what it saw to `<dump>/rank<R>.pt`. The tools are unchanged.
@@ -47,20 +47,22 @@ spec = importlib.util.spec_from_file_location(name, repo / "tools" / f"{name}.py
 tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tool)
 seen = {"model": None, "batch_sizes": [], "draws": [], "writes": []}
+import detect.train.classification, detect.train.detection
+run_module = detect.train.detection if name == "train_det" else detect.train.classification
 
-real_prepare = tool.prepare_model
+real_prepare = run_module.prepare_model
 def prepare_model(model, info, sync_bn=False):
     seen["model"] = model
     return real_prepare(model, info, sync_bn)
-tool.prepare_model = prepare_model
+run_module.prepare_model = prepare_model
 
 loaders_name = "build_det_loaders" if name == "train_det" else "build_cls_loaders"
-real_loaders = getattr(tool, loaders_name)
+real_loaders = getattr(run_module, loaders_name)
 def build_loaders(*args, **kwargs):
     train_loader, sampler, val_loader = real_loaders(*args, **kwargs)
     seen["batch_sizes"].append(train_loader.batch_size)
     return train_loader, sampler, val_loader
-setattr(tool, loaders_name, build_loaders)
+setattr(run_module, loaders_name, build_loaders)
 
 real_iter = DistributedEpochSampler.__iter__
 def sampler_iter(self):

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "tests" / "plugins" / "rank_faults.py"
 LIMIT_S = 200  # a hung run would end here; the hang costs ~15 s of timeout + 15 s of roll call + torchrun's 30 s
 HANG_TIMEOUT_MIN = 0.25
+SLOW_EVAL_TIMEOUT_MIN = 0.15  # 9 s; rank 0's evaluation of 12 images at 2 s each takes 24 s
 
 DRIVER = """
 import importlib.util, os, sys
@@ -48,7 +49,8 @@ sys.exit(code)
 def faults(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int, float]]:
     """train_det under `torchrun --standalone --nproc_per_node=3` with each fault, all at the same time;
     {fault: (work folder, torchrun's exit code, seconds)}."""
-    extra = {"setup:2": [], "hang:1": [f"train.ddp_timeout={HANG_TIMEOUT_MIN}"], "die:1": []}
+    extra = {"setup:2": [], "hang:1": [f"train.ddp_timeout={HANG_TIMEOUT_MIN}"], "die:1": [],
+             "slow_eval:0": ["train.epochs=1", f"train.ddp_timeout={SLOW_EVAL_TIMEOUT_MIN}"]}  # fmt: skip
     procs, starts, results = {}, {}, {}
     for fault, args in extra.items():
         work = tmp_path_factory.mktemp(fault.replace(":", "_"))
@@ -140,3 +142,15 @@ def test_a_killed_rank_among_three_is_named(faults: dict) -> None:
     assert errors(work, 2) == []
     assert codes(work) == [1, None, 1]
     no_traceback(work)
+
+
+@pytest.mark.slow
+@pytest.mark.train
+def test_rank_0_evaluating_longer_than_the_ddp_timeout_is_not_a_hang(faults: dict) -> None:
+    """Rank 0's evaluation takes 24 s, the other ranks' timeout is 9 s: they wait for it outside any collective (its
+    beat on the store), and the run ends normally with rank 0's `done:` line."""
+    work, code, seconds = faults["slow_eval:0"]
+    assert code == 0 and seconds < LIMIT_S, (work / "torchrun.err").read_text()[-3000:]
+    assert codes(work) == [0, 0, 0]
+    assert errors(work, 0) + errors(work, 1) + errors(work, 2) == []
+    assert (work / "run" / "best.pt").is_file() and (work / "run" / "val_predictions.jpg").is_file()

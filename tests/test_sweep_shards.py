@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def start_shard(argv: list[str], k: int, out: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
 
 
-def wait_for(condition, what: str, procs: list[subprocess.Popen], timeout: float = 240.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, procs: list[subprocess.Popen], timeout: float = 240.0) -> None:
+    """Poll `condition` every 50 ms; past `timeout`, kill `procs` and fail naming `what`."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -87,6 +89,7 @@ def shards(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 @pytest.mark.slow
 @pytest.mark.train
+@pytest.mark.subprocess
 def test_every_cell_finishes_once_in_its_own_folder(shards: dict) -> None:
     out, layout = shards["out"], shards["layout"]
     assert shards["codes"] == [0, 0, 0, -signal.SIGKILL, 0], "\n".join(shards["printed"])
@@ -108,6 +111,7 @@ def test_every_cell_finishes_once_in_its_own_folder(shards: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.train
+@pytest.mark.subprocess
 def test_each_backbone_is_pretrained_exactly_once(shards: dict) -> None:
     out, layout = shards["out"], shards["layout"]
     assert sorted(p.name for p in (out / "cls").iterdir()) == sorted(BACKBONES)
@@ -123,6 +127,7 @@ def test_each_backbone_is_pretrained_exactly_once(shards: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.train
+@pytest.mark.subprocess
 def test_the_killed_shard_resumes_its_cell_from_last_pt(shards: dict) -> None:
     """The shard started again waits for the orphaned train_det (which holds the cell's lock until it has exited),
     then resumes from its last.pt: the first attempt's last line comes before the second command in the log."""
@@ -142,6 +147,7 @@ def test_the_killed_shard_resumes_its_cell_from_last_pt(shards: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.train
+@pytest.mark.subprocess
 def test_one_shard_writes_the_report_of_every_cell(shards: dict) -> None:
     out, layout = shards["out"], shards["layout"]
     assert "".join(shards["printed"]).count("[sweep] report: ") == 1
@@ -163,6 +169,7 @@ def test_one_shard_writes_the_report_of_every_cell(shards: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.train
+@pytest.mark.subprocess
 def test_a_rerun_finds_the_report_up_to_date(shards: dict, capsys) -> None:
     """The same command again (as a resubmitted array job): every cell skipped, the report not written again."""
     out, layout = shards["out"], shards["layout"]
@@ -177,6 +184,7 @@ def test_a_rerun_finds_the_report_up_to_date(shards: dict, capsys) -> None:
 
 @pytest.mark.slow
 @pytest.mark.train
+@pytest.mark.subprocess
 def test_report_says_which_sweep_and_rewrites_it(shards: dict, capsys) -> None:
     out = shards["out"]
     assert run_tool(load_tool("sweep").main, [*shards["argv"], "--report"]) == 0
@@ -190,6 +198,7 @@ def test_report_says_which_sweep_and_rewrites_it(shards: dict, capsys) -> None:
 
 @pytest.mark.slow
 @pytest.mark.train
+@pytest.mark.subprocess
 def test_report_without_config_after_another_sweep_is_one_line_and_exit_2(shards: dict, monkeypatch, capsys) -> None:
     """The trap: `--report` without CONFIG reports the default sweep, which never ran here. One line naming it and
     the sweep that did run beside it, exit 2, nothing written."""
@@ -211,6 +220,7 @@ def test_report_of_a_sweep_with_no_finished_cell_writes_nothing(tmp_path: Path, 
     assert sorted(p.name for p in out.iterdir()) == ["cells"]
 
 
+@pytest.mark.subprocess
 def test_a_killed_sweeps_tool_keeps_the_lock_until_it_exits(tmp_path: Path) -> None:
     """A sweep killed by SIGKILL while its tool runs under a lock: the tool (stopped by SIGTERM, saving for 2 s, as
     train_det saves its last.pt) holds the lock until it exits, so a shard started again cannot step in meanwhile."""

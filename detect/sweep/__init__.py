@@ -9,8 +9,10 @@ a user would make by hand, and lets a cell be inspected, resumed or re-evaluated
 - `cells`: the cells, their folders, shards (`--cell K --of N`) and finished markers.
 - `plan`: the checked sweep (`SweepPlan`) and the exact tool command of every run.
 - `runner`: runs pretraining and cells (resume, restart, locks between shards, progress line).
+- `locks`: the flock'd files shards take turns through (held by the tools they run until those exit).
 - `measure`: parameters, GFLOPs and CPU latency of a cell's model.
-- `report`, `plots`: means over seeds, the gain from pretraining, `sweep.csv`, `sweep.md` and the two pictures.
+- `report`, `plots`: means over seeds, the gain from pretraining, `sweep.csv`, `sweep.md` and the two pictures
+  (written once per set of finished cells, however many shards ask).
 
 This package imports nothing heavy at import time: `tools/sweep.py --help` reads the schema without torch.
 """

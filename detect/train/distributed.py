@@ -524,6 +524,7 @@ def _agreed_stop(rank: int, also: list[int], code: int, line: str, where: str) -
     """The error every rank raises when the set-up stops for rank `rank`'s fault (and `also`'s); rank 0 prints it."""
     leaving()  # torchrun's SIGTERM to the ranks still running must not cut rank 0's message short
     more = f" (rank {', '.join(map(str, also))} as well)" if also else ""
-    error = (UserError if code == 2 else RunError)(f"rank {rank}{more}, {where}: {line}")
+    who = "every rank" if len(also) + 1 == get_world_size() > 1 else f"rank {rank}{more}"  # the same fault on each
+    error = (UserError if code == 2 else RunError)(f"{who}, {where}: {line}")
     error.rank0_reports = True
     return error

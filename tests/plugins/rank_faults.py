@@ -6,7 +6,9 @@ that rank only (RANK is torchrun's):
 
 - `setup`: the data format raises a `UserError` while the datasets are built (a data root missing on one node);
 - `hang`: the loss never returns from its first call (a rank stuck, its process alive);
-- `die`: the loss kills its own process with SIGKILL at its 6th call (epoch 2, batch 2 of 4 steps an epoch).
+- `die`: the loss kills its own process with SIGKILL at its 6th call (epoch 2, batch 2 of 4 steps an epoch);
+- `slow_eval`: once training has begun, each validation image takes `SLOW_IMAGE_S` seconds to load (an evaluation
+  longer than train.ddp_timeout, as on a big data set).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from detect.data.formats import FORMATS, register_format
 from detect.losses.registry import LOSSES, register_loss
 
 DIE_AT_CALL = 6
+SLOW_IMAGE_S = 2.0
+_losses_called = [0]
 
 
 def _fault() -> tuple[str, int]:
@@ -40,7 +44,17 @@ def rank_fault_cub(data: Any, split: str) -> Any:
     """The CUB reader; with the `setup` fault, a missing data root on this rank."""
     if _here("setup"):
         raise UserError(f"data.root {data.root} not found (on this node)")
-    return FORMATS.get("cub")(data, split)
+    source = FORMATS.get("cub")(data, split)
+    if _here("slow_eval") and split == "val":
+
+        class SlowSource(type(source)):  # the reader's own class (a DetectionSource), loading its images slowly
+            def load_image(self, index: int) -> Any:
+                if _losses_called[0]:
+                    time.sleep(SLOW_IMAGE_S)
+                return super().load_image(index)
+
+        source.__class__ = SlowSource
+    return source
 
 
 @register_loss("rank_fault_yolo")
@@ -51,6 +65,7 @@ def rank_fault_yolo(head: Any, loss: dict, assign: dict) -> Any:
 
     def faulty(outputs: Any, targets: Any) -> Any:
         calls[0] += 1
+        _losses_called[0] += 1
         if _here("hang") and calls[0] == 1:
             while True:  # alive, never answering: only a SIGKILL ends it
                 time.sleep(1.0)
