@@ -283,10 +283,10 @@ def analysis_case() -> tuple[dict, list[dict]]:
 def test_detection_confusion_matrix_by_hand():
     """Matching ignores the class, highest IoU first: p1-A0, p2-B, p3-A1 (IoU 1); p4 finds B taken: a false positive
     of b. Rows predicted (a, b, c, background), columns true."""
-    from detect.eval.analysis import _grouped, confusion_matrix
+    from detect.eval.analysis import confusion_matrix, group_by_image
 
     gt, dets = analysis_case()
-    grouped = _grouped(gt, dets, [1, 2, 5])
+    grouped = group_by_image(gt, dets, [1, 2, 5])
     expected = [[2, 1, 0, 0],  # a predicted: on A0 and A1 (true a), on B (true b)
                 [0, 0, 0, 1],  # b predicted: p4, nothing left to match
                 [0, 0, 0, 0],
@@ -302,11 +302,11 @@ def test_detection_confusion_matrix_by_hand():
 def test_precision_recall_f1_against_confidence_by_hand():
     """Class a (2 gt), by score: p1 TP, p2 FP (no a box there), p3 TP. Class b (1 gt): p4 TP (IoU 0.6 >= 0.5, class
     aware, unlike the confusion matrix). Class c has no ground truth: NaN. No detection left: precision 1."""
-    from detect.eval.analysis import _grouped, pr_f1_curves
+    from detect.eval.analysis import group_by_image, pr_f1_curves
 
     gt, dets = analysis_case()
     thresholds = np.array([0.0, 0.3, 0.35, 0.4, 0.5, 0.8, 0.85, 0.9, 0.95])
-    curves = pr_f1_curves(_grouped(gt, dets, [1, 2, 5]), 3, thresholds)
+    curves = pr_f1_curves(group_by_image(gt, dets, [1, 2, 5]), 3, thresholds)
     a_p = [2 / 3, 2 / 3, 2 / 3, 2 / 3, 1 / 2, 1 / 2, 1, 1, 1]
     a_r = [1, 1, 1, 1, 1 / 2, 1 / 2, 1 / 2, 1 / 2, 0]
     a_f1 = [0.8, 0.8, 0.8, 0.8, 0.5, 0.5, 2 / 3, 2 / 3, 0]  # 2PR / (P + R)
@@ -328,3 +328,30 @@ def test_pr_curve_values_by_hand():
     assert np.isnan(m["precision"][:, 2]).all()
     assert m["per_class_AP50"]["a"] == pytest.approx(253 / 303, abs=EXACT)
     assert m["AP50"] == pytest.approx((253 / 303 + 1) / 2, abs=EXACT)
+
+
+def test_the_drawn_numbers_by_hand():
+    """What the pictures show, from the same case: the normalised detection confusion matrix (columns), the mean F1
+    and its best threshold, and pr_curve.png's per-class and mean curves."""
+    from detect.eval.analysis import best_f1, confusion_matrix, group_by_image, normalize_columns, pr_f1_curves
+    from detect.eval.viz import pr_curves_at_50
+
+    gt, dets = analysis_case()
+    grouped = group_by_image(gt, dets, [1, 2, 5])
+    assert normalize_columns(confusion_matrix(grouped, 3, conf=0.5, iou=0.45)).tolist() == [
+        [0.5, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]  # fmt: skip
+    thresholds = np.array([0.0, 0.3, 0.35, 0.4, 0.5, 0.8, 0.85, 0.9, 0.95])
+    mean, best = best_f1(pr_f1_curves(grouped, 3, thresholds), thresholds)
+    np.testing.assert_allclose(mean, [0.9, 0.9, 0.4, 0.4, 0.25, 0.25, 1 / 3, 1 / 3, 0.0], rtol=0, atol=1e-15)
+    assert best == 0  # the first of the two 0.9s
+    recall, per_class, mean_curve = pr_curves_at_50(coco_evaluate(gt, dets)["precision"])
+    assert recall[50] == 0.5 and np.isnan(per_class[:, 2]).all()
+    np.testing.assert_allclose(mean_curve, [1.0] * 51 + [5 / 6] * 50, rtol=0, atol=EXACT)
+
+
+def test_classification_confusion_numbers_by_hand():
+    from detect.eval.viz import normalize_rows, overall_accuracy
+
+    counts = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 2]])
+    assert normalize_rows(counts).tolist() == [[0.75, 0.25, 0.0], [0.0, 0.0, 0.0], [0.5, 0.0, 0.5]]
+    assert overall_accuracy(counts) == 5 / 8 and overall_accuracy(np.zeros((2, 2))) == 0.0

@@ -35,7 +35,7 @@ _MAX_CURVE_CLASSES = 20  # thin per-class curves on the P / R / F1 plot
 _MAX_CELL_NUMBERS = 30  # confusion-matrix cells carry numbers up to this many classes
 
 
-def _grouped(gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]], class_ids: Sequence[int]) -> list:
+def group_by_image(gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]], class_ids: Sequence[int]) -> list:
     """Per image: (gt boxes [n, 4] xyxy, gt labels [n], det boxes [k, 4], det scores [k], det labels [k])."""
     index = {int(c): i for i, c in enumerate(class_ids)}
     images = {int(im["id"]): ([], [], [], [], []) for im in gt["images"]}
@@ -121,14 +121,29 @@ def pr_f1_curves(grouped: list, num_classes: int, thresholds: np.ndarray, iou: f
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def normalize_columns(matrix: np.ndarray) -> np.ndarray:
+    """Each column (a true class, or background) divided by its total: recall on the diagonal; empty columns 0."""
+    counts = matrix.astype(np.float64)
+    totals = counts.sum(axis=0, keepdims=True)  # [1, C + 1] per true class
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def best_f1(curves: Mapping[str, np.ndarray], thresholds: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The class-mean F1 against the threshold `[T]` over the classes with ground truth, and the index of its best
+    threshold; None when no class has ground truth."""
+    valid = np.isfinite(curves["precision"]).all(axis=1)
+    if not valid.any():
+        return None
+    mean = curves["f1"][valid].mean(axis=0)  # [T]
+    return mean, int(mean.argmax())
+
+
 def plot_detection_confusion(matrix: np.ndarray, names: Sequence[str], out_png: str | os.PathLike,
                              normalize: bool, conf: float, iou: float) -> Path:  # fmt: skip
     """Draw `confusion_matrix`'s counts (or column-normalised); background is the last row and column."""
-    counts = matrix.astype(np.float64)
     labels = [*names, "background"]
     n = len(labels)
-    totals = counts.sum(axis=0, keepdims=True)  # [1, C + 1] per true class
-    values = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0) if normalize else counts
+    values = normalize_columns(matrix) if normalize else matrix.astype(np.float64)
     side = float(np.clip(0.11 * n + 4.5, 6.0, 28.0))
     fig = Figure(figsize=(side + 1.6, side), layout="constrained")
     ax = fig.subplots()
@@ -173,7 +188,7 @@ def plot_pr_f1(curves: Mapping[str, np.ndarray], thresholds: np.ndarray, names: 
             mean = values[valid].mean(axis=0)  # [T]
             label = "all classes"
             if key == "f1":
-                best = int(mean.argmax())
+                mean, best = best_f1(curves, thresholds)
                 label = f"all classes: best {mean[best]:.3f} at conf {thresholds[best]:.3f}"
                 ax.axvline(thresholds[best], color="grey", linestyle="--", linewidth=0.8)
             ax.plot(thresholds, mean, color="black", linewidth=2.5, label=label)
@@ -225,7 +240,7 @@ def save_analysis(gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]
     per_class_ap.png into `out_dir`; class order = `names` (the data set's categories sorted by id)."""
     out_dir = Path(out_dir)
     class_ids = sorted(int(c["id"]) for c in gt["categories"])
-    grouped = _grouped(gt, predictions, class_ids)
+    grouped = group_by_image(gt, predictions, class_ids)
     matrix = confusion_matrix(grouped, len(names), conf, iou)
     thresholds = np.linspace(0.0, 1.0, 201)
     written = [plot_detection_confusion(matrix, names, out_dir / "confusion_matrix.png", False, conf, iou),

@@ -152,10 +152,7 @@ def plot_confusion_matrix(
     num_classes = len(class_names)
     if counts.shape != (num_classes, num_classes):
         raise ValueError(f"confusion matrix shape {counts.shape} does not match {num_classes} class names")
-    row_sums = counts.sum(axis=1, keepdims=True)  # [C, 1]
-    values = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0) if normalize else counts
-    total = counts.sum()
-    accuracy = float(np.trace(counts) / total) if total > 0 else 0.0
+    values, accuracy = normalize_rows(counts) if normalize else counts, overall_accuracy(counts)
 
     side = float(np.clip(0.12 * num_classes + 4.0, 6.0, 26.0))
     fig = Figure(figsize=(side + 1.5, side), layout="constrained")
@@ -349,6 +346,29 @@ def save_gt_vs_pred_grid(
     return _save_image(np.concatenate(rows, axis=0), out_jpg)
 
 
+def normalize_rows(counts: np.ndarray) -> np.ndarray:
+    """Each row (a true class) divided by its total: recall per class on the diagonal; empty rows stay 0."""
+    counts = counts.astype(np.float64)
+    row_sums = counts.sum(axis=1, keepdims=True)  # [C, 1]
+    return np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
+
+
+def overall_accuracy(counts: np.ndarray) -> float:
+    """The diagonal over the total (0 for an empty matrix)."""
+    total = counts.sum()
+    return float(np.trace(counts) / total) if total > 0 else 0.0
+
+
+def pr_curves_at_50(precision: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """What `plot_pr_curve` draws: (recall thresholds [R], per-class precision [R, C] with NaN for a class without
+    ground truth, the mean over the classes with ground truth [R] or None)."""
+    prec = _to_numpy(precision).astype(np.float64)
+    prec = np.where(prec < 0, np.nan, prec)  # -1 marks a class without ground truth
+    valid = np.flatnonzero(np.isfinite(prec).all(axis=0))
+    mean = prec[:, valid].mean(axis=1) if len(valid) else None  # [R]
+    return np.linspace(0.0, 1.0, prec.shape[0]), prec, mean
+
+
 def plot_pr_curve(precision: Any, class_names: Sequence[str], out_png: str | os.PathLike) -> Path:
     """Precision-recall curves at IoU 0.5: the class mean in bold, up to 20 classes thin.
 
@@ -362,11 +382,10 @@ def plot_pr_curve(precision: Any, class_names: Sequence[str], out_png: str | os.
     Returns:
         The path written.
     """
-    prec = _to_numpy(precision).astype(np.float64)
-    if prec.ndim != 2 or prec.shape[1] != len(class_names):
-        raise ValueError(f"precision shape {prec.shape} does not match {len(class_names)} class names")
-    prec = np.where(prec < 0, np.nan, prec)  # -1 marks a class without ground truth
-    recall = np.linspace(0.0, 1.0, prec.shape[0])
+    shape = tuple(_to_numpy(precision).shape)
+    if len(shape) != 2 or shape[1] != len(class_names):
+        raise ValueError(f"precision shape {shape} does not match {len(class_names)} class names")
+    recall, prec, mean_curve = pr_curves_at_50(precision)
     valid = np.flatnonzero(np.isfinite(prec).all(axis=0))
     fig = Figure(figsize=(9.0, 5.5), layout="constrained")
     ax = fig.subplots()
@@ -374,8 +393,7 @@ def plot_pr_curve(precision: Any, class_names: Sequence[str], out_png: str | os.
     shown = valid[picks] if len(valid) else valid  # spread over the classes, not the first 20
     for k in shown:
         ax.plot(recall, prec[:, k], linewidth=0.8, alpha=0.7, label=f"{class_names[k]} {prec[:, k].mean():.3f}")
-    if len(valid):
-        mean_curve = prec[:, valid].mean(axis=1)  # [R]
+    if mean_curve is not None:
         ax.plot(recall, mean_curve, linewidth=3.0, color="black", label=f"all classes {mean_curve.mean():.3f} AP50")
     else:
         ax.text(0.5, 0.5, "no class with ground truth", ha="center", va="center", transform=ax.transAxes)
