@@ -187,6 +187,7 @@ def test_rect_predict_equals_ultralytics_default_predict(imported: dict[str, Pat
         assert len(square) != len(ours) or (square.boxes - ours.boxes).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_onnx_dynamic_and_fixed_match_the_torch_path(imported: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")

@@ -394,6 +394,7 @@ cub_mutation = st.one_of(
 )
 
 
+@pytest.mark.slow
 def test_fuzzed_cub_files(templates: Path, references: dict) -> None:
     tally = run_battery("cub", st.lists(cub_mutation, min_size=1, max_size=3), CUB_EXAMPLES, cub_apply, templates,
                         references)  # fmt: skip
@@ -506,6 +507,7 @@ coco_mutation = st.one_of(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fuzzed_coco_json(templates: Path, references: dict) -> None:
     tally = run_battery("coco", st.lists(coco_mutation, min_size=1, max_size=3), COCO_EXAMPLES, coco_apply, templates,
                         references)  # fmt: skip
@@ -611,6 +613,7 @@ yolo_mutation = st.one_of(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fuzzed_yolo_files(templates: Path, references: dict) -> None:
     tally = run_battery("yolo", st.lists(yolo_mutation, min_size=1, max_size=3), YOLO_EXAMPLES, yolo_apply, templates,
                         references)  # fmt: skip

@@ -12,7 +12,7 @@ a user would make by hand, and lets a cell be inspected, resumed or re-evaluated
 - `locks`: the flock'd files shards take turns through (held by the tools they run until those exit).
 - `measure`: parameters, GFLOPs and CPU latency of a cell's model.
 - `report`, `plots`: means over seeds, the gain from pretraining, `sweep.csv`, `sweep.md` and the two pictures
-  (written once per set of finished cells, however many shards ask).
+  (written once per set of finished cells, however many shards ask); `rows`: the rows they share.
 
 This package imports nothing heavy at import time: `tools/sweep.py --help` reads the schema without torch.
 """

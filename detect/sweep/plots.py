@@ -17,7 +17,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from backbones.checkpoint import atomic_open
-from detect.sweep.report import GroupRow, Stat
+from detect.sweep.rows import GroupRow, Stat
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 INIT_COLOURS = {"scratch": "#8c8c8c", "pretrained": "#1f77b4", "imagenet": "#ff7f0e"}

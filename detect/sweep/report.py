@@ -25,12 +25,12 @@ import json
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detect.sweep.cells import CELL_DONE, Cell, read_marker, write_marker
 from detect.sweep.locks import file_lock
+from detect.sweep.rows import GroupRow, mean_sd
 
 if TYPE_CHECKING:
     from detect.sweep.plan import SweepPlan
@@ -40,45 +40,6 @@ _FIRST = ["cell", "backbone", "head", "init", "seed", "status"]
 _COCO = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 _LAST = ["best_AP", "best_epoch", "epochs", "img_size", "cls_top1", "params", "gflops", "eval_size", "latency_ms",
          "latency_threads", "train_s", "train_img_per_s", "wall_s", "run_dir", "backbone_weights"]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation (None for a single value) of `n` values."""
-
-    mean: float
-    sd: float | None
-    n: int
-
-    def show(self, signed: bool = False) -> str:
-        """`0.512 ± 0.010`, `+0.048 ± 0.006`, or just the mean for one value."""
-        mean = f"{self.mean:+.3f}" if signed else f"{self.mean:.3f}"
-        return mean + (f" ± {self.sd:.3f}" if self.sd is not None else "")
-
-
-def mean_sd(values: Sequence[float]) -> Stat | None:
-    """The `Stat` of `values`; None when there are none."""
-    values = [float(v) for v in values]
-    if not values:
-        return None
-    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
-
-
-@dataclass(frozen=True)
-class GroupRow:
-    """One backbone x head x init of the sweep over its seeds (what a line of sweep.md shows)."""
-
-    backbone: str
-    head: str
-    init: str
-    seeds_done: int
-    seeds_total: int
-    ap: Stat | None
-    ap50: Stat | None
-    gain: Stat | None  # AP minus the scratch cells' AP, paired by seed (None for scratch or without pairs)
-    cls_top1: float | None
-    cost: Mapping[str, Any] | None
-    train_img_per_s: float | None = None  # mean over seeds of each cell's median epoch throughput
 
 
 def summarise(cells: Sequence[Cell], records: Mapping[int, Mapping[str, Any]], costs: Costs) -> list[GroupRow]:

@@ -39,8 +39,9 @@ from detect.train.classify import (
     evaluate,
     train_one_epoch,
 )
-from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, setup_step, unwrap
+from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, unwrap
 from detect.train.failures import memory_advice
+from detect.train.group_faults import setup_step
 from detect.train.lifecycle import execute
 from detect.train.optim import ModelEMA, build_optimizer, build_param_groups
 from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run

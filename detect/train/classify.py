@@ -33,7 +33,8 @@ from backbones.freeze import freeze_stages, keep_frozen_bn_eval
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
 from detect.precision import choose_bf16
-from detect.train.distributed import DistInfo, agree, all_reduce_sum, fetch, get_rank
+from detect.train.distributed import DistInfo, all_reduce_sum, fetch, get_rank
+from detect.train.group_faults import agree
 from detect.train.optim import ModelEMA, lr_at
 from detect.train.seeding import DistributedEpochSampler
 from detect.train.signals import AgreedInterrupt, ForcedStop, TrainingInterrupted, check_interrupt, deferred_interrupts
@@ -240,7 +241,7 @@ def train_one_epoch(
         TrainingInterrupted: Ctrl-C / SIGTERM, after the step in progress, with the position reached (under DDP every
             rank stops at the same step, whichever received it, and the sums are all ranks').
         UserError: a non-finite loss (names epoch and step); the weights are left as they were before that step.
-            Under DDP also a batch that failed to load on any rank, raised on every rank (`distributed.agree`).
+            Under DDP also a batch that failed to load on any rank, raised on every rank (`group_faults.agree`).
     """
     model.train()
     keep_frozen_bn_eval(model)

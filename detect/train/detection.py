@@ -41,9 +41,10 @@ from detect.train.builders import (
     build_schedule,
     detector_spec,
 )
-from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, setup_step, unwrap
+from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, unwrap
 from detect.train.engine import EpochStart, Optimization, train_one_epoch
 from detect.train.failures import memory_advice
+from detect.train.group_faults import setup_step
 from detect.train.lifecycle import execute
 from detect.train.optim import ModelEMA
 from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run

@@ -8,7 +8,7 @@ optimizer step. The engine names no loss part: it logs, averages and checkpoints
 returns (`criterion(raw_outputs, targets) -> (total, parts)`).
 
 Under DDP no rank stops alone (issue 12): before each step every rank says whether its batch loaded and whether it
-holds a signal (`distributed.agree`), after the forward whether its loss is finite (`_check_finite`), so a fault on
+holds a signal (`group_faults.agree`), after the forward whether its loss is finite (`_check_finite`), so a fault on
 one rank stops all of them at the same step, and an interrupted epoch's loss sums are those of all ranks.
 """
 
@@ -26,7 +26,8 @@ from tqdm import tqdm
 from backbones.errors import UserError
 from backbones.freeze import keep_frozen_bn_eval
 from detect.precision import Precision
-from detect.train.distributed import agree, all_reduce_sum, fetch, get_rank, get_world_size, is_main_process, unwrap
+from detect.train.distributed import all_reduce_sum, fetch, get_rank, get_world_size, is_main_process, unwrap
+from detect.train.group_faults import agree
 from detect.train.optim import ModelEMA, set_group_values, warmup_accumulate, warmup_values, yolo_lr_factor
 from detect.train.signals import AgreedInterrupt, ForcedStop, TrainingInterrupted, deferred_interrupts, leaving
 
@@ -235,7 +236,7 @@ def train_one_epoch(
             `LossSums` state (under DDP: all ranks' sums, the same on every rank); gradients not yet stepped stay on
             the parameters (`pending_gradients`).
         UserError, RunError: under DDP, a batch that failed to load on any rank, raised on every rank at the same
-            step (`distributed.agree`); a non-finite loss on any rank (`_check_finite`).
+            step (`group_faults.agree`); a non-finite loss on any rank (`_check_finite`).
     """
     model.train()
     keep_frozen_bn_eval(model)

@@ -6,8 +6,8 @@ a third signal stops at once and says that last.pt was not updated; a full disk,
 rank (dead, or hung for `train.ddp_timeout`) is one `RunError` line naming it and the last.pt that survived (with the
 memory advice for a loader worker); a run folder that never reached a last.pt is removed; a finished run prints its
 `done:` line. Under DDP every rank stops at the same step, whichever rank the signal or the fault reached
-(`distributed.agree`), and rank 0 alone speaks; the other ranks wait for rank 0's evaluation outside the timeout
-(`distributed.main_alone`).
+(`group_faults.agree`), and rank 0 alone speaks; the other ranks wait for rank 0's evaluation outside the timeout
+(`group_faults.main_alone`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 from backbones.checkpoint import atomic_save
 from detect.rundirs import discard_run_dir
-from detect.train.distributed import DistInfo, agree, cleanup_distributed, group_stop_error, main_alone
+from detect.train.distributed import DistInfo, cleanup_distributed
+from detect.train.group_faults import agree, group_stop_error, main_alone
 from detect.train.runs import stopped_run_error, survivor_note
 from detect.train.signals import (
     ForcedStop,

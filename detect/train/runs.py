@@ -21,8 +21,9 @@ from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import RunError
 from detect.config import config_to_yaml
 from detect.rundirs import make_run_dir, remove_stale_temporaries
-from detect.train.distributed import DistInfo, broadcast_object, setup_step
+from detect.train.distributed import DistInfo, broadcast_object
 from detect.train.failures import loader_failure
+from detect.train.group_faults import setup_step
 
 
 def survivor_note(run_dir: Path, saved: tuple[int, int] | None) -> str:

@@ -8,7 +8,7 @@ a third one stops at once (`ForcedStop`), and the run then says plainly that `la
 
 Under DDP one process must never stop alone: the others would wait for it in their next collective. Inside
 `interrupts_for_group()` a held signal is not raised at a safe point of its own process but only where every process
-agrees (`detect.train.distributed.agree`), which raises `AgreedInterrupt` in all of them at the same step. Once the
+agrees (`detect.train.group_faults.agree`), which raises `AgreedInterrupt` in all of them at the same step. Once the
 processes have agreed to stop, or one of them is gone, `leaving()` makes further signals (the launcher's SIGTERM to
 the remaining processes) harmless, so rank 0 finishes its save and its message.
 """
@@ -50,7 +50,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class AgreedInterrupt(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM that stops every DDP process at the same step (`detect.train.distributed.agree`);
+    """Ctrl-C / SIGTERM that stops every DDP process at the same step (`detect.train.group_faults.agree`);
     `origin` names the rank that received it and the signal, e.g. "SIGINT on rank 1"."""
 
     rank0_reports = True  # every process raises it: only rank 0 says so
@@ -169,7 +169,7 @@ def raise_agreed_interrupt(signum: int, origin: str) -> None:
 @contextlib.contextmanager
 def interrupts_for_group(enabled: bool = True) -> Iterator[None]:
     """Under DDP (`enabled`): hold Ctrl-C / SIGTERM for the whole block, to be acted on only where every process
-    agrees (`detect.train.distributed.agree`): a process that stopped alone would leave the others waiting in a
+    agrees (`detect.train.group_faults.agree`): a process that stopped alone would leave the others waiting in a
     collective. A third signal still stops this process at once (`ForcedStop`); one that arrives after the last
     agreement only counts (the note that the run had already ended). Without `enabled`, nothing changes."""
     if not enabled or threading.current_thread() is not threading.main_thread():
