@@ -22,6 +22,15 @@ from backbones.errors import RunError, UserError
 from detect.train.failures import error_message, loader_failure, memory_advice, one_line, os_failure
 from detect.train.signals import install_signal_handlers, reset_signals, restore_signal_handlers, terminated
 
+# `--imports` of the tools that read a checkpoint (predict, export): the plugin modules the user names; a checkpoint's
+# own list is never imported (`detect.checkpoints.consent_to_plugins`).
+IMPORTS_OPTION: dict[str, Any] = {
+    "nargs": "+",
+    "default": [],
+    "metavar": "MODULE",
+    "help": "plugin modules the weights need (your own parts); never taken from the file",
+}
+
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (test harnesses swap it), as plain lines."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from backbones.errors import UserError
 from detect.api import check_settings, load
-from detect.cli import run_tool
+from detect.cli import IMPORTS_OPTION, run_tool
 from detect.interop.export import FORMATS
 
 
@@ -40,13 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-det", type=int, default=300, help="--nms most detections per image (default 300)")
     parser.add_argument("--half", action="store_true", help="fp16 (CUDA)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
-    parser.add_argument(
-        "--imports",
-        nargs="+",
-        default=[],
-        metavar="MODULE",
-        help="plugin modules the weights need (your own parts); never taken from the file itself",
-    )
+    parser.add_argument("--imports", **IMPORTS_OPTION)
     parser.add_argument("--device", default="cpu", help="where the trace runs: cpu, cuda or cuda:K")
     parser.add_argument("--info", action="store_true", help="print parameters, GFLOPs and layers")
     return parser.parse_args(argv)

@@ -33,7 +33,7 @@ import numpy as np
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.api import Model, Result, check_settings, load
-from detect.cli import run_tool
+from detect.cli import IMPORTS_OPTION, run_tool
 from detect.data.source import read_image_rgb
 from detect.inference import VIDEO_SUFFIXES, find_inputs
 from detect.rundirs import discarded_on_failure, make_run_dir
@@ -50,13 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=None, help="letterbox long side (default: the training size)")
     parser.add_argument("--square", action="store_true", help="letterbox to S x S instead of the stride rectangle")
     parser.add_argument("--recursive", action="store_true", help="a --source folder's sub-folders too")
-    parser.add_argument(
-        "--imports",
-        nargs="+",
-        default=[],
-        metavar="MODULE",
-        help="plugin modules the weights need (your own parts); never taken from the file itself",
-    )
+    parser.add_argument("--imports", **IMPORTS_OPTION)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 with a warning on CPUs without "
                         "native bf16)")  # fmt: skip

@@ -39,13 +39,12 @@ from detect.train.classify import (
     evaluate,
     train_one_epoch,
 )
-from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, unwrap
+from detect.train.distributed import DistInfo, prepare_model, unwrap
 from detect.train.failures import memory_advice
 from detect.train.group_faults import setup_step
-from detect.train.lifecycle import execute
+from detect.train.lifecycle import execute, start
 from detect.train.optim import ModelEMA, build_optimizer, build_param_groups
 from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run
-from detect.train.seeding import seed_everything
 from detect.train.state import ResumeState
 
 CURVE_PANELS = [("loss", ["train/loss", "val/loss"]), ("accuracy", ["train/acc", "val/top1", "val/top5"])]
@@ -227,14 +226,6 @@ def pretrain_backbone(config: str | None = None, overrides: Sequence[str] = ()) 
         overrides: `key=value` strings, as on the tool's command line.
     """
     cfg, ckpt = resolve_cls_config(config, overrides)
-    info = init_distributed(cfg.train.device, cfg.train.ddp_timeout)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
-    try:
-        run = build_cls_run(cfg, ckpt, info)
-    except BaseException as stop:
-        cleanup_distributed(stop)  # after a set-up fault every rank agreed on, rank 0 ends first (its line)
-        raise
+    run = start(cfg, ckpt, build_cls_run)
     execute(run)
     return run

@@ -41,14 +41,13 @@ from detect.train.builders import (
     build_schedule,
     detector_spec,
 )
-from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed, prepare_model, unwrap
+from detect.train.distributed import DistInfo, prepare_model, unwrap
 from detect.train.engine import EpochStart, Optimization, train_one_epoch
 from detect.train.failures import memory_advice
 from detect.train.group_faults import setup_step
-from detect.train.lifecycle import execute
+from detect.train.lifecycle import execute, start
 from detect.train.optim import ModelEMA
 from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run
-from detect.train.seeding import seed_everything
 from detect.train.state import ResumeState
 
 logger = logging.getLogger("plugdet")
@@ -299,15 +298,8 @@ def train_detector(
             last.pt that survived); KeyboardInterrupt: Ctrl-C / SIGTERM, after last.pt was saved.
     """
     cfg, ckpt = resolve_det_config(config, overrides, base=base)
-    info = init_distributed(cfg.train.device, cfg.train.ddp_timeout)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
-    try:
-        run = build_det_run(cfg, ckpt, info)
-    except BaseException as stop:
-        cleanup_distributed(stop)  # after a set-up fault every rank agreed on, rank 0 ends first (its line)
-        raise
+    run = start(cfg, ckpt, build_det_run)
+    info = run.info
     if info.is_main:  # after every input check: bad input stays one line
         logger.info(format_info(model_info(unwrap(run.model), cfg.data.img_size), "detector"))
         spec = run.arch

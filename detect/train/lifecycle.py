@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from backbones.checkpoint import atomic_save
 from detect.rundirs import discard_run_dir
-from detect.train.distributed import DistInfo, cleanup_distributed
+from detect.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from detect.train.group_faults import agree, group_stop_error, main_alone
 from detect.train.runs import stopped_run_error, survivor_note
+from detect.train.seeding import seed_everything
 from detect.train.signals import (
     ForcedStop,
     TrainingInterrupted,
@@ -66,6 +70,20 @@ class TrainingRun(Protocol):
     def close(self) -> None:
         """Close what the run holds open (TensorBoard's file)."""
         ...
+
+
+def start(cfg: Any, ckpt: dict | None, build: Callable[[Any, dict | None, DistInfo], TrainingRun]) -> TrainingRun:
+    """The process's side of a run's start: join the process group (torchrun), set the torch threads and the seed,
+    then `build(cfg, ckpt, info)`; after a set-up fault every rank agreed on, rank 0 ends first (it says why)."""
+    info = init_distributed(cfg.train.device, cfg.train.ddp_timeout)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    try:
+        return build(cfg, ckpt, info)
+    except BaseException as stop:
+        cleanup_distributed(stop)
+        raise
 
 
 def execute(run: TrainingRun) -> None:
