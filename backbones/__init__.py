@@ -5,7 +5,7 @@ Importing the package registers every backbone: the modules below are imported e
 
 from __future__ import annotations
 
-from backbones import csp, csp11, resnet, timm_any, torchvision_any  # noqa: F401  (registration happens on import)
+from backbones import csp, csp11, csp26, resnet, timm_any, torchvision_any  # noqa: F401  (registration happens on import)
 from backbones.registry import build_backbone, list_backbones, register_backbone
 
 __all__ = ["build_backbone", "list_backbones", "register_backbone"]

@@ -340,3 +340,75 @@ class C2PSA(nn.Module):
         """Args: x [B, c_in, H, W]. Returns: [B, c_out, H, W]."""
         kept, refined = self.split_conv(x).split((self.hidden, self.hidden), dim=1)  # 2 x [B, h, H, W]
         return self.fuse_conv(torch.cat((kept, self.blocks(refined)), dim=1))  # [B, 2h, H, W] -> [B, c_out, H, W]
+
+
+# ---- YOLO26 blocks (Ultralytics 8.4.190, yolo26.yaml): residual SPPF, C3k2 with attention inner blocks ----
+
+
+class ResidualSPPF(SPPF):
+    """YOLO26's SPPF: `SPPF` with an unactivated `reduce_conv` and the input added to the output.
+
+    Three chained max-pools as in `SPPF`; the 1x1 reduction is linear (BatchNorm, no SiLU), and when the width is
+    kept (c_in == c_out, as in yolo26.yaml) the block is residual: out = fuse_conv(cat(pools)) + x.
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        kernel: max-pool kernel (stride 1, same padding).
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 5) -> None:
+        super().__init__(c_in, c_out, kernel)
+        self.reduce_conv.act = nn.Identity()
+        self.residual = c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [B, c_in, H, W]. Returns: [B, c_out, H, W]."""
+        y = super().forward(x)
+        return y + x if self.residual else y
+
+
+class BottleneckPSA(nn.Module):
+    """A residual bottleneck (hidden width halved) followed by a position-sensitive attention block: the inner block
+    of YOLO26's attention C3k2 (its last P5 merge).
+
+    Args:
+        channels: input and output channels.
+        shortcut: residual connections in the bottleneck.
+        groups: groups of the bottleneck's second convolution.
+    """
+
+    def __init__(self, channels: int, shortcut: bool = True, groups: int = 1) -> None:
+        super().__init__()
+        self.bottleneck = Bottleneck(channels, channels, shortcut, groups, (3, 3), 0.5)
+        self.psa = PSABlock(channels, 0.5, max(channels // 64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [B, C, H, W]. Returns: [B, C, H, W]."""
+        return self.psa(self.bottleneck(x))
+
+
+class AttentionC3k2(C3k2):
+    """YOLO26's attention C3k2: `C3k2`'s data flow with `BottleneckPSA` inner blocks (C3k2 with `attn` in yolo26.yaml;
+    the attention wins over the C3k flag at every scale).
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        num_blocks: number of inner blocks.
+        expansion: hidden channels h = int(c_out * expansion); the attention uses max(h // 64, 1) heads.
+        shortcut: residual connections inside the bottlenecks.
+        groups: groups of the bottlenecks' second convolutions.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        num_blocks: int = 1,
+        expansion: float = 0.5,
+        shortcut: bool = True,
+        groups: int = 1,
+    ) -> None:
+        super().__init__(c_in, c_out, num_blocks, False, expansion, shortcut, groups)
+        self.blocks = nn.ModuleList(BottleneckPSA(self.hidden, shortcut, groups) for _ in range(num_blocks))

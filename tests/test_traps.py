@@ -117,10 +117,10 @@ def test_other_code_in_a_pickle_keeps_its_own_refusal(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "hint"),
     [
-        ("data=coco8.yaml", "; did you mean 'data.format=yolo data.yaml=...'? set its keys instead"),
-        ("yaml=coco8.yaml", "; did you mean 'data.format=yolo data.yaml=...'? valid top-level keys"),
-        ("data.yml=coco8.yaml", "; did you mean 'data.format=yolo data.yaml=...'? valid keys of 'data'"),
-        ("train_json=a.json", "; did you mean 'data.format=coco data.train_json=...'? valid top-level keys"),
+        ("data=coco8.yaml", "; did you mean 'data.format=yolo data.yaml=coco8.yaml'? set its keys instead"),
+        ("yaml=coco8.yaml", "; did you mean 'data.format=yolo data.yaml=coco8.yaml'? valid top-level keys"),
+        ("data.yml=coco8.yaml", "; did you mean 'data.format=yolo data.yaml=coco8.yaml'? valid keys of 'data'"),
+        ("train_json=a.json", "; did you mean 'data.format=coco data.train_json=a.json'? valid top-level keys"),
         ("data.roots=/data", "; did you mean 'data.root'? valid keys of 'data'"),  # a plain key: the key alone
     ],
 )

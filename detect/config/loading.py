@@ -78,12 +78,13 @@ def _valid_keys(schema: type, dotted: str) -> str:
 _FORMAT_OF_KEY = {"data.yaml": "yolo", "data.train_json": "coco", "data.val_json": "coco"}
 
 
-def _hint(root: type, dotted: str) -> str:
+def _hint(root: type, dotted: str, value: Any = "...") -> str:
     """' did you mean 'train.epochs'?' for an unknown key close to a known one (or named as Ultralytics names it);
-    ' did you mean 'data.format=yolo data.yaml=...'?' when the key belongs to one data format."""
+    ' did you mean 'data.format=yolo data.yaml=coco8.yaml'?' when the key belongs to one data format."""
     guess = did_you_mean(root, dotted)
     if guess in _FORMAT_OF_KEY:
-        return f" did you mean 'data.format={_FORMAT_OF_KEY[guess]} {guess}=...'?"
+        shown = value if isinstance(value, str | int | float) and not isinstance(value, bool) else "..."
+        return f" did you mean 'data.format={_FORMAT_OF_KEY[guess]} {guess}={shown}'?"
     return f" did you mean {guess!r}?" if guess else ""
 
 
@@ -100,15 +101,16 @@ def _flatten(
             raise UserError(f"config key {dotted!r} {where(dotted)} is now {MOVED_KEYS[dotted]!r}: rename it")
         if key not in fields:
             raise UserError(
-                f"unknown config key {dotted!r} (value {value!r}) {where(dotted)};{_hint(root, dotted)} "
+                f"unknown config key {dotted!r} (value {value!r}) {where(dotted)};{_hint(root, dotted, value)} "
                 f"{_valid_keys_of(schema, prefix)}"
             )
         f = fields[key]
         if _is_section(f):
             if not isinstance(value, dict):
                 raise UserError(
-                    f"config key {dotted!r} is a section, got value {value!r} {where(dotted)};{_hint(root, dotted)} "
-                    f"set its keys instead ({dotted}.KEY=VALUE): {_valid_keys_of(_field_type(f), dotted + '.')}"
+                    f"config key {dotted!r} is a section, got value {value!r} {where(dotted)};"
+                    f"{_hint(root, dotted, value)} set its keys instead ({dotted}.KEY=VALUE): "
+                    f"{_valid_keys_of(_field_type(f), dotted + '.')}"
                 )
             leaves.update(_flatten(_field_type(f), value, dotted + ".", where, root))
         else:
