@@ -177,7 +177,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({reason})") from e
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    # A process that imported Ultralytics and let it load a file may have allowed its classes for every
+    # weights_only load after (its `add_safe_globals`); a model object is still not data.
+    module = next((v for v in obj.values() if isinstance(v, nn.Module)), None)
+    if module is not None:
+        name = f"{type(module).__module__}.{type(module).__qualname__}"
+        raise UserError(_ultralytics_line(path, name) if name.startswith("ultralytics.") else
+                        f"refused checkpoint {path}: it holds a {name} object, not tensors and plain data")  # fmt: skip
     return obj
+
+
+def _ultralytics_line(path: Path, example: str) -> str:
+    """The one line for an Ultralytics `.pt` given where a plugdet checkpoint is expected."""
+    return (
+        f"{path} is an Ultralytics checkpoint (a pickle of its Python classes, e.g. {example}), which plugdet does "
+        f"not unpickle: convert it once with `python tools/import_ultralytics.py {path} --out OUT.pt` and pass "
+        "OUT.pt instead"
+    )
 
 
 def _pickles_ultralytics(path: Path, imported: str) -> bool:
@@ -198,11 +214,7 @@ def _refusal(path: Path, text: str) -> str:
     tools/import_ultralytics.py), other code it would import, or not a checkpoint at all."""
     imported = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose"
     if imported and _pickles_ultralytics(path, imported.group(1)):
-        return (
-            f"{path} is an Ultralytics checkpoint (a pickle of its Python classes, e.g. {imported.group(1)}), which "
-            f"plugdet does not unpickle: convert it once with `python tools/import_ultralytics.py {path} --out "
-            "OUT.pt` and pass OUT.pt instead"
-        )
+        return _ultralytics_line(path, imported.group(1))
     if imported:
         return (
             f"refused to load checkpoint {path}: it would import {imported.group(1)}; a checkpoint must hold only "

@@ -112,12 +112,18 @@ class Model:
         self.device = parse_device(device)
         self.precision_name = precision
         self.precision = make_precision(self.device, precision)
-        if Path(weights).suffix.lower() == ".onnx":
-            from detect.interop.export import OnnxDetector
+        kind = exported_kind(weights)
+        if kind is not None:
+            if kind == "onnx":
+                from detect.interop.export import OnnxDetector
 
-            self.runner: Any = OnnxDetector(weights, self.device)
+                self.runner: Any = OnnxDetector(weights, self.device)
+            else:
+                from detect.interop.openvino import OpenVinoDetector
+
+                self.runner = OpenVinoDetector(weights, self.device, precision=precision)
             meta = self.runner.meta
-            self.checkpoint: dict[str, Any] = {**meta, "kind": "onnx"}
+            self.checkpoint: dict[str, Any] = {**meta, "kind": kind}
             consent_to_plugins(self.checkpoint, self.imports, self.weights, how)  # e.g. a data format's
             fixed = self.runner.fixed_shape
             self.img_size = max(fixed) if fixed else int(max(meta["img_size"]))
@@ -197,22 +203,32 @@ class Model:
         return validate(self, list(overrides), out, rect, verbose)
 
     def export(self, format: str = "onnx", out: str | os.PathLike | None = None, img_size: int | None = None,
-               dynamic: bool = False, nms: bool = False, half: bool = False, opset: int = 17, conf: float = 0.25,
-               iou: float = 0.7, max_det: int = 300) -> Path:  # fmt: skip
-        """Export to ONNX or TorchScript (`detect.interop.export.export_model`); returns the file written
-        (default: beside the weights, `.onnx` / `.torchscript`)."""
+               dynamic: bool = True, nms: bool = False, half: bool = False, opset: int = 17, conf: float = 0.25,
+               iou: float = 0.7, max_det: int = 300, int8: bool = False, calib: str | None = None,
+               calib_limit: int = 300) -> Path:  # fmt: skip
+        """Export to ONNX, OpenVINO or TorchScript (`detect.interop.export.export_model`); returns the file (OpenVINO:
+        the folder) written, by default beside the weights: `W.onnx`, `W_openvino_model/` (`W_int8_openvino_model/`),
+        `W.torchscript`. `dynamic` (default) keeps batch, height and width free, so the exported model letterboxes
+        to the .pt's rectangles and predicts what the .pt predicts; `int8` (OpenVINO) quantises with nncf on `calib`
+        (a folder, a glob, or "data", the default: the checkpoint's validation images; at most `calib_limit`)."""
         from detect.checkpoints import detector_from_checkpoint
         from detect.interop.export import export_model
 
-        if self.is_onnx:
+        if self.checkpoint.get("kind") in ("onnx", "openvino"):
             raise UserError(f"{self.weights} is already an export: export from the .pt checkpoint")
-        suffix = ".onnx" if format == "onnx" else ".torchscript"
-        out = Path(out) if out else Path(self.weights).with_suffix(suffix)
+        if calib is not None and not int8:
+            raise UserError(f"--calib {calib} calibrates an INT8 export: add --int8")
+        if int8 and format != "openvino":
+            raise UserError(f"--int8 quantises an OpenVINO export: --format openvino (not {format})")
+        stem = Path(self.weights).with_suffix("")
+        default = {"onnx": stem.with_suffix(".onnx"), "torchscript": stem.with_suffix(".torchscript"),
+                   "openvino": stem.parent / f"{stem.name}{'_int8' if int8 else ''}_openvino_model"}  # fmt: skip
+        out = Path(out) if out else default.get(format, stem.with_suffix(".torchscript"))
         detector = detector_from_checkpoint(self.checkpoint, "cpu", fuse=True, where=self.weights,
                                             imports=self.imports, how=self.imports_how)  # fmt: skip
         settings = {"conf": float(conf), "iou": float(iou), "max_det": int(max_det)} if nms else None
         return export_model(detector, self.checkpoint, out, format, img_size or self.img_size, dynamic, settings,
-                            half, opset, self.device)  # fmt: skip
+                            half, opset, self.device, (calib or "data") if int8 else None, calib_limit)  # fmt: skip
 
     def info(self, img_size: int | tuple[int, int] | None = None, verbose: bool = True) -> dict[str, Any]:
         """Parameters, GFLOPs at `img_size` (default: the file's size, square) and layers; printed with `verbose`."""
@@ -260,6 +276,16 @@ class TrainedRun:
 
 
 IMPORTS_HOW = "load(weights, imports=[MODULE])"
+
+
+def exported_kind(weights: str | os.PathLike) -> str | None:
+    """ "onnx" for an .onnx file, "openvino" for an OpenVINO .xml or a folder (an IR folder), None for a checkpoint."""
+    path = Path(weights)
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() == ".xml" or path.is_dir():
+        return "openvino"
+    return None
 
 
 def _as_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +40,7 @@ from detect.models.detector import Detector
 from detect.postprocess import postprocess
 
 META_KEY = "plugdet"
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "openvino", "torchscript")
 
 
 def nms_in_graph(preds: torch.Tensor, conf: float, iou: float, max_det: int) -> torch.Tensor:
@@ -107,25 +108,31 @@ def export_model(
     out: str | os.PathLike,
     fmt: str = "onnx",
     img_size: int | tuple[int, int] = 640,
-    dynamic: bool = False,
+    dynamic: bool = True,
     nms: Mapping[str, float] | None = None,
     half: bool = False,
     opset: int = 17,
     device: torch.device | str = "cpu",
+    calib: str | None = None,
+    calib_limit: int = 300,
 ) -> Path:
-    """Export a detector to ONNX or TorchScript (see the module docstring).
+    """Export a detector to ONNX, OpenVINO or TorchScript (see the module docstring).
 
     Args:
         detector: the detector (eval mode; fused or not).
         checkpoint: its checkpoint dict (class names, config) for the metadata.
-        out: the file to write (written to a temp file, then moved into place).
-        fmt: "onnx" or "torchscript".
+        out: the file to write (written to a temp file, then moved into place); OpenVINO: the folder.
+        fmt: "onnx", "openvino" or "torchscript".
         img_size: export size (H, W) or a square side; a multiple of the stride.
-        dynamic: batch, height and width dynamic (ONNX); otherwise batch 1 at `img_size`.
+        dynamic: batch, height and width dynamic (ONNX, OpenVINO; the default, so that predict and val_det letterbox
+            to the .pt's rectangles); otherwise batch 1 at `img_size`.
         nms: {"conf", "iou", "max_det"} to end the graph in NMS, or None for the raw `[B, A, 4 + C]`.
         half: fp16 weights and input (CUDA only: fp16 convolutions on a CPU are emulated and slow).
         opset: ONNX opset (>= 17).
         device: where the trace runs ("cuda" for `half`).
+        calib: OpenVINO INT8: the calibration images (a folder, a glob, or "data": the checkpoint's validation
+            images), see `detect.interop.openvino`; None: FP32.
+        calib_limit: most calibration images.
 
     Returns:
         The written path.
@@ -135,6 +142,10 @@ def export_model(
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     device = torch.device(device)
+    if calib is not None and fmt != "openvino":
+        raise UserError(f"--int8 / --calib quantise an OpenVINO export (--format openvino), not {fmt}")
+    if half and fmt == "openvino":
+        raise UserError("--half is an fp16 export for CUDA; an OpenVINO export is FP32 (or --int8)")
     if half and device.type != "cuda":
         raise UserError("--half exports fp16 for CUDA and needs a CUDA device (--device cuda); fp16 on a CPU is slow")
     if fmt == "onnx" and opset < 17:
@@ -158,8 +169,29 @@ def export_model(
             with atomic_open(path) as f:
                 torch.jit.save(traced, f, _extra_files={"plugdet.json": meta})
             return path
+        if fmt == "openvino":
+            return _export_openvino(module, example, path, dynamic, nms, opset, meta, checkpoint, calib, calib_limit)
         _export_onnx(module, example, path, dynamic, bool(nms), opset, meta)
     return path
+
+
+def _export_openvino(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool,
+                     nms: Mapping[str, float] | None, opset: int, meta: str, checkpoint: Mapping[str, Any],
+                     calib: str | None, calib_limit: int) -> Path:  # fmt: skip
+    """The ONNX export (same graph and axes), then OpenVINO IR in the folder `path`, INT8 with `calib`."""
+    import tempfile
+
+    from detect.interop.openvino import calibration_images, write_openvino
+
+    images = None
+    if calib is not None:
+        h, w = example.shape[2:]
+        fixed = None if dynamic else (h, w)
+        images = calibration_images(calib, checkpoint, max(h, w), int(json.loads(meta)["stride"]), fixed, calib_limit)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        _export_onnx(module, example, onnx_path, dynamic, bool(nms), opset, meta)
+        return write_openvino(onnx_path, path, meta, images)
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, with_nms: bool, opset: int,
@@ -191,9 +223,64 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: 
     atomic_write_bytes(model.SerializeToString(), path)
 
 
-class OnnxDetector:
-    """An exported `.onnx` run by onnxruntime, with the `detect` interface of `Detector` (so `evaluate`, the API and
-    predict run it unchanged).
+class ExportedDetector:
+    """What the runners of exported files share (`OnnxDetector`, `detect.interop.openvino.OpenVinoDetector`): the
+    `detect` interface of `Detector` (so `evaluate`, the API and predict run them unchanged) over `run`, one inference
+    on float images [B, 3, H, W]. A subclass sets `meta`, `fixed_batch`, `fixed_shape`, `input_dtype` and `path`."""
+
+    meta: dict[str, Any]
+    fixed_batch: int | None
+    fixed_shape: tuple[int, int] | None
+    input_dtype: type
+    path: Path
+
+    def run(self, chunk: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def note_fixed_shape(self) -> None:
+        """A fixed-size file letterboxes every image to its size where the .pt (and a dynamic export) takes the
+        smallest stride rectangle: one line on stderr says so at load, since boxes and scores then differ a little."""
+        if self.fixed_shape is not None:
+            h, w = self.fixed_shape
+            print(f"note: {self.path} takes a fixed {h}x{w} input: images are letterboxed to {h}x{w}, not to the "
+                  "smallest rectangle as the .pt does, so boxes and scores differ slightly from the .pt's (export "
+                  "without --fixed for the .pt's results)", file=sys.stderr)  # fmt: skip
+
+    def eval(self) -> ExportedDetector:
+        return self
+
+    def forward_numpy(self, images: np.ndarray) -> np.ndarray:
+        """The file's raw output for float images [B, 3, H, W] (a fixed-batch file runs in chunks)."""
+        step = self.fixed_batch or len(images)
+        outs = []
+        for start in range(0, len(images), step):
+            out = self.run(np.ascontiguousarray(images[start : start + step], dtype=self.input_dtype))
+            if self.meta.get("nms"):
+                out = out.copy()
+                out[:, 0] += start
+            outs.append(out)
+        return np.concatenate(outs, axis=0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.forward_numpy(images.detach().float().cpu().numpy())).float()
+
+    def detect(
+        self, images: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections per image in input pixels, as `Detector.detect`. A file with NMS inside applies its own
+        thresholds (fixed at export); `conf` and `max_det` then only filter further."""
+        out = self(images)
+        if not self.meta.get("nms"):
+            return postprocess(out, conf, iou, max_det, multi_label=multi_label)  # [B, A, 4 + C] -> per image
+        results = []
+        for b in range(len(images)):
+            rows = out[(out[:, 0] == b) & (out[:, 5] > conf)][:max_det]  # [K, 7], by decreasing score
+            results.append({"boxes": rows[:, 1:5], "scores": rows[:, 5], "labels": rows[:, 6].long()})
+        return results
+
+
+class OnnxDetector(ExportedDetector):
+    """An exported `.onnx` run by onnxruntime (see `ExportedDetector`).
 
     Attributes:
         meta: the file's plugdet metadata (class names, config, ...).
@@ -233,36 +320,7 @@ class OnnxDetector:
         self.strides = (int(self.meta["stride"]),)
         self.num_classes = len(self.meta["class_names"])
         self.path = path
+        self.note_fixed_shape()
 
-    def eval(self) -> OnnxDetector:
-        return self
-
-    def forward_numpy(self, images: np.ndarray) -> np.ndarray:
-        """The file's raw output for float images [B, 3, H, W] (a fixed-batch file runs in chunks)."""
-        step = self.fixed_batch or len(images)
-        outs = []
-        for start in range(0, len(images), step):
-            chunk = np.ascontiguousarray(images[start : start + step], dtype=self.input_dtype)
-            out = self.session.run(None, {self.input_name: chunk})[0]
-            if self.meta.get("nms"):
-                out = out.copy()
-                out[:, 0] += start
-            outs.append(out)
-        return np.concatenate(outs, axis=0)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.forward_numpy(images.detach().float().cpu().numpy())).float()
-
-    def detect(
-        self, images: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False
-    ) -> list[dict[str, torch.Tensor]]:
-        """Detections per image in input pixels, as `Detector.detect`. A file with NMS inside applies its own
-        thresholds (fixed at export); `conf` and `max_det` then only filter further."""
-        out = self(images)
-        if not self.meta.get("nms"):
-            return postprocess(out, conf, iou, max_det, multi_label=multi_label)  # [B, A, 4 + C] -> per image
-        results = []
-        for b in range(len(images)):
-            rows = out[(out[:, 0] == b) & (out[:, 5] > conf)][:max_det]  # [K, 7], by decreasing score
-            results.append({"boxes": rows[:, 1:5], "scores": rows[:, 5], "labels": rows[:, 6].long()})
-        return results
+    def run(self, chunk: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: chunk})[0]

@@ -1,10 +1,10 @@
-"""Ultralytics YOLOv8 and YOLO11 detection weights <-> plugdet `Detector` (the family's own backbone), scales n..x.
+"""Ultralytics YOLOv8, YOLO11 and YOLO26 detection weights <-> plugdet `Detector` (the family's own backbone), n..x.
 
 The two models compute the same function; only the parameter names differ. The names are mapped explicitly, layer
 by layer (`ULTRALYTICS_LAYERS`) and child by child (`CHILD_NAMES`), never by position, so a foreign layout fails with
 the first key that has no counterpart instead of loading silently into the wrong place. This module holds YOLOv8's
-map; YOLO11's is in `detect.interop.ultralytics11`, and `from_ultralytics` tells the two families apart
-(`ultralytics_family`).
+map; YOLO11's is in `detect.interop.ultralytics11`, YOLO26's in `detect.interop.ultralytics26`, and
+`from_ultralytics` tells the families apart (`ultralytics_family`).
 
 SECURITY — read before loading a file. An Ultralytics `.pt` is a pickle of Python objects (the whole model), and
 unpickling a file can run arbitrary code. `from_ultralytics(path)` therefore first uses Ultralytics' own restricted
@@ -31,6 +31,12 @@ from detect.interop.ultralytics11 import (
     uses_c3k_everywhere,
     yolo11_key_to_ours,
     yolo11_scale,
+)
+from detect.interop.ultralytics26 import (
+    is_yolo26_detector_state,
+    is_yolo26_layout,
+    our_key_to_yolo26,
+    yolo26_key_to_ours,
 )
 from detect.models import Detector, build_detector, yolo_spec
 
@@ -69,7 +75,8 @@ _REVERSED = {kind: {ours: theirs for theirs, ours in table.items()} for kind, ta
 _DFL_KEYS = ("model.22.dfl.conv.weight", "head.dfl_bins")  # the frozen DFL bins: [1, R, 1, 1] theirs, [R] ours
 # Stem width -> scale (scale_width(64, width): 16, 32, 48, 64, 80 — one per scale).
 _SCALE_BY_STEM = {16: "n", 32: "s", 48: "m", 64: "l", 80: "x"}
-FAMILY_NAMES = {"yolov8": "YOLOv8", "yolo11": "YOLO11"}  # our family (neck and head name) -> how Ultralytics says it
+# Our family (neck and head name) -> how Ultralytics says it.
+FAMILY_NAMES = {"yolov8": "YOLOv8", "yolo11": "YOLO11", "yolo26": "YOLO26"}
 
 
 def _rename_tail(kind: str, parts: list[str], tables: Mapping[str, Mapping[str, str]]) -> list[str]:
@@ -160,19 +167,38 @@ def _load_checkpoint_model(path: Path, trust_pickle: bool) -> nn.Module:
 
 
 def ultralytics_family(keys: Iterable[str]) -> str:
-    """The family of an Ultralytics detection state dict: "yolo11" for YOLO11's layout (C2PSA attention in layer 10,
-    Detect in layer 23), else "yolov8" (whose map then names the first key that does not fit)."""
+    """The family of an Ultralytics detection state dict: "yolo26" for YOLO26's layout (C2PSA attention in layer 10,
+    an end-to-end Detect in layer 23), "yolo11" for YOLO11's (C2PSA, Detect with DFL bins in layer 23), else "yolov8"
+    (whose map then names the first key that does not fit)."""
+    keys = list(keys)
+    if is_yolo26_layout(keys):
+        return "yolo26"
     return "yolo11" if is_yolo11_layout(keys) else "yolov8"
 
 
+def translate_ultralytics(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, str]:
+    """An Ultralytics detection state dict in plugdet's names (float32 copies), with its family and scale.
+
+    Returns:
+        (our state dict, family "yolov8" | "yolo11" | "yolo26", scale "n".."x"); a UserError names the first key or
+        shape that fits no family.
+    """
+    family = ultralytics_family(state)
+    translate = {"yolov8": _translate_yolov8, "yolo11": _translate_yolo11, "yolo26": _translate_yolo26}[family]
+    ours, scale = translate(state)
+    return ours, family, scale
+
+
 def from_ultralytics(source: Any, trust_pickle: bool = False) -> Detector:
-    """Build a plugdet `Detector` holding the weights of an Ultralytics YOLOv8 or YOLO11 detection model.
+    """Build a plugdet `Detector` holding the weights of an Ultralytics YOLOv8, YOLO11 or YOLO26 detection model.
 
     The family comes from the layout (`ultralytics_family`) and is logged ("loaded Ultralytics YOLO11n ..."); the
-    detector is the family's own backbone, neck and head (`cspdarknet_<scale>` or `csp11_<scale>`, neck and head
-    "yolov8" or "yolo11"). The scale comes from the stem width (YOLO11 m and l share it: the depth tells them apart),
-    checked against the model's yaml `scale` when present; the number of classes and reg_max from the head's shapes.
-    Outputs match Ultralytics' eval outputs (boxes there are cxcywh `[B, 4 + C, A]`; ours are xyxy `[B, A, 4 + C]`).
+    detector is the family's own backbone, neck and head (`cspdarknet_<scale>`, `csp11_<scale>` or `csp26_<scale>`,
+    neck and head "yolov8", "yolo11" or "yolo26"). The scale comes from the stem width (YOLO11 / YOLO26 m and l share
+    it: the depth tells them apart), checked against the model's yaml `scale` when present; the number of classes and
+    reg_max from the head's shapes. Outputs match Ultralytics' eval outputs (boxes there are cxcywh `[B, 4 + C, A]`,
+    ours xyxy `[B, A, 4 + C]`; YOLO26: the end-to-end `[B, 300, 6]` of both, Ultralytics' with `end2end` set).
+    A fused Ultralytics model (one branch dropped) is not a layout this reads.
 
     Args:
         source: an `ultralytics.YOLO`, a `DetectionModel`, or the path of a local Ultralytics `.pt` checkpoint.
@@ -183,18 +209,17 @@ def from_ultralytics(source: Any, trust_pickle: bool = False) -> Detector:
         A `Detector` in eval mode (call `.train()` to fine-tune it).
     """
     model = _resolve_model(source, trust_pickle)
-    state = model.state_dict()
-    family = ultralytics_family(state)
-    ours, scale = _translate_yolo11(state) if family == "yolo11" else _translate_yolov8(state)
+    ours, family, scale = translate_ultralytics(model.state_dict())
     label = f"{FAMILY_NAMES[family]}{scale}"
     yaml = getattr(model, "yaml", None)
     yaml_scale = yaml.get("scale") if isinstance(yaml, dict) else None
     if yaml_scale and yaml_scale != scale:
-        evidence = "stem width and depth are" if family == "yolo11" else "stem width is"
+        evidence = "stem width is" if family == "yolov8" else "stem width and depth are"
         raise UserError(f"Ultralytics model says scale {yaml_scale!r} but its {evidence} that of {scale!r}")
     num_classes = ours["head.cls_branch.0.pred.weight"].shape[0]
     reg_max = ours["head.box_branch.0.pred.weight"].shape[0] // 4
-    ours[_DFL_KEYS[1]] = ours[_DFL_KEYS[1]].reshape(-1)  # [1, R, 1, 1] -> [R]
+    if _DFL_KEYS[1] in ours:  # YOLO26 (reg_max 1) has no DFL bins
+        ours[_DFL_KEYS[1]] = ours[_DFL_KEYS[1]].reshape(-1)  # [1, R, 1, 1] -> [R]
     with torch.device("meta"):  # no init work: every tensor comes from `ours` below
         detector = build_detector(yolo_spec(scale, num_classes, family=family, reg_max=reg_max))
     _check_same_layout(detector, ours, label)
@@ -237,6 +262,24 @@ def _translate_yolo11(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     return ours, scale
 
 
+def _translate_yolo26(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """YOLO26 keys -> ours, and the scale from the stem width and depth (YOLO11's scales and rule); a UserError for a
+    key or shape of no YOLO26."""
+    scale = yolo11_scale(state)
+    if scale is None:
+        stem = tuple(state["model.0.conv.weight"].shape) if "model.0.conv.weight" in state else None
+        raise UserError(f"not a YOLO26 detection model: stem {stem} and the depth of layer 2 are no yolo26.yaml scale")
+    c3k_everywhere = uses_c3k_everywhere(state)
+    try:
+        ours = {yolo26_key_to_ours(k, c3k_everywhere): _float_copy(v) for k, v in state.items()}
+    except KeyError as err:
+        raise UserError(f"not a YOLO26 detection model: no plugdet counterpart for key {err.args[0]!r}") from err
+    if "head.box_branch.0.pred.weight" not in ours:  # Ultralytics' fuse() drops the one-to-many branch
+        raise UserError(f"not a YOLO26{scale} detection layout: no one-to-many head branch (a fused model?); import "
+                        "the trained checkpoint")  # fmt: skip
+    return ours, scale
+
+
 def _check_same_layout(detector: Detector, ours: Mapping[str, torch.Tensor], label: str) -> None:
     """Raise a `UserError` naming the first key or shape that differs between the translated and built models."""
     expected = detector.state_dict()
@@ -255,14 +298,14 @@ def _check_same_layout(detector: Detector, ours: Mapping[str, torch.Tensor], lab
 
 
 def to_ultralytics_state_dict(detector: Detector) -> dict[str, torch.Tensor]:
-    """The state dict of an Ultralytics YOLOv8 or YOLO11 `DetectionModel` with the same weights (the family's own
-    backbone only; a `csp11` backbone, which has a C2PSA, means YOLO11).
+    """The state dict of an Ultralytics YOLOv8, YOLO11 or YOLO26 `DetectionModel` with the same weights (the family's
+    own backbone only; a `csp11` backbone, which has a C2PSA, means YOLO11; a one-to-one head branch means YOLO26).
 
-    Load it with `DetectionModel(f"yolov8{scale}.yaml", nc=C).load_state_dict(sd)` (or `yolo11{scale}.yaml`).
+    Load it with `DetectionModel(f"yolov8{scale}.yaml", nc=C).load_state_dict(sd)` (or `yolo11` / `yolo26`).
 
     Args:
-        detector: a `Detector` on `cspdarknet_<scale>` with the yolov8 neck and head, or on `csp11_<scale>` with the
-            yolo11 neck and head; not fused.
+        detector: a `Detector` on `cspdarknet_<scale>` with the yolov8 neck and head, on `csp11_<scale>` with the
+            yolo11 neck and head, or on `csp26_<scale>` with the yolo26 neck and head; not fused.
 
     Returns:
         {Ultralytics key: tensor (detached copy)}.
@@ -270,6 +313,8 @@ def to_ultralytics_state_dict(detector: Detector) -> dict[str, torch.Tensor]:
     state = detector.state_dict()
     yolo11 = any(key.startswith("backbone.stages.3.c2psa.") for key in state)
     to_theirs = our_key_to_yolo11 if yolo11 else our_key_to_ultralytics
+    if is_yolo26_detector_state(state):
+        to_theirs = our_key_to_yolo26
     out = {}
     for key, value in state.items():
         try:

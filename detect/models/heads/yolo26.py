@@ -129,7 +129,8 @@ class Yolo26Head(Yolo11Head):
         self, features: Sequence[torch.Tensor], box_branch: nn.ModuleList, cls_branch: nn.ModuleList
     ) -> list[torch.Tensor]:
         """One [B, 4 + C, H_l, W_l] map per level: distances then class logits."""
-        return [torch.cat((box(x), cls(x)), dim=1) for x, box, cls in zip(features, box_branch, cls_branch, strict=True)]
+        pairs = zip(features, box_branch, cls_branch, strict=True)
+        return [torch.cat((box(x), cls(x)), dim=1) for x, box, cls in pairs]  # [B, 4 + C, H_l, W_l] each
 
     def forward(
         self,

@@ -1,0 +1,261 @@
+"""The YOLO26 detector (csp26 backbone + yolo26 neck + yolo26 end-to-end head) against Ultralytics 8.4.190's
+yolo26*.yaml: parameter counts (as trained and fused), the NMS-free eval outputs and the train-mode maps after
+`from_ultralytics`, predict() on Ultralytics' bundled photos (rect and square letterbox), the key map, and the
+end-to-end decode on hand-made scores."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize_bn
+from torch import nn
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/plugdet-yolo-config")
+tasks = pytest.importorskip("ultralytics.nn.tasks")
+
+from backbones import build_backbone  # noqa: E402
+from backbones.errors import UserError  # noqa: E402
+from detect.data.source import read_image_rgb  # noqa: E402
+from detect.inference import detect_image  # noqa: E402
+from detect.interop.ultralytics import from_ultralytics, to_ultralytics_state_dict, ultralytics_family  # noqa: E402
+from detect.interop.ultralytics11 import uses_c3k_everywhere  # noqa: E402
+from detect.interop.ultralytics26 import our_key_to_yolo26, yolo26_key_to_ours  # noqa: E402
+from detect.models import DetectorSpec, PartSpec, build_detector, build_yolo  # noqa: E402
+from detect.models.heads.yolo26 import EndToEndDecoder, Yolo26Head  # noqa: E402
+from detect.models.necks.pan26 import PAN26  # noqa: E402
+
+SCALES = ["n", "s", "m", "l", "x"]
+# Ultralytics' yolo26.yaml summary lines (80 classes, both head branches), DESIGN §5.
+YOLO26_PARAMS = {"n": 2_572_280, "s": 10_009_784, "m": 21_896_248, "l": 26_299_704, "x": 58_993_368}
+# Ultralytics' fused yolo26n (BatchNorm folded into conv biases, the one-to-many branch dropped), 80 classes.
+YOLO26N_FUSED_PARAMS = 2_408_932
+# Ultralytics' layers 0-10 (the backbone): the same as YOLO11's, since YOLO26's SPPF adds no parameter.
+CSP26_PARAMS = {"n": 1_365_472, "s": 5_441_984, "m": 10_352_192, "l": 12_833_600, "x": 28_847_328}
+IMAGE_SIZE = (128, 160)
+ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"
+PHOTOS = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg"]
+
+
+def _spec(scale: str, num_classes: int = 80) -> DetectorSpec:
+    return DetectorSpec(
+        num_classes, PartSpec(f"csp26_{scale}"), PartSpec("yolo26", {"scale": scale}), PartSpec("yolo26", {})
+    )
+
+
+def _ultralytics_model(scale: str, num_classes: int = 80, seed: int = 0) -> nn.Module:
+    """A randomly initialised YOLO26 with spread BatchNorm statistics and class logits spread over (0, 1) in both
+    branches, in eval mode with its end-to-end (one-to-one, top-k) inference selected."""
+    torch.manual_seed(seed)
+    model = tasks.DetectionModel(f"yolo26{scale}.yaml", nc=num_classes, verbose=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    randomize_bn(model, generator=gen)
+    with torch.no_grad():
+        detect = model.model[-1]
+        for seq in [*detect.cv3, *detect.one2one_cv3]:
+            seq[-1].weight.mul_(30.0)  # scores that depend on the image
+            seq[-1].bias.normal_(-3.0, 1.0, generator=gen)
+    model.end2end = True  # 8.4.190 builds a yaml model with the one-to-many inference selected
+    return model.eval()
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_parameter_counts_equal_ultralytics(scale: str) -> None:
+    spec = copy.deepcopy(tasks.yaml_model_load(f"yolo26{scale}.yaml"))
+    spec["nc"] = 80
+    with torch.device("meta"):  # parameters without storage: counting is all we need
+        ours = build_detector(_spec(scale))
+        theirs, _ = tasks.parse_model(spec, ch=3, verbose=False)
+        backbone = build_backbone(f"csp26_{scale}")
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters()) == YOLO26_PARAMS[scale]
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == count  # no frozen DFL bins at reg_max 1
+    assert sum(p.numel() for p in backbone.parameters()) == CSP26_PARAMS[scale]
+    assert sum(p.numel() for p in theirs[:11].parameters()) == CSP26_PARAMS[scale]
+
+
+def test_fused_count_equals_ultralytics_fused_model() -> None:
+    theirs = tasks.DetectionModel("yolo26n.yaml", nc=80, verbose=False)
+    theirs.end2end = True
+    theirs.fuse(verbose=False)  # folds BatchNorm, drops the one-to-many branch
+    ours = build_yolo("n", 80, family="yolo26").fuse()
+    ours.head.fuse()
+    assert theirs.model[-1].cv2 is None and ours.head.box_branch is None
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters()) == YOLO26N_FUSED_PARAMS
+    with pytest.raises(RuntimeError, match="fused"):
+        ours.head.train()
+
+
+def test_build_yolo_family_yolo26_is_the_same_spec() -> None:
+    with torch.device("meta"):
+        ours = build_yolo("s", 80, family="yolo26")
+    assert isinstance(ours.neck, PAN26) and isinstance(ours.head, Yolo26Head)
+    assert ours.backbone.stages[-1].sppf.residual and isinstance(ours.backbone.stages[-1].sppf.reduce_conv.act,
+                                                                 nn.Identity)  # fmt: skip
+    assert sum(p.numel() for p in ours.parameters()) == YOLO26_PARAMS["s"]
+    with pytest.raises(UserError, match="reg_max must be 1"), torch.device("meta"):
+        build_yolo("n", 80, family="yolo26", reg_max=16)
+
+
+@pytest.mark.parametrize(
+    "scale", ["n", "s", "m", pytest.param("l", marks=pytest.mark.slow), pytest.param("x", marks=pytest.mark.slow)]
+)
+@torch.no_grad()
+def test_eval_outputs_equal_ultralytics(scale: str) -> None:
+    """The end-to-end [B, 300, 6] rows (boxes, score, label) of the one-to-one branch: bit-identical."""
+    theirs = _ultralytics_model(scale)
+    ours = from_ultralytics(theirs)
+    assert not ours.training and ours.num_classes == 80 and isinstance(ours.head, Yolo26Head)
+    images = torch.rand(2, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
+    reference = theirs(images)[0]
+    preds = ours(images)
+    assert preds.shape == reference.shape == (2, 300, 6)
+    assert reference[..., 4].std() > 1e-3 and reference[..., 5].unique().numel() > 1  # varied scores, classes
+    assert torch.equal(preds, reference)
+
+
+@torch.no_grad()
+def test_train_outputs_equal_ultralytics_and_one_to_one_sees_detached_features() -> None:
+    """Train mode (batch statistics): both branches' raw maps are Ultralytics' distances and class logits, bit for
+    bit; a loss on the one-to-one maps alone leaves the backbone and the neck without gradients."""
+    theirs = _ultralytics_model("n").train()
+    ours = from_ultralytics(theirs).train()
+    images = torch.rand(2, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
+    reference = theirs(images)
+    raw = ours(images)
+    assert set(raw) == {"one2many", "one2one"}
+    for branch in ("one2many", "one2one"):
+        flat = torch.cat([level.flatten(2) for level in raw[branch]], dim=2)  # [B, 4 + C, A]
+        assert torch.equal(flat[:, :4], reference[branch]["boxes"]), branch
+        assert torch.equal(flat[:, 4:], reference[branch]["scores"]), branch
+    with torch.enable_grad():
+        ours.zero_grad()
+        sum(level.sum() for level in ours(images)["one2one"]).backward()
+    assert all(p.grad is None for p in [*ours.backbone.parameters(), *ours.neck.parameters()])
+    assert all(p.grad is None for p in ours.head.box_branch.parameters())
+    assert all(p.grad is not None for p in ours.head.one2one_cls_branch.parameters())
+
+
+def _compare(ours: dict, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    """The same detections: equal counts and classes, and each reference detection its own counterpart of the same
+    class, box within 1e-2 px, score within 1e-4. Ties excepted from the box check: the two sides' scores differ by a
+    few ulps, so detections scored within 1e-6 of another (anchors in the flat letterbox border score alike) or of the
+    lowest kept score (the 300th row) may come in another order or swap at the cut."""
+    assert len(ours["scores"]) == len(scores) > 0, (len(ours["scores"]), len(scores))
+    assert sorted(ours["labels"].tolist()) == sorted(labels.long().tolist())
+    tied = ((scores[:, None] - scores[None, :]).abs() <= 1e-6).sum(1) > 1  # [K]
+    tied |= scores - scores.min() <= 1e-6
+    assert int((~tied).sum()) >= 30
+    free = torch.ones(len(scores), dtype=torch.bool)
+    for box, score, label, skip in zip(boxes, scores, labels.long(), tied, strict=True):
+        if skip:
+            continue
+        fits = free & (ours["labels"] == label) & ((ours["scores"] - score).abs() <= 1e-4)
+        fits &= (ours["boxes"] - box).abs().max(dim=1).values <= 1e-2
+        assert fits.any(), (box, score, label)
+        free[fits.nonzero()[0, 0]] = False
+
+
+@pytest.mark.parametrize("rect", [True, False])
+@torch.no_grad()
+def test_predict_equals_ultralytics_nms_free_predict(rect: bool) -> None:
+    """Ultralytics' predict() with its NMS-free head (nms=False), conf 0.001, max_det 300, on its bundled photos, rect
+    and square letterbox at 640, against `detect_image` on the imported detector (fused, as Ultralytics' is)."""
+    from ultralytics import YOLO
+
+    theirs = _ultralytics_model("n")
+    ours = from_ultralytics(theirs).fuse()
+    ours.head.fuse()
+    wrapper = YOLO("yolo26n.yaml", task="detect", verbose=False)
+    wrapper.model = copy.deepcopy(theirs)
+    for photo in PHOTOS:
+        ref = wrapper.predict(str(photo), conf=0.001, max_det=300, nms=False, rect=rect, device="cpu", verbose=False)
+        ref = ref[0].boxes
+        found = detect_image(ours, read_image_rgb(photo), 640, "cpu", conf=0.001, iou=0.7, max_det=300, rect=rect)
+        assert len(found["scores"]) == 300  # conf 0.001 keeps every top-k row of these scores
+        _compare(found, ref.xyxy, ref.conf, ref.cls)
+
+
+def test_end_to_end_decode_on_hand_made_scores() -> None:
+    """Top-k first over anchors by their best class, then over (anchor, class) pairs: one anchor may give two rows;
+    an anchor whose best class is not among the K best gives none, even if its second class would be."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 2, 3, 4], [8, 8, 9, 9]])  # [A=4, 4]
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.3, 0.05], [0.6, 0.1, 0.7], [0.65, 0.0, 0.0]])  # [A, C=3]
+    rows = EndToEndDecoder.top_k(torch.cat((boxes, scores), 1)[None], max_det=3)[0]  # [3, 6]
+    # anchors by best class: 0 (0.9), 2 (0.7), 3 (0.65); pairs among them: 0.9 (0, 0), 0.8 (0, 1), 0.7 (2, 2)
+    expected = torch.tensor([[0.0, 0, 10, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 1], [1, 2, 3, 4, 0.7, 2]])
+    assert torch.equal(rows, expected)
+    head = Yolo26Head(3, (16, 32, 64), (8, 16, 32))
+    found = head.postprocess(rows[None], conf=0.75, iou=0.0, max_det=5)[0]  # iou 0 would suppress overlaps: ignored
+    assert torch.equal(found["scores"], torch.tensor([0.9, 0.8])) and found["labels"].tolist() == [0, 1]
+    assert torch.equal(found["boxes"], boxes[[0, 0]]) and found["labels"].dtype == torch.int64
+    assert head.postprocess(rows[None], conf=0.0, iou=0.7, max_det=1)[0]["scores"].tolist() == [pytest.approx(0.9)]
+
+
+def test_yolo26_head_on_another_backbone_and_its_priors() -> None:
+    """`model.head=yolo26` on any backbone (here YOLOv8's with the yolo26 neck); both branch pairs start at
+    Ultralytics 8.4.190's priors (box 2.0, class log(5 / C / (640 / stride)^2))."""
+    spec = DetectorSpec(3, PartSpec("cspdarknet_n"), PartSpec("yolo26", {"scale": "n"}), PartSpec("yolo26", {}))
+    detector = build_detector(spec)
+    head = detector.head
+    for branch in (*head.box_branch, *head.one2one_box_branch):
+        assert torch.equal(branch.pred.bias, torch.full((4,), 2.0))
+    prior = torch.log(torch.tensor(5 / 3 / (640 / 32) ** 2))
+    assert torch.allclose(head.one2one_cls_branch[2].pred.bias, prior.expand(3), rtol=0, atol=1e-7)
+    preds = detector.eval()(torch.rand(1, 3, 64, 96))
+    assert preds.shape == (1, 8 * 12 + 4 * 6 + 2 * 3, 6)  # fewer anchors than max_det: K = A
+
+
+def test_from_ultralytics_names_the_family(caplog: pytest.LogCaptureFixture) -> None:
+    yolo26 = tasks.DetectionModel("yolo26n.yaml", nc=3, verbose=False)
+    yolo11 = tasks.DetectionModel("yolo11n.yaml", nc=3, verbose=False)
+    v8 = tasks.DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    assert ultralytics_family(yolo26.state_dict()) == "yolo26"
+    assert ultralytics_family(yolo11.state_dict()) == "yolo11" and ultralytics_family(v8.state_dict()) == "yolov8"
+    with caplog.at_level(logging.INFO, logger="plugdet"):
+        ours = from_ultralytics(yolo26)
+    assert any(r.getMessage().startswith("loaded Ultralytics YOLO26n (3 classes)") for r in caplog.records)
+    assert isinstance(ours.head, Yolo26Head) and ours.head.num_classes == 3
+
+
+@pytest.mark.parametrize("scale", ["n", "m"])
+def test_key_round_trip_over_every_key(scale: str) -> None:
+    with torch.device("meta"):
+        theirs = tasks.parse_model(copy.deepcopy(tasks.yaml_model_load(f"yolo26{scale}.yaml")), ch=3, verbose=False)[0]
+        ours = build_detector(_spec(scale)).state_dict()
+    theirs = {f"model.{k}": v for k, v in theirs.state_dict().items()}  # a DetectionModel's keys
+    c3k = uses_c3k_everywhere(theirs)
+    assert c3k is (scale == "m")
+    assert all(our_key_to_yolo26(yolo26_key_to_ours(k, c3k)) == k for k in theirs)
+    assert {yolo26_key_to_ours(k, c3k) for k in theirs} == set(ours)
+    assert {our_key_to_yolo26(k) for k in ours} == set(theirs)
+    assert (
+        yolo26_key_to_ours("model.22.m.0.1.attn.qkv.conv.weight")
+        == "neck.bottom_up_p5.blocks.0.psa.attention.qkv.conv.weight"
+    )
+
+
+def test_fused_ultralytics_model_is_a_user_error() -> None:
+    fused = tasks.DetectionModel("yolo26n.yaml", nc=2, verbose=False)
+    fused.end2end = True
+    fused.fuse(verbose=False)
+    with pytest.raises(UserError, match="not a YOLO26n detection layout"):
+        from_ultralytics(fused)
+
+
+@torch.no_grad()
+def test_round_trip_to_ultralytics_state_dict() -> None:
+    torch.manual_seed(3)
+    ours = randomize_bn(build_detector(_spec("n", num_classes=7)), seed=4).eval()
+    theirs = tasks.DetectionModel("yolo26n.yaml", nc=7, verbose=False)
+    theirs.load_state_dict(to_ultralytics_state_dict(ours), strict=True)
+    theirs.end2end = True
+    images = torch.rand(2, 3, 64, 96)
+    assert torch.equal(ours(images), theirs.eval()(images)[0])
