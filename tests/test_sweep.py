@@ -356,7 +356,7 @@ def test_rerun_skips_every_finished_cell(tiny_sweep: dict, monkeypatch, capsys) 
     printed = capsys.readouterr().out
     assert printed.count("finished earlier") == 4 and "(skipped)" in printed
     after = (tiny_sweep["out"] / "sweep.csv").read_text()
-    assert before.splitlines()[0] == after.splitlines()[0]  # the report is written again, same columns
+    assert before.splitlines()[0] == after.splitlines()[0]  # up to date: left as it was
     assert "other settings" not in printed
     # other settings than those a finished cell ran with: it is still skipped, with a warning
     assert run_tool(load_sweep_tool().main, [*tiny_sweep["argv"], "threads=2"]) == 0

@@ -11,14 +11,10 @@ last.pt, one stopped before its first epoch ended starts again. When every cell 
 report: sweep.csv (one row per cell, every number), sweep.md (params, GFLOPs, CPU latency, cls top-1, AP and AP50
 as mean ± sd over seeds, AP gained from pretraining), ap_vs_latency.png and transfer_gain.png.
 
-Sharding: `--cell K --of N` runs only the cells whose index i has i % N == K (K in 0..N-1), so N independent
-processes or nodes (e.g. a cluster's array job, K = the task id) share the sweep over one OUTPUT folder. A shard
-pretrains the backbones its own cells need; two shards needing the same one take turns on a lock file
-(OUTPUT/locks/, fcntl.flock: local disk, or NFS with working locks): one trains it, the other reuses it. The shard
-that finishes the last cell writes the report (shards finishing together take turns on its lock: one writes it).
-`--report` writes it at any time from the cells finished so far, and first says how many cells of which sweep (the
-CONFIG and overrides given: name those the sweep ran with) have finished: none, nothing is written (exit code 1);
-no folder of any of its cells, as after another sweep, one line and exit code 2.
+Sharding: `--cell K --of N` runs the cells whose index i has i % N == K, so N processes or nodes (a cluster's array
+job) share one OUTPUT folder, taking turns on lock files to pretrain each backbone once and write the report once
+(docs/sweep.md, "On a cluster"). `--report` writes the report from the cells finished so far, after saying how many
+of which sweep have finished (none: nothing written, exit 1; no cell folder of that sweep: exit 2).
 `--list` prints the cells, their shard and status. Bad input (an unknown sweep key, a bad key in the tools'
 overrides, an unknown backbone or head): one line on stderr, exit code 2, before any run. A failed cell: its log's
 path and tail, the sweep goes on, exit code 1 at the end.
@@ -44,7 +40,7 @@ from pathlib import Path
 
 from backbones.errors import UserError
 from detect.cli import run_tool
-from detect.config import config_to_yaml, load_config
+from detect.config import load_config
 from detect.sweep.cells import shard
 from detect.sweep.config import SweepConfig, check_sweep
 
@@ -78,20 +74,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def list_cells(plan, n: int) -> None:
-    """One line per cell: index, shard, status, what it crosses, its folder."""
-    from detect.sweep.plan import cell_record
-
-    for cell in plan.cells:
-        status = "done" if cell_record(plan, cell) else "pending"
-        print(f"{cell.index:4d}  shard {cell.index % n}/{n}  {status:<7}  {cell.describe():<50}  "
-              f"{plan.layout.cell_dir(cell)}")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
-    from detect.sweep.plan import Tools, cell_record, make_plan
+    from detect.sweep.plan import Tools, list_cells, make_plan
     from detect.sweep.report import announce_report, report_once
-    from detect.sweep.runner import ensure_default_data, run_cells
+    from detect.sweep.runner import run_shard
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(SweepConfig, args.config, args.overrides)
@@ -108,19 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report and not announce_report(plan, named):
         return 1
     if not args.report:
-        from backbones.checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(config_to_yaml(cfg).encode("utf-8"), plan.layout.root / "sweep.yaml")
-        where = f"; shard {args.cell} of {args.of}: {len(mine)} of them" if args.of > 1 else ""
-        print(f"[sweep] {len(plan.cells)} cells ({len(cfg.backbones)} backbones x {len(heads)} heads x "
-              f"{len(cfg.init)} inits x {len(cfg.seeds)} seeds){where} -> {plan.layout.root}; tool output in "
-              f"{plan.layout.root / 'logs'}", flush=True)  # fmt: skip
-        ensure_default_data(plan, roots)
-        failed = run_cells(plan, mine, (args.cell, args.of))
-        finished = sum(cell_record(plan, cell) is not None for cell in plan.cells)
-        if failed:
-            print(f"[sweep] {len(failed)} cell(s) failed: " + "; ".join(f"{c.name}: {why}" for c, why in failed),
-                  file=sys.stderr)  # fmt: skip
+        failed, finished = run_shard(plan, cfg, heads, mine, (args.cell, args.of), roots)
         if finished < len(plan.cells):
             print(f"[sweep] {finished}/{len(plan.cells)} cells finished; the report is written when all are (or now: "
                   f"python tools/sweep.py {command} --report)", flush=True)  # fmt: skip

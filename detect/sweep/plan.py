@@ -107,3 +107,11 @@ def settings_changed(record: dict[str, Any], fresh: list[str]) -> bool:
 def cell_record(plan: SweepPlan, cell: Cell) -> dict[str, Any] | None:
     """A finished cell's record, or None."""
     return read_marker(plan.layout.cell_dir(cell) / CELL_DONE)
+
+
+def list_cells(plan: SweepPlan, n: int) -> None:
+    """One line per cell: index, shard, status, what it crosses, its folder."""
+    for cell in plan.cells:
+        status = "done" if cell_record(plan, cell) else "pending"
+        print(f"{cell.index:4d}  shard {cell.index % n}/{n}  {status:<7}  {cell.describe():<50}  "
+              f"{plan.layout.cell_dir(cell)}")  # fmt: skip

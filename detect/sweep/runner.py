@@ -316,3 +316,24 @@ def run_cells(plan: SweepPlan, cells: Sequence[Cell], shard: tuple[int, int] = (
                   "the same command again to continue", file=sys.stderr, flush=True)  # fmt: skip
             raise
     return failed
+
+
+def run_shard(plan: Any, cfg: Any, heads: Sequence[str], mine: list, shard: tuple[int, int], roots: Any
+              ) -> tuple[list, int]:  # fmt: skip
+    """A shard's part of a sweep: sweep.yaml, the default data if asked for, its cells; returns (the failed cells
+    with why, how many cells of the whole sweep are finished now)."""
+    from backbones.checkpoint import atomic_write_bytes
+    from detect.config import config_to_yaml
+    from detect.sweep.plan import cell_record
+
+    atomic_write_bytes(config_to_yaml(cfg).encode("utf-8"), plan.layout.root / "sweep.yaml")
+    where = f"; shard {shard[0]} of {shard[1]}: {len(mine)} of them" if shard[1] > 1 else ""
+    print(f"[sweep] {len(plan.cells)} cells ({len(cfg.backbones)} backbones x {len(heads)} heads x "
+          f"{len(cfg.init)} inits x {len(cfg.seeds)} seeds){where} -> {plan.layout.root}; tool output in "
+          f"{plan.layout.root / 'logs'}", flush=True)  # fmt: skip
+    ensure_default_data(plan, roots)
+    failed = run_cells(plan, mine, shard)
+    if failed:
+        print(f"[sweep] {len(failed)} cell(s) failed: " + "; ".join(f"{c.name}: {why}" for c, why in failed),
+              file=sys.stderr)  # fmt: skip
+    return failed, sum(cell_record(plan, cell) is not None for cell in plan.cells)
