@@ -104,7 +104,9 @@ def test_det_schema_defaults() -> None:
     assert (cfg.eval.conf, cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend) == (0.001, 0.7, 300, "pycocotools")
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "resnet50_cub.yaml", "cspdarknet_n_cub.yaml", "csp11_n_cub.yaml"])
+@pytest.mark.parametrize(
+    "name", ["default.yaml", "resnet50_cub.yaml", "cspdarknet_n_cub.yaml", "csp11_n_cub.yaml", "csp26_n_cub.yaml"]
+)
 def test_shipped_cls_configs_load(name: str) -> None:
     cfg = load_config(ClsConfig, REPO / "configs" / "cls" / name)
     assert cfg.train.epochs >= 1

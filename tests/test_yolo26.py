@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,18 +19,22 @@ from torch import nn
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/plugdet-yolo-config")
-tasks = pytest.importorskip("ultralytics.nn.tasks")
+from ultralytics.nn import tasks  # noqa: E402  (a dev dependency: the parity tests run, never skip)
 
 from backbones import build_backbone  # noqa: E402
 from backbones.errors import UserError  # noqa: E402
+from detect.boxes import xyxy2cxcywh  # noqa: E402
 from detect.data.source import read_image_rgb  # noqa: E402
 from detect.inference import detect_image  # noqa: E402
 from detect.interop.ultralytics import from_ultralytics, to_ultralytics_state_dict, ultralytics_family  # noqa: E402
 from detect.interop.ultralytics11 import uses_c3k_everywhere  # noqa: E402
 from detect.interop.ultralytics26 import our_key_to_yolo26, yolo26_key_to_ours  # noqa: E402
+from detect.losses import build_criterion  # noqa: E402
+from detect.losses.yolo26 import EndToEndLoss, o2m_weight  # noqa: E402
 from detect.models import DetectorSpec, PartSpec, build_detector, build_yolo  # noqa: E402
 from detect.models.heads.yolo26 import EndToEndDecoder, Yolo26Head  # noqa: E402
 from detect.models.necks.pan26 import PAN26  # noqa: E402
+from detect.train.optim import MuSGD, build_musgd_param_groups, build_optimizer  # noqa: E402
 
 SCALES = ["n", "s", "m", "l", "x"]
 # Ultralytics' yolo26.yaml summary lines (80 classes, both head branches), DESIGN §5.
@@ -49,9 +54,10 @@ def _spec(scale: str, num_classes: int = 80) -> DetectorSpec:
     )
 
 
-def _ultralytics_model(scale: str, num_classes: int = 80, seed: int = 0) -> nn.Module:
+def _ultralytics_model(scale: str, num_classes: int = 80, seed: int = 0, gain: float = 30.0) -> nn.Module:
     """A randomly initialised YOLO26 with spread BatchNorm statistics and class logits spread over (0, 1) in both
-    branches, in eval mode with its end-to-end (one-to-one, top-k) inference selected."""
+    branches (their last weights times `gain`), in eval mode with its end-to-end (one-to-one, top-k) inference
+    selected."""
     torch.manual_seed(seed)
     model = tasks.DetectionModel(f"yolo26{scale}.yaml", nc=num_classes, verbose=False)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -59,7 +65,7 @@ def _ultralytics_model(scale: str, num_classes: int = 80, seed: int = 0) -> nn.M
     with torch.no_grad():
         detect = model.model[-1]
         for seq in [*detect.cv3, *detect.one2one_cv3]:
-            seq[-1].weight.mul_(30.0)  # scores that depend on the image
+            seq[-1].weight.mul_(gain)  # scores that depend on the image
             seq[-1].bias.normal_(-3.0, 1.0, generator=gen)
     model.end2end = True  # 8.4.190 builds a yaml model with the one-to-many inference selected
     return model.eval()
@@ -259,3 +265,186 @@ def test_round_trip_to_ultralytics_state_dict() -> None:
     theirs.end2end = True
     images = torch.rand(2, 3, 64, 96)
     assert torch.equal(ours(images), theirs.eval()(images)[0])
+
+
+@pytest.fixture(scope="module")
+def ultralytics_e2e() -> tuple[dict, object, EndToEndLoss]:
+    """Ultralytics' train-mode outputs of yolo26n (80 classes) on a batch of 4, its E2ELoss (epochs 5), and the
+    criterion the yolo26 head family builds."""
+    from ultralytics.utils.loss import E2ELoss
+
+    model = _ultralytics_model("n", gain=3.0)
+    criterion = build_criterion(from_ultralytics(model).head)
+    model.args = SimpleNamespace(box=7.5, cls=0.5, dfl=1.5, epochs=5)  # what E2ELoss reads of the trainer's args
+    model.train()
+    with torch.no_grad():
+        outputs = model(torch.rand(4, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(0)))
+    return outputs, E2ELoss(model), criterion
+
+
+def _targets(counts: list[int], seed: int) -> torch.Tensor:
+    """Rows (image_index, class_id, x1, y1, x2, y2) in pixels, sorted by image; boxes 3 to 90 pixels wide."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    size = torch.tensor(IMAGE_SIZE[::-1], dtype=torch.float32)  # (W, H)
+    for image, count in enumerate(counts):
+        centre = torch.rand(count, 2, generator=gen) * size
+        extent = torch.rand(count, 2, generator=gen) * 87 + 3
+        boxes = torch.minimum(torch.cat((centre - extent / 2, centre + extent / 2), 1).clamp(min=0), size.repeat(2))
+        labels = torch.randint(0, 80, (count, 1), generator=gen).float()
+        rows.append(torch.cat((torch.full((count, 1), float(image)), labels, boxes), 1))
+    return torch.cat(rows)
+
+
+def _as_levels(branch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Ultralytics' {"boxes" [B, 4, A], "scores" [B, C, A], "feats"} as our [B, 4 + C, H_l, W_l] level maps."""
+    levels, start = [], 0
+    for feat in branch["feats"]:
+        height, width = feat.shape[2:]
+        stop = start + height * width
+        level = torch.cat((branch["boxes"][..., start:stop], branch["scores"][..., start:stop]), 1)  # [B, 4 + C, HW]
+        levels.append(level.view(level.shape[0], -1, height, width))
+        start = stop
+    return levels
+
+
+@pytest.mark.parametrize(("counts", "noise"), [([3, 0, 5, 1], 0.0), ([1, 12, 0, 2], 1.0), ([0, 0, 0, 0], 1.0)])
+def test_loss_parts_equal_ultralytics_e2e_loss(ultralytics_e2e: tuple, counts: list[int], noise: float) -> None:
+    """Both branches' box, cls and L1 parts, the weighted total and its gradients equal Ultralytics' `E2ELoss`
+    within 1e-6 relative, on batches with an image without boxes, and on one without any box."""
+    outputs, theirs, ours = ultralytics_e2e
+    gen = torch.Generator().manual_seed(len(counts) + int(noise * 10))
+    leaves = {
+        branch: {key: (outputs[branch][key] + noise * torch.randn(outputs[branch][key].shape, generator=gen))
+                 .requires_grad_() for key in ("boxes", "scores")} | {"feats": outputs[branch]["feats"]}
+        for branch in ("one2many", "one2one")
+    }  # fmt: skip
+    targets = _targets(counts, seed=sum(counts))
+    height, width = IMAGE_SIZE
+    batch = {"batch_idx": targets[:, 0], "cls": targets[:, 1:2], "img": torch.zeros(4, 3, height, width),
+             "bboxes": xyxy2cxcywh(targets[:, 2:]) / torch.tensor([width, height, width, height])}  # fmt: skip
+    their_total, their_parts = theirs(leaves, batch)
+    raw = {branch: _as_levels(leaves[branch]) for branch in leaves}
+    total, parts = ours(raw, targets)
+    names = {"box": "box_loss", "cls": "cls_loss", "l1": "l1_loss"}
+    assert set(parts) == set(names) and (parts["box"] > 0) == (sum(counts) > 0)
+    for ours_key, their_key in names.items():  # the one-to-one branch's parts, which both log
+        torch.testing.assert_close(parts[ours_key], their_parts[their_key], rtol=1e-6, atol=0, msg=ours_key)
+    _, their_o2m = theirs.one2many.loss(leaves["one2many"], batch)
+    _, o2m = ours.one2many(raw["one2many"], targets)
+    for ours_key, their_key in names.items():
+        torch.testing.assert_close(o2m[ours_key], their_o2m[their_key], rtol=1e-6, atol=0, msg=ours_key)
+    torch.testing.assert_close(total, their_total.sum(), rtol=1e-6, atol=0)
+    inputs = [leaves[b][k] for b in ("one2many", "one2one") for k in ("boxes", "scores")]
+    for mine, reference in zip(torch.autograd.grad(total, inputs), torch.autograd.grad(their_total.sum(), inputs),
+                               strict=True):  # fmt: skip
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_branch_weights_follow_ultralytics_schedule(ultralytics_e2e: tuple) -> None:
+    """o2m 0.8 at the first epoch, 0.1 at the last, linear between; o2o = 1 - o2m; the same floats as `E2ELoss`
+    after its per-epoch `update()` (epochs 5), and as a resumed `E2ELoss` (updates = epoch - 1, then update())."""
+    _, theirs, ours = ultralytics_e2e
+    theirs = copy.copy(theirs)
+    theirs.updates, theirs.o2m, theirs.o2o = 0, 0.8, 1.0 - 0.8
+    expected = [0.8, 0.625, 0.45000000000000007, 0.275, 0.1]
+    for epoch in range(5):
+        ours.set_epoch(epoch, 5)
+        assert (ours.o2m, ours.o2o) == (theirs.o2m, theirs.o2o) == (expected[epoch], max(1.0 - expected[epoch], 0))
+        theirs.update()
+    assert o2m_weight(0, 1) == 0.8 and o2m_weight(7, 5) == 0.1  # one epoch: o2m throughout; past the end: final
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_musgd_groups_and_steps_equal_ultralytics(channels_last: bool) -> None:
+    """Ultralytics' MuSGD (its trainer's groups: Muon on every 2-D / 4-D weight, class branches at 3x the lr, muon
+    0.2 / sgd 1.0) and ours from `build_musgd_param_groups` on the imported model: the same groups, and the same
+    parameters after each of three steps on the same gradients, bit for bit (NCHW and channels_last weights)."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    theirs = _ultralytics_model("n", num_classes=3).train()
+    ours = from_ultralytics(theirs).train()
+    if channels_last:
+        theirs, ours = theirs.to(memory_format=torch.channels_last), ours.to(memory_format=torch.channels_last)
+    their_params = dict(theirs.named_parameters())
+    pairs = [(p, their_params[our_key_to_yolo26(name)]) for name, p in ours.named_parameters()]
+    their_opt = BaseTrainer.build_optimizer(SimpleNamespace(args=SimpleNamespace()), theirs, name="MuSGD", lr=0.01,
+                                            momentum=0.9, decay=5e-4)  # fmt: skip
+    class_branches = [p for name, p in ours.head.named_parameters() if "cls_branch" in name]
+    our_opt = build_optimizer("musgd", build_musgd_param_groups(ours, 5e-4, class_branches), 0.01, 0.9)
+    assert isinstance(our_opt, MuSGD) and (our_opt.muon, our_opt.sgd) == (their_opt.muon, their_opt.sgd) == (0.2, 1.0)
+    theirs_of = {id(mine): other for mine, other in pairs}
+    for mine, other in zip(our_opt.param_groups, their_opt.param_groups, strict=True):
+        assert {id(theirs_of[id(p)]) for p in mine["params"]} == {id(p) for p in other["params"]}
+        for key in ("lr", "weight_decay", "momentum", "nesterov"):
+            assert mine[key] == other[key], (mine["name"], key)
+        assert mine["use_muon"] == other.get("use_muon", False) and (mine["name"] == "bias") == (
+            other["param_group"] == "bias"
+        )
+    assert sum(len(g["params"]) for g in our_opt.param_groups if g["use_muon"]) == 126
+    before = [mine.detach().clone() for mine, _ in pairs]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for mine, other in pairs:
+            grad = (torch.randn(mine.shape, generator=gen) * 0.1).contiguous(
+                memory_format=torch.channels_last if channels_last and mine.ndim == 4 else torch.contiguous_format
+            )
+            mine.grad, other.grad = grad, grad.clone(memory_format=torch.preserve_format)
+        their_opt.step()
+        our_opt.step()
+        assert all(torch.equal(mine, other) for mine, other in pairs)
+    assert all(not torch.equal(mine, start) for (mine, _), start in zip(pairs, before, strict=True))  # all moved
+
+
+@pytest.mark.slow
+def test_train_det_trains_yolo26_and_tells_the_loss_the_epoch(
+    synth_cub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tools/train_det.py with model.head=yolo26 (csp26_n + yolo26 neck by default): the engine calls the criterion's
+    `set_epoch` at each epoch start, the logged parts are the yolo26 loss's, and the run evaluates NMS-free."""
+    import csv
+
+    from helpers import load_tool
+
+    from detect.cli import run_tool
+
+    seen: list[tuple[int, int, float]] = []
+    original = EndToEndLoss.set_epoch
+
+    def record(self: EndToEndLoss, epoch: int, epochs: int) -> None:
+        original(self, epoch, epochs)
+        seen.append((epoch, epochs, self.o2m))
+
+    monkeypatch.setattr(EndToEndLoss, "set_epoch", record)
+    argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=2", "train.batch_size=4",
+            "train.workers=0", "train.close_mosaic=0", "model.backbone_weights=null", "model.head=yolo26",
+            f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert run_tool(load_tool("train_det").main, argv) == 0
+    assert seen == [(0, 2, 0.8), (1, 2, 0.1)]
+    with open(tmp_path / "run" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and {"train/box", "train/cls", "train/l1"} <= set(rows[0]) and "train/dfl" not in rows[0]
+    checkpoint = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert checkpoint["arch"]["backbone"]["name"] == "csp26_n" and checkpoint["arch"]["head"]["name"] == "yolo26"
+
+
+def test_train_optimizer_musgd_builds_ultralytics_groups_and_the_warmup_keeps_their_scales() -> None:
+    """`train.optimizer=musgd` through train_det's builder: eight groups, the head's class branches at 3x the lr,
+    and the schedule's warmup multiplies each group's lr by its scale."""
+    from detect.config import DetConfig, load_config
+    from detect.models import build_yolo
+    from detect.train.builders import build_det_optimizer, build_schedule
+
+    cfg = load_config(DetConfig, None, ["train.optimizer=musgd", "model.head=yolo26", "train.lr=0.01"])
+    model = build_yolo("n", 3, family="yolo26")
+    optimizer = build_det_optimizer(cfg, model)
+    assert len(optimizer.param_groups) == 8 and type(optimizer).__name__ == "MuSGD"
+    cls_ids = {id(p) for name, p in model.head.named_parameters() if "cls_branch" in name}
+    for group in optimizer.param_groups:
+        boosted = {id(p) for p in group["params"]} <= cls_ids and len(group["params"]) > 0
+        assert group["lr_scale"] == (3.0 if boosted else 1.0) or not group["params"]
+    build_schedule(cfg, iters_per_epoch=10).apply(optimizer, epoch=5, iteration=10_000)  # after the warmup
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(
+            group["lr_scale"] * optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1]["lr_scale"], rel=1e-12
+        )

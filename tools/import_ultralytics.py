@@ -1,4 +1,4 @@
-"""Convert an Ultralytics YOLOv8 / YOLO11 detection checkpoint into a plugdet one:
+"""Convert an Ultralytics YOLOv8 / YOLO11 / YOLO26 detection checkpoint into a plugdet one:
 `python tools/import_ultralytics.py WEIGHTS.pt --out OUT.pt [--img-size N] [--trust-pickle]`.
 
 An Ultralytics `.pt` is a pickle of Python objects, and unpickling can run code. This tool is the one step of
@@ -29,17 +29,15 @@ from detect.config import DetConfig, config_to_dict, load_config
 from detect.interop.ultralytics import (
     FAMILY_NAMES,
     _resolve_model,
-    _translate_yolo11,
-    _translate_yolov8,
     from_ultralytics,
-    ultralytics_family,
+    translate_ultralytics,
 )
 from detect.models import yolo_spec
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="import_ultralytics.py", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("weights", help="an Ultralytics YOLOv8 / YOLO11 detection checkpoint (.pt)")
+    parser.add_argument("weights", help="an Ultralytics YOLOv8 / YOLO11 / YOLO26 detection checkpoint (.pt)")
     parser.add_argument("--out", required=True, help="the plugdet checkpoint to write")
     parser.add_argument("--img-size", type=int, default=None, help="data.img_size (default: the file's imgsz, or 640)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a full unpickle (runs code from the file)")
@@ -72,8 +70,7 @@ def import_ultralytics(weights: str | Path, out: str | Path, img_size: int | Non
     """
     source = _resolve_model(Path(weights), trust_pickle)  # the one unpickling step
     state = source.state_dict()
-    family = ultralytics_family(state)
-    _, scale = _translate_yolo11(state) if family == "yolo11" else _translate_yolov8(state)
+    _, family, scale = translate_ultralytics(state)
     detector = from_ultralytics(source)
     size = img_size or training_size_of(source) or 640
     if size <= 0 or size % 32:

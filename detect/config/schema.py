@@ -130,7 +130,7 @@ class DetTrainConfig:
     nominal_batch_size: int = _at_least(64, 1)  # gradients accumulate up to this; weight decay scales with it
     lr: float = _at_least(0.01, 0.0)  # initial learning rate (after warmup)
     lrf: float = _in_range(0.01, 0.0, 1.0)  # final lr = lr * lrf
-    optimizer: str = _choice("sgd", "adamw")
+    optimizer: str = _choice("sgd", "adamw", "musgd")
     momentum: float = _in_range(0.937, 0.0, 1.0, high_open=True)  # SGD momentum or AdamW beta1
     weight_decay: float = _at_least(5e-4, 0.0)  # at the nominal batch size; none on norm weights and biases
     warmup_epochs: float = _at_least(3.0, 0.0)  # warmup lasts max(warmup_epochs, 100 iterations)

@@ -29,7 +29,13 @@ from detect.models.yolo_family import FAMILY_BACKBONES
 from detect.train.distributed import DistInfo
 from detect.train.engine import Schedule
 from detect.train.memory import cache_train_images
-from detect.train.optim import build_optimizer, build_param_groups, scaled_weight_decay, warmup_iterations
+from detect.train.optim import (
+    build_musgd_param_groups,
+    build_optimizer,
+    build_param_groups,
+    scaled_weight_decay,
+    warmup_iterations,
+)
 from detect.train.samples import NamedSamples
 from detect.train.seeding import DistributedEpochSampler
 
@@ -132,9 +138,14 @@ def build_det_criterion(cfg: DictConfig, model: Detector) -> Callable:
 
 
 def build_det_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD / AdamW over YOLOv8's three groups; weight decay scaled to the nominal batch size."""
+    """SGD / AdamW over YOLOv8's three groups, or MuSGD over Ultralytics' eight (the head's class branches at 3x the
+    lr); weight decay scaled to the nominal batch size."""
     t = cfg.train
     decay = scaled_weight_decay(t.weight_decay, t.batch_size, t.nominal_batch_size)
+    if t.optimizer == "musgd":
+        head = getattr(model, "head", model)
+        boosted = [p for name, p in head.named_parameters() if "cls_branch" in name]
+        return build_optimizer("musgd", build_musgd_param_groups(model, decay, boosted), t.lr, t.momentum)
     return build_optimizer(t.optimizer, build_param_groups(model, decay), t.lr, t.momentum)
 
 

@@ -153,6 +153,8 @@ class DetRun:
         if epoch >= t.epochs - t.close_mosaic:
             self.train_set.close_mosaic()  # explicit: YOLOv8's last epochs see plain images
         sampler.set_epoch(epoch, self.state.position[1])
+        if hasattr(self.criterion, "set_epoch"):  # a loss whose weights change over training (YOLO26's o2m / o2o)
+            self.criterion.set_epoch(epoch, t.epochs)
         begin = EpochStart(epoch, self.state.position[1], self.state.sums)
         return train_one_epoch(self.model, self.criterion, train_loader, self.opt, self.state, begin, self.precision)
 

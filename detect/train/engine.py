@@ -56,9 +56,9 @@ class Schedule:
         """Set every group's lr / momentum for a global iteration; returns the batches to accumulate."""
         target = self.lr * yolo_lr_factor(epoch, self.epochs, self.lrf, self.scheduler)
         names = [group.get("name", "") for group in optimizer.param_groups]
-        values = warmup_values(
-            iteration, self.warmup_iters, names, target, self.momentum, self.warmup_bias_lr, self.warmup_momentum
-        )
+        scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]  # MuSGD's class branches: 3
+        values = warmup_values(iteration, self.warmup_iters, names, target, self.momentum, self.warmup_bias_lr,
+                               self.warmup_momentum, scales)  # fmt: skip
         set_group_values(optimizer, values)
         return warmup_accumulate(iteration, self.warmup_iters, self.nominal_batch_size, self.batch_size)
 

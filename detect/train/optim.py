@@ -4,10 +4,10 @@ Shared by classification (`tools/train_cls.py`) and detection training. The sche
 (fractional) epoch, so a resumed run needs no scheduler object: the position is the epoch and batch it stopped at.
 
 Detection follows YOLOv8 (DESIGN §5): three parameter groups (decayed weights; norm weights and biases without decay),
-SGD with Nesterov momentum or AdamW, a warmup over max(warmup_epochs * iterations, 100) iterations in which the bias
-lr falls from `warmup_bias_lr` and the other lrs rise from 0 to the scheduled lr while momentum rises from
-`warmup_momentum`, then a per-epoch linear or cosine decay to lr * lrf, and an EMA of the weights whose decay ramps
-up as d * (1 - exp(-updates / tau)).
+SGD with Nesterov momentum, AdamW or YOLO26's MuSGD (`MuSGD`, `build_musgd_param_groups`), a warmup over
+max(warmup_epochs * iterations, 100) iterations in which the bias lr falls from `warmup_bias_lr` and the other lrs
+rise from 0 to the scheduled lr while momentum rises from `warmup_momentum`, then a per-epoch linear or cosine decay
+to lr * lrf, and an EMA of the weights whose decay ramps up as d * (1 - exp(-updates / tau)).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as sgd_step
 
 from backbones.errors import UserError
 
@@ -62,24 +63,28 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
 def build_optimizer(
     name: str, groups: list[dict[str, Any]], lr: float, momentum: float, nesterov: bool = True
 ) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum) or AdamW over parameter groups, each group remembering `initial_lr`.
+    """SGD (Nesterov momentum), AdamW or MuSGD over parameter groups, each group remembering `initial_lr`.
 
     Args:
-        name: "sgd" or "adamw".
-        groups: from `build_param_groups` (their weight decay is kept; AdamW's decay is decoupled).
-        lr: base learning rate (every group's `lr` and `initial_lr`).
-        momentum: SGD momentum, or AdamW's beta1 (beta2 = 0.999), as YOLOv8 does.
-        nesterov: SGD only; off when momentum is 0.
+        name: "sgd", "adamw" or "musgd".
+        groups: from `build_param_groups` (their weight decay is kept; AdamW's decay is decoupled), or for "musgd"
+            from `build_musgd_param_groups` (a group's `lr_scale` multiplies its `lr` and `initial_lr`).
+        lr: base learning rate (every group's `lr` and `initial_lr`, times its `lr_scale`).
+        momentum: SGD / MuSGD momentum, or AdamW's beta1 (beta2 = 0.999), as YOLOv8 does.
+        nesterov: SGD and MuSGD; off when momentum is 0.
 
     Returns:
         The optimizer; its groups keep their "name" key, which the warmup uses to find the bias group.
     """
-    groups = [{**group, "lr": lr, "initial_lr": lr} for group in groups]
+    groups = [{**group, "lr": lr * group.get("lr_scale", 1.0), "initial_lr": lr * group.get("lr_scale", 1.0)}
+              for group in groups]  # fmt: skip
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    raise UserError(f"unknown optimizer {name!r}: choose sgd or adamw")
+    if name == "musgd":
+        return MuSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    raise UserError(f"unknown optimizer {name!r}: choose sgd, adamw or musgd")
 
 
 def lr_at(
@@ -169,17 +174,20 @@ def warmup_values(
     momentum: float,
     warmup_bias_lr: float = 0.1,
     warmup_momentum: float = 0.8,
+    lr_scales: Sequence[float] | None = None,
 ) -> list[tuple[float, float]]:
     """YOLOv8 warmup: (lr, momentum) for each parameter group at a global iteration.
 
     Over iterations 0..warmup_iters the "bias" group's lr falls linearly from `warmup_bias_lr` to `target_lr`, the
     other groups' rise from 0 to `target_lr`, and momentum rises from `warmup_momentum` to `momentum`; from
-    warmup_iters on, every group has (target_lr, momentum).
+    warmup_iters on, every group has (target_lr, momentum). A group's `lr_scales` entry (MuSGD's class branches: 3)
+    multiplies its `target_lr`, not the bias warmup's start, as Ultralytics does.
 
     Args:
         iteration: global iteration (epoch * iters_per_epoch + batch index).
         warmup_iters: from `warmup_iterations` (0 = no warmup).
         group_names: the optimizer's group names, e.g. ("decay", "norm", "bias").
+        lr_scales: per group, a factor of `target_lr` (default 1 for every group).
         target_lr: the scheduled lr of this epoch (initial_lr * yolo_lr_factor(epoch, ...)).
         momentum: the final momentum (AdamW: beta1).
         warmup_bias_lr, warmup_momentum: the starting values.
@@ -187,12 +195,13 @@ def warmup_values(
     Returns:
         One (lr, momentum) per group, in order.
     """
+    scales = [1.0] * len(group_names) if lr_scales is None else list(lr_scales)
     if warmup_iters <= 0 or iteration >= warmup_iters:
-        return [(target_lr, momentum) for _ in group_names]
+        return [(target_lr * scale, momentum) for scale in scales]
     m = _interp(iteration, warmup_iters, warmup_momentum, momentum)
     return [
-        (_interp(iteration, warmup_iters, warmup_bias_lr if name == "bias" else 0.0, target_lr), m)
-        for name in group_names
+        (_interp(iteration, warmup_iters, warmup_bias_lr if name == "bias" else 0.0, target_lr * scale), m)
+        for name, scale in zip(group_names, scales, strict=True)
     ]
 
 
@@ -267,3 +276,187 @@ class ModelEMA:
         """Restore from `state_dict()`."""
         self.ema.load_state_dict(state["state_dict"])
         self.updates = int(state["updates"])
+
+
+# ---- MuSGD (YOLO26's optimizer, Ultralytics 8.4.190): an SGD step plus a Muon step on matrices and conv filters ----
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Newton-Schulz quintic (Keller Jordan's Muon; torch.optim.Muon's too)
+NS_STEPS = 5
+NS_EPS = 1e-7
+MUSGD_MUON, MUSGD_SGD = 0.2, 1.0  # Ultralytics' lr factors of the Muon and the SGD parts of a muon group
+CLASS_BRANCH_LR_SCALE = 3.0  # Ultralytics' lr multiplier of the class branches under MuSGD
+NS_MAX_ROW_RATIO = 16  # matrices batched together differ in rows by at most this factor (the zero padding's bound)
+
+
+def newton_schulz(batch: torch.Tensor, eps: float = NS_EPS) -> torch.Tensor:
+    """Approximate orthogonalisation (U V^T of the SVD, singular values pushed towards [0.5, 1.5]) of a batch of
+    matrices by 5 quintic Newton-Schulz steps in bfloat16 (Jordan et al., "Muon: An optimizer for hidden layers in
+    neural networks", 2024).
+
+    Args:
+        batch: [N, R, K] matrices (rows of zeros, the padding of `orthogonalize`, stay zero).
+
+    Returns:
+        [N, R, K] bfloat16.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = batch.bfloat16()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    wide = batch.size(-2) > batch.size(-1)
+    if wide:
+        x = x.transpose(-2, -1)  # iterate on the smaller Gram matrix
+    for _ in range(NS_STEPS):
+        gram = x @ x.transpose(-2, -1)  # [N, r, r]
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * G + c * G @ G
+        x = torch.baddbmm(x, poly, x, beta=a)  # a * X + (b G + c G^2) X
+    return x.transpose(-2, -1) if wide else x
+
+
+def _as_matrix(update: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """A 2-D view of an update in its own memory order ([O, I*kh*kw] for NCHW, [O, kh*kw*I] for channels_last), and
+    the strides to write the orthogonalised matrix back in that layout (None: row-major)."""
+    if update.ndim == 4 and not update.is_contiguous() and update.is_contiguous(memory_format=torch.channels_last):
+        return update.permute(0, 2, 3, 1).flatten(1), update.stride()  # NHWC columns: a permutation of NCHW's
+    if update.is_contiguous():
+        return update.flatten(1), update.stride()
+    return update.reshape(update.shape[0], -1).contiguous(), None
+
+
+def orthogonalize(updates: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Muon's orthogonalised updates of 2-D / 4-D tensors, each scaled by sqrt(max(1, rows / cols)) of its own
+    (last two dims') shape, as Ultralytics' MuSGD computes them.
+
+    Matrices of the same width (and scale, device, dtype) are zero-padded to the most rows and orthogonalised in one
+    batched call, in runs whose row counts differ by at most 16x (sorted by decreasing rows). The batching is part of
+    the numbers: a padded batch is transposed when its padded rows outnumber its columns, so this reproduces
+    Ultralytics' buckets to give the same bfloat16 results.
+
+    Args:
+        updates: momentum updates, [O, I] or [O, I, kh, kw].
+
+    Returns:
+        The orthogonalised updates, same shapes, dtypes and memory layouts.
+    """
+    buckets: dict[tuple, list[tuple[int, torch.Tensor, tuple[int, ...] | None]]] = {}
+    for index, update in enumerate(updates):
+        matrix, strides = _as_matrix(update)  # [rows, cols]
+        scale = max(1, update.size(-2) / update.size(-1)) ** 0.5
+        buckets.setdefault((matrix.size(1), scale, matrix.device, matrix.dtype), []).append((index, matrix, strides))
+    out: list[torch.Tensor] = list(updates)
+    for (cols, scale, device, dtype), items in buckets.items():
+        items.sort(key=lambda item: -item[1].size(0))  # stable: ties keep the parameters' order
+        start = 0
+        for stop in range(1, len(items) + 1):
+            if stop < len(items) and items[start][1].size(0) <= NS_MAX_ROW_RATIO * items[stop][1].size(0):
+                continue
+            run = items[start:stop]
+            padded = torch.zeros(len(run), run[0][1].size(0), cols, device=device, dtype=dtype)  # [N, R, cols]
+            for slot, (_, matrix, _) in enumerate(run):
+                padded[slot, : matrix.size(0)] += matrix
+            result = newton_schulz(padded).contiguous().to(updates[run[0][0]].dtype).mul_(scale)  # [N, R, cols]
+            for slot, (index, matrix, strides) in enumerate(run):
+                rows = result[slot, : matrix.size(0)]  # [rows, cols]
+                shape = updates[index].shape
+                out[index] = rows.as_strided(shape, strides) if strides else rows.reshape(shape)
+            start = stop
+    return out
+
+
+class MuSGD(torch.optim.Optimizer):
+    """YOLO26's MuSGD: per group an SGD step (Nesterov momentum, L2 weight decay), plus, in groups with `use_muon`,
+    a Muon step (Jordan et al. 2024: momentum, then Newton-Schulz orthogonalisation) at `muon * lr` before an SGD
+    step at `sgd * lr` with its own momentum buffer; Ultralytics 8.4.190's optimizer, to its floats.
+
+    The SGD part is torch's own (`torch.optim.sgd.sgd`, the same operations as Ultralytics'). The Muon part is
+    written here rather than taken from `torch.optim.Muon`, which differs where the numbers are decided: it takes
+    2-D parameters only (YOLO's weights are 4-D conv filters), normalises by `clamp(norm, eps)` rather than
+    `norm + eps`, updates its momentum with `lerp` (other roundings), applies a decoupled weight decay to the Muon
+    step (MuSGD decays only in the SGD step), and orthogonalises one matrix at a time where MuSGD batches
+    zero-padded matrices of one width (`orthogonalize`), which changes which side the iteration transposes. The
+    Newton-Schulz coefficients and step count are the same.
+
+    Args:
+        params: parameter groups; a group's `use_muon` (default False) turns the Muon step on.
+        lr, momentum, weight_decay, nesterov: per-group defaults (the Muon momentum is the group's `momentum`).
+        muon, sgd: lr factors of the Muon and SGD steps in muon groups (Ultralytics: 0.2 and 1.0).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        muon: float = MUSGD_MUON,
+        sgd: float = MUSGD_SGD,
+    ) -> None:
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov,
+                    "use_muon": False}  # fmt: skip
+        super().__init__(params, defaults)
+        self.muon, self.sgd = muon, sgd
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.ndim not in (2, 4) for p in group["params"]):
+                raise ValueError("MuSGD: a use_muon group holds only 2-D and 4-D parameters")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step over every group; parameters without a gradient are skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, beta, nesterov = group["lr"], group["momentum"], group["nesterov"]
+            grads = [p.grad for p in params]
+            if group["use_muon"]:
+                buffers = [self.state[p].setdefault("muon_buffer", torch.zeros_like(p)) for p in params]
+                for buffer, grad in zip(buffers, grads, strict=True):
+                    buffer.mul_(beta).add_(grad, alpha=1 - beta)  # m = beta m + (1 - beta) g
+                pairs = zip(buffers, grads, strict=True)
+                updates = [b.mul(beta).add_(g, alpha=1 - beta) if nesterov else b for b, g in pairs]
+                for param, update in zip(params, orthogonalize(updates), strict=True):
+                    param.add_(update, alpha=-(lr * self.muon))
+                lr = lr * self.sgd
+            sgd_buffers = [self.state[p].get("momentum_buffer") for p in params]
+            sgd_step(params, grads, sgd_buffers, weight_decay=group["weight_decay"], momentum=beta, lr=lr,
+                                dampening=0.0, nesterov=nesterov, maximize=False, foreach=False)  # fmt: skip
+            for param, buffer in zip(params, sgd_buffers, strict=True):
+                self.state[param]["momentum_buffer"] = buffer
+        return loss
+
+
+def build_musgd_param_groups(
+    model: nn.Module, weight_decay: float, boosted: Sequence[nn.Parameter] = ()
+) -> list[dict[str, Any]]:
+    """Ultralytics' MuSGD groups: every 2-D / 4-D weight (matrices, conv filters) in a Muon group with weight decay;
+    the others as `build_param_groups` splits them (norm weights, biases: no decay); each group split in two, the
+    `boosted` parameters (Ultralytics: the head's class branches, both of YOLO26's) at 3x the lr.
+
+    Args:
+        model: any module (a DDP wrapper is looked through by its `module`).
+        weight_decay: L2 weight decay of the decayed and the Muon groups.
+        boosted: parameters whose groups get `lr_scale` 3.
+
+    Returns:
+        Eight groups in Ultralytics' order, (boosted, rest) for each of decay, norm, bias, muon: dicts with "name"
+        ("bias" for both bias groups, which the warmup finds by name), "params", "weight_decay", "use_muon" and
+        "lr_scale". Frozen parameters are left out; a group may be empty.
+    """
+    model = getattr(model, "module", model)
+    boosted_ids = {id(p) for p in boosted}
+    plain = {group["name"]: group for group in build_param_groups(model, weight_decay)}
+    muon = [p for p in model.parameters() if p.requires_grad and p.ndim in (2, 4)]
+    muon_ids = {id(p) for p in muon}
+    sources = [(name, [p for p in plain[name]["params"] if id(p) not in muon_ids], plain[name]["weight_decay"], False)
+               for name in GROUP_NAMES] + [("muon", muon, weight_decay, True)]  # fmt: skip
+    groups = []
+    for name, params, decay, use_muon in sources:
+        for scale in (CLASS_BRANCH_LR_SCALE, 1.0):
+            chosen = [p for p in params if (id(p) in boosted_ids) == (scale != 1.0)]
+            groups.append({"name": name, "params": chosen, "weight_decay": decay, "use_muon": use_muon,
+                           "lr_scale": scale})  # fmt: skip
+    return groups

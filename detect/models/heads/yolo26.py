@@ -165,11 +165,6 @@ class Yolo26Head(Yolo11Head):
         """
         return self.decoder.top_k(self.decoder.decode(raw["one2one"]), self.max_det)
 
-    def decode_dense(self, raw: dict[str, Sequence[torch.Tensor]], branch: str = "one2one") -> torch.Tensor:
-        """Boxes and scores of every anchor of one branch ("one2one" or "one2many"): [B, A, 4 + C] (xyxy input
-        pixels, then sigmoid scores), before the top-k."""
-        return self.decoder.decode(raw[branch])
-
     def postprocess(
         self, decoded: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False
     ) -> list[dict[str, torch.Tensor]]:
