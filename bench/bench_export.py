@@ -4,11 +4,20 @@ Rows: plugdet torch fp32 (unfused NCHW), plugdet fused + channels_last (what pre
 dynamic ONNX export, Ultralytics' own torch model (fused), and Ultralytics' ONNX export when it runs offline. Input
 sizes 256 and 640 (square), batch 1 and 8; the model forward only (no letterbox, no NMS); median of `--runs`
 interleaved runs after warm-up. Weights: random (latency does not depend on them). Prints the CPU first.
+
+`--predict` instead times end to end through `load(...).predict` (letterbox, inference, NMS, letterbox undo; the
+image already decoded) at 640, batch 1, on Ultralytics' bus.jpg (810x1080 -> a 640x480 canvas), for an imported
+third-party YOLOv8n (Ultralytics' yolov8n.yaml, seeded random weights, through tools/import_ultralytics.py): torch
+fp32 and bf16, onnxruntime, OpenVINO FP32 (f32 hint), OpenVINO at bf16 (its own default on a CPU with native bf16),
+OpenVINO INT8 (nncf, calibrated on bus.jpg and zidane.jpg) at the f32 and bf16 hints; median of `--runs` (20) runs
+after 3 warm-ups, one row after the other. Needs `.[openvino]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import tempfile
 import time
@@ -20,6 +29,9 @@ from detect.interop.export import OnnxDetector, export_model
 from detect.interop.ultralytics import from_ultralytics
 from detect.precision import cpu_report
 
+PHOTOS = [Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / name
+          for name in ("bus.jpg", "zidane.jpg")]  # fmt: skip
+
 
 def timed(fn, x) -> float:
     start = time.perf_counter()
@@ -27,10 +39,69 @@ def timed(fn, x) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
+def predict_rows(folder: Path) -> dict[str, object]:
+    """The end-to-end rows: name -> a loaded `detect.api.Model` (see the module docstring)."""
+    import sys
+
+    from ultralytics.nn import tasks
+
+    from detect.api import load
+    from detect.cli import run_tool
+
+    torch.manual_seed(0)
+    theirs = tasks.DetectionModel("yolov8n.yaml", nc=80, verbose=False).eval()
+    theirs.names = {i: f"class{i}" for i in range(80)}
+    source, weights = folder / "yolov8n_random.pt", folder / "imported.pt"
+    torch.save({"model": theirs.half(), "ema": None, "train_args": {"imgsz": 640}}, source)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "import_ultralytics.py"
+    spec = importlib.util.spec_from_file_location("import_ultralytics", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.stdout, saved = open(os.devnull, "w"), sys.stdout  # noqa: SIM115  (its summary lines)
+    try:
+        assert run_tool(module.main, [str(source), "--out", str(weights)]) == 0
+    finally:
+        sys.stdout = saved
+    pt = load(weights, device="cpu")
+    onnx_path = pt.export("onnx", folder / "m.onnx")
+    fp32 = pt.export("openvino", folder / "fp32_openvino_model")
+    int8 = pt.export("openvino", folder / "int8_openvino_model", int8=True, calib=str(PHOTOS[0].parent / "*.jpg"))
+    return {"torch fp32 (fused, channels_last)": pt, "torch bf16": load(weights, device="cpu", precision="bf16"),
+            "onnxruntime": load(onnx_path, device="cpu"), "OpenVINO FP32 (f32 hint)": load(fp32, device="cpu"),
+            "OpenVINO FP32 at bf16 hint": load(fp32, device="cpu", precision="bf16"),
+            "OpenVINO INT8 (f32 hint)": load(int8, device="cpu"),
+            "OpenVINO INT8 (bf16 hint)": load(int8, device="cpu", precision="bf16")}  # fmt: skip
+
+
+def bench_predict(runs: int) -> None:
+    """End-to-end `predict` latency per row (module docstring), median and best of `runs` after 3 warm-ups."""
+    from detect.data.source import read_image_rgb
+
+    image = read_image_rgb(PHOTOS[0])
+    rows = predict_rows(Path(tempfile.mkdtemp()))
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for name, model in rows.items():  # one row at a time: onnxruntime's and OpenVINO's idle threads spin for a while
+        time.sleep(1.0)  # after a run, and would slow whichever row ran next if the rows were interleaved
+        for _ in range(3):
+            model.predict(image)
+        times[name] = [timed(model.predict, image) for _ in range(runs)]
+    base = statistics.median(times["torch fp32 (fused, channels_last)"])
+    print(f"end to end load(...).predict, {PHOTOS[0].name} {image.shape[1]}x{image.shape[0]} at 640 (640x480 canvas), "
+          f"batch 1, {torch.get_num_threads()} threads, median of {runs}:")  # fmt: skip
+    for name, model in rows.items():
+        found = len(model.predict(image)[0])
+        median = statistics.median(times[name])
+        compiled = getattr(model.runner, "compiled", None)  # OpenVINO: the precision it really runs in
+        ran = f"; ran in {compiled.get_property('INFERENCE_PRECISION_HINT')}" if compiled is not None else ""
+        print(f"  {name:<36} {median:7.1f} ms (best {min(times[name]):6.1f}; {median / base:4.2f}x torch fp32; "
+              f"{found} detections{ran})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per row (default 10, --predict 20)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--predict", action="store_true", help="end to end through load(...).predict (docstring)")
     parser.add_argument(
         "--ultralytics-onnx",
         action="store_true",
@@ -39,7 +110,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(cpu_report())
+    print(cpu_report(), f"(mkldnn bf16 supported: {torch.ops.mkldnn._is_mkldnn_bf16_supported()})")
+    if args.predict:
+        bench_predict(args.runs or 20)
+        return
+    args.runs = args.runs or 10
     from ultralytics.nn import tasks
 
     torch.manual_seed(0)

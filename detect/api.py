@@ -121,7 +121,9 @@ class Model:
             else:
                 from detect.interop.openvino import OpenVinoDetector
 
-                self.runner = OpenVinoDetector(weights, self.device, precision=precision)
+                # OpenVINO runs on the CPU at the precision asked for (bf16 only where native: `make_precision`)
+                runs_in = "bf16" if self.precision.bf16 else "fp32"
+                self.runner = OpenVinoDetector(weights, self.device, precision=runs_in)
             meta = self.runner.meta
             self.checkpoint: dict[str, Any] = {**meta, "kind": kind}
             consent_to_plugins(self.checkpoint, self.imports, self.weights, how)  # e.g. a data format's
@@ -139,7 +141,8 @@ class Model:
 
     @property
     def is_onnx(self) -> bool:
-        return self.checkpoint.get("kind") == "onnx"
+        """Whether this is an exported file (ONNX or OpenVINO) rather than a torch checkpoint."""
+        return self.checkpoint.get("kind") in ("onnx", "openvino")
 
     def predict(
         self,
@@ -214,7 +217,7 @@ class Model:
         from detect.checkpoints import detector_from_checkpoint
         from detect.interop.export import export_model
 
-        if self.checkpoint.get("kind") in ("onnx", "openvino"):
+        if self.is_onnx:
             raise UserError(f"{self.weights} is already an export: export from the .pt checkpoint")
         if calib is not None and not int8:
             raise UserError(f"--calib {calib} calibrates an INT8 export: add --int8")
@@ -283,8 +286,8 @@ def exported_kind(weights: str | os.PathLike) -> str | None:
     path = Path(weights)
     if path.suffix.lower() == ".onnx":
         return "onnx"
-    if path.suffix.lower() == ".xml" or path.is_dir():
-        return "openvino"
+    if path.suffix.lower() == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
+        return "openvino"  # any other folder is refused as a checkpoint (one line: it is a folder)
     return None
 
 

@@ -104,3 +104,32 @@ def interrupt_cls_after(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], cont
             monkeypatch.setattr(detect.train.classify, "deferred_interrupts", real)
 
     return interrupt_after
+
+
+@pytest.fixture(scope="session")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An Ultralytics YOLOv8n (80 classes, from the yaml, seeded random init, spread) saved as its trainer saves
+    (fp16), and its import through tools/import_ultralytics.py."""
+    import copy
+
+    import torch
+    from helpers import load_tool, randomize_bn
+    from ultralytics.nn import tasks
+
+    from detect.cli import run_tool
+
+    torch.manual_seed(0)
+    theirs = randomize_bn(tasks.DetectionModel("yolov8n.yaml", nc=80, verbose=False), seed=1).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for seq in theirs.model[-1].cv3:  # scores that depend on the image
+            seq[-1].weight.mul_(30.0)
+            seq[-1].bias.normal_(-5.0, 0.5, generator=gen)
+        for seq in theirs.model[-1].cv2:
+            seq[-1].weight.mul_(5.0)
+    theirs.names = {i: f"class{i}" for i in range(80)}
+    folder = tmp_path_factory.mktemp("ultralytics")
+    source, out = folder / "yolov8n_random.pt", folder / "imported.pt"
+    torch.save({"model": copy.deepcopy(theirs).half(), "ema": None, "train_args": {"imgsz": 640}}, source)
+    assert run_tool(load_tool("import_ultralytics").main, [str(source), "--out", str(out)]) == 0
+    return {"source": source, "imported": out}

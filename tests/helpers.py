@@ -75,3 +75,29 @@ def assert_same_evaluation(found: Mapping[str, Any], stored: Mapping[str, Any], 
     for name, ap in stored["per_class_AP"].items():
         other = found["per_class_AP"][name]
         assert (math.isnan(ap) and math.isnan(other)) or abs(ap - other) <= tol, (name, other, ap)
+
+
+ULTRALYTICS_ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"
+PHOTOS = [ULTRALYTICS_ASSETS / "bus.jpg", ULTRALYTICS_ASSETS / "zidane.jpg"]  # Ultralytics' bundled photos
+
+
+def compare_detections(
+    ours, boxes, scores, labels, box_tol: float = 1e-3, score_tol: float = 1e-5, tie: float = 1e-7
+) -> None:
+    """The same detections: equal counts, and each reference detection has its own counterpart of the same class,
+    box within `box_tol` px and score within `score_tol`. Matched as sets, since a random-weight model scores some
+    anchors exactly alike (near the border, translated copies of one box), and NMS then keeps whichever of two tied
+    boxes it meets first: such tied detections (score equal to another's within 1e-7) are left out of the box
+    check; their count and classes still must agree."""
+    assert len(ours) == len(scores) > 0, (len(ours), len(scores))
+    free = torch.ones(len(ours), dtype=torch.bool)
+    tied = ((scores[:, None] - scores[None, :]).abs() <= tie).sum(1) > 1  # [K]
+    assert int((~tied).sum()) > 0
+    assert sorted(ours.labels.tolist()) == sorted(labels.long().tolist())
+    for box, score, label, skip in zip(boxes, scores, labels.long(), tied, strict=True):
+        if skip:
+            continue
+        fits = free & (ours.labels == label) & ((ours.scores - score).abs() <= score_tol)
+        fits &= (ours.boxes - box).abs().max(dim=1).values <= box_tol
+        assert fits.any(), (box, score, label)
+        free[fits.nonzero()[0, 0]] = False

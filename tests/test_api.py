@@ -3,14 +3,13 @@ Ultralytics' default `predict()`, ONNX parity with the torch path, the analysis 
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import PHOTOS, compare_detections, load_tool, randomize_bn
 
 from backbones.checkpoint import atomic_save
 from backbones.errors import UserError
@@ -23,29 +22,6 @@ from detect.inference import detect_image
 from detect.models import build_yolo
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"
-PHOTOS = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg"]
-
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_api_test", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def spread(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Random BatchNorm statistics, class biases N(0, 1), peaked box bins: varied scores and boxes, few ties."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +30,7 @@ def det_ckpt(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     cfg = load_config(DetConfig, None, [f"data.root={synth_cub_root}", "data.img_size=128", "train.workers=0",
                                         "train.batch_size=4", "model.backbone_weights=null"])  # fmt: skip
     torch.manual_seed(0)
-    model = spread(build_yolo("n", 1))
+    model = randomize_bn(build_yolo("n", 1), seed=1)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for branch in model.head.cls_branch:
@@ -63,29 +39,6 @@ def det_ckpt(synth_cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     path = tmp_path_factory.mktemp("api") / "best.pt"
     atomic_save(detector_checkpoint(model, arch, ["bird"], [1], config_to_dict(cfg), {}, 1), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An Ultralytics YOLOv8n (80 classes, from the yaml, seeded random init, spread) saved as its trainer saves
-    (fp16), and its import through tools/import_ultralytics.py."""
-    from ultralytics.nn import tasks
-
-    torch.manual_seed(0)
-    theirs = spread(tasks.DetectionModel("yolov8n.yaml", nc=80, verbose=False)).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for seq in theirs.model[-1].cv3:  # scores that depend on the image
-            seq[-1].weight.mul_(30.0)
-            seq[-1].bias.normal_(-5.0, 0.5, generator=gen)
-        for seq in theirs.model[-1].cv2:
-            seq[-1].weight.mul_(5.0)
-    theirs.names = {i: f"class{i}" for i in range(80)}
-    folder = tmp_path_factory.mktemp("ultralytics")
-    source, out = folder / "yolov8n_random.pt", folder / "imported.pt"
-    torch.save({"model": copy.deepcopy(theirs).half(), "ema": None, "train_args": {"imgsz": 640}}, source)
-    assert run_tool(tool("import_ultralytics").main, [str(source), "--out", str(out)]) == 0
-    return {"source": source, "imported": out}
 
 
 @pytest.mark.slow
@@ -109,7 +62,7 @@ def test_pretrain_train_val_det_and_fine_tune_from_python(tmp_path: Path, monkey
                                "model.backbone_weights": str(cls_run.backbone)})  # fmt: skip
     assert (det_run.dir, det_run.best, det_run.last) == (tmp_path / "runs" / "det", det_run.dir / "best.pt",
                                                           det_run.dir / "last.pt")  # fmt: skip
-    assert run_tool(tool("val_det").main, ["--weights", str(det_run.best), "--out", "runs/val"]) == 0
+    assert run_tool(load_tool("val_det").main, ["--weights", str(det_run.best), "--out", "runs/val"]) == 0
     validated = json.loads((tmp_path / "runs" / "val" / "metrics.json").read_text())
     assert len(det_run.metrics["coco_stats"]) == 12
     assert validated["coco_stats"] == pytest.approx(det_run.metrics["coco_stats"], abs=1e-3)
@@ -149,26 +102,6 @@ def test_bgr_arrays_tensors_and_device_strings_give_the_same_boxes(det_ckpt: Pat
     assert torch.equal(direct["boxes"], from_file.boxes)
 
 
-def _compare(ours, boxes, scores, labels, box_tol: float = 1e-3, score_tol: float = 1e-5, tie: float = 1e-7) -> None:
-    """The same detections: equal counts, and each reference detection has its own counterpart of the same class,
-    box within `box_tol` px and score within `score_tol`. Matched as sets, since a random-weight model scores some
-    anchors exactly alike (near the border, translated copies of one box), and NMS then keeps whichever of two tied
-    boxes it meets first: such tied detections (score equal to another's within 1e-7) are left out of the box
-    check; their count and classes still must agree."""
-    assert len(ours) == len(scores) > 0, (len(ours), len(scores))
-    free = torch.ones(len(ours), dtype=torch.bool)
-    tied = ((scores[:, None] - scores[None, :]).abs() <= tie).sum(1) > 1  # [K]
-    assert int((~tied).sum()) > 0
-    assert sorted(ours.labels.tolist()) == sorted(labels.long().tolist())
-    for box, score, label, skip in zip(boxes, scores, labels.long(), tied, strict=True):
-        if skip:
-            continue
-        fits = free & (ours.labels == label) & ((ours.scores - score).abs() <= score_tol)
-        fits &= (ours.boxes - box).abs().max(dim=1).values <= box_tol
-        assert fits.any(), (box, score, label)
-        free[fits.nonzero()[0, 0]] = False
-
-
 @torch.no_grad()
 def test_rect_predict_equals_ultralytics_default_predict(imported: dict[str, Path]) -> None:
     """Ultralytics' default predict() (rect letterbox, conf 0.25, IoU 0.7) on its bundled photos vs ours on the
@@ -182,7 +115,7 @@ def test_rect_predict_equals_ultralytics_default_predict(imported: dict[str, Pat
         ref = theirs.predict(str(photo), verbose=False, device="cpu")[0]
         assert tuple(ref.orig_shape) == read_image_rgb(photo).shape[:2]
         ours = model.predict(str(photo))[0]
-        _compare(ours, ref.boxes.xyxy, ref.boxes.conf, ref.boxes.cls)
+        compare_detections(ours, ref.boxes.xyxy, ref.boxes.conf, ref.boxes.cls)
         square = model.predict(str(photo), rect=False)[0]  # what plugdet did before: other boxes on a 4:3 photo
         assert len(square) != len(ours) or (square.boxes - ours.boxes).abs().max() > 1e-2
 
@@ -193,9 +126,9 @@ def test_onnx_dynamic_and_fixed_match_the_torch_path(imported: dict[str, Path], 
     pytest.importorskip("onnxruntime")
     model = load(imported["imported"], device="cpu")
     dynamic = tmp_path / "dynamic.onnx"
-    assert run_tool(tool("export").main, ["--weights", str(imported["imported"]), "--format", "onnx", "--dynamic",
+    assert run_tool(load_tool("export").main, ["--weights", str(imported["imported"]), "--format", "onnx", "--dynamic",
                                           "--out", str(dynamic)]) == 0  # fmt: skip
-    fixed = model.export("onnx", tmp_path / "fixed.onnx", img_size=640)
+    fixed = model.export("onnx", tmp_path / "fixed.onnx", img_size=640, dynamic=False)
     nms = model.export("onnx", tmp_path / "nms.onnx", dynamic=True, nms=True)
     runners = {name: load(path, device="cpu") for name, path in
                (("dynamic", dynamic), ("fixed", fixed), ("nms", nms))}  # fmt: skip
@@ -206,7 +139,7 @@ def test_onnx_dynamic_and_fixed_match_the_torch_path(imported: dict[str, Path], 
             got = runners[name].predict(str(photo))[0]
             # every detection whose score is not tied: same class, box within 1e-3 px, score within 1e-5; onnxruntime's
             # scores differ from torch's by up to 1e-5, so scores that close to another's count as tied here
-            _compare(got, reference.boxes, reference.scores, reference.labels, tie=1e-5)
+            compare_detections(got, reference.boxes, reference.scores, reference.labels, tie=1e-5)
         for shape in ((384, 640), (640, 480), (640, 640)):  # the raw outputs, which NMS reads
             images = torch.rand(2, 3, *shape)
             theirs, ours = runners["dynamic"].runner(images), model.runner(images)
@@ -225,7 +158,7 @@ def test_val_det_on_onnx_equals_torch_and_rect_is_default(det_ckpt: Path, tmp_pa
                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     pytest.importorskip("onnxruntime")
     onnx_path = load(det_ckpt, device="cpu").export("onnx", tmp_path / "m.onnx", dynamic=True)
-    val = tool("val_det").main
+    val = load_tool("val_det").main
     assert run_tool(val, ["--weights", str(det_ckpt), "--out", str(tmp_path / "pt")]) == 0
     assert run_tool(val, ["--weights", str(onnx_path), "--out", str(tmp_path / "onnx")]) == 0
     assert run_tool(val, ["--weights", str(det_ckpt), "--out", str(tmp_path / "sq"), "--square"]) == 0
@@ -246,7 +179,7 @@ def test_predict_tool_runs_an_onnx_file(det_ckpt: Path, synth_cub_root: Path, tm
     images = str(synth_cub_root / "CUB_200_2011" / "images" / "*" / "*.jpg")
     for name, weights in (("pt", det_ckpt), ("onnx", onnx_path)):
         argv = ["--weights", str(weights), "--source", images, "--out", str(tmp_path / name), "--conf", "0.3"]
-        assert run_tool(tool("predict").main, argv) == 0
+        assert run_tool(load_tool("predict").main, argv) == 0
     pt, ox = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in ("pt", "onnx"))
     assert [e["file"] for e in pt] == [e["file"] for e in ox] and len(pt) == 24
     assert len(list((tmp_path / "onnx").glob("*.jpg"))) == 24
@@ -266,7 +199,7 @@ def test_imported_checkpoint_fine_tunes_validates_and_predicts(imported: dict[st
     argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=1", "train.batch_size=4",
             "train.workers=0", f"model.weights={imported['imported']}", "model.backbone_weights=null",
             f"output_dir={out}"]  # fmt: skip
-    assert run_tool(tool("train_det").main, argv) == 0
+    assert run_tool(load_tool("train_det").main, argv) == 0
     from detect.train.builders import load_detector_weights
 
     fresh = build_yolo("n", 1)
@@ -276,9 +209,9 @@ def test_imported_checkpoint_fine_tunes_validates_and_predicts(imported: dict[st
     assert copied < len(fresh.state_dict())
     assert torch.equal(fresh.state_dict()["backbone.stem.conv.weight"], saved["model"]["backbone.stem.conv.weight"])
     assert load_checkpoint(out / "best.pt")["model"]["head.cls_branch.0.pred.weight"].shape[0] == 1
-    assert run_tool(tool("val_det").main, ["--weights", str(out / "best.pt"), "--out", str(tmp_path / "v")]) == 0
+    assert run_tool(load_tool("val_det").main, ["--weights", str(out / "best.pt"), "--out", str(tmp_path / "v")]) == 0
     image = next((synth_cub_root / "CUB_200_2011" / "images").rglob("*.jpg"))
-    assert run_tool(tool("predict").main, ["--weights", str(imported["imported"]), "--source", str(image),
+    assert run_tool(load_tool("predict").main, ["--weights", str(imported["imported"]), "--source", str(image),
                                            "--out", str(tmp_path / "p"), "--conf", "0.9"]) == 0  # fmt: skip
 
 
@@ -294,7 +227,7 @@ def test_predict_rejects_bad_settings_before_any_work(
 ) -> None:
     capsys.readouterr()
     argv = ["--weights", str(tmp_path / "absent.pt"), "--source", str(tmp_path / "none"), option, value]
-    assert run_tool(tool("predict").main, argv) == 2
+    assert run_tool(load_tool("predict").main, argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == [f"error: {text} (e.g. 640)" if "img-size" in option else f"error: {text}"]
 
@@ -303,10 +236,10 @@ def test_predict_recursive_folder(det_ckpt: Path, synth_cub_root: Path, tmp_path
     images = synth_cub_root / "CUB_200_2011" / "images"
     total = len(list(images.rglob("*.jpg")))
     argv = ["--weights", str(det_ckpt), "--source", str(images), "--recursive", "--out", str(tmp_path / "r")]
-    assert run_tool(tool("predict").main, argv) == 0
+    assert run_tool(load_tool("predict").main, argv) == 0
     assert len(json.loads((tmp_path / "r" / "predictions.json").read_text())) == total
     flat = ["--weights", str(det_ckpt), "--source", str(images), "--out", str(tmp_path / "f")]
-    assert run_tool(tool("predict").main, flat) == 2  # the top folder holds only class folders
+    assert run_tool(load_tool("predict").main, flat) == 2  # the top folder holds only class folders
 
 
 def test_model_info_counts_and_flops(det_ckpt: Path) -> None:

@@ -1,6 +1,7 @@
-"""Export (`detect.interop.export`) runs the head's own decode: a dynamic-shape ONNX file and a TorchScript trace,
-made at one size, give the eager detector's decoded outputs on other, rectangular sizes; NMS in the graph keeps
-working; a head family without a traceable decode is refused in one line."""
+"""Export (`detect.interop.export`) runs the head's own decode: a dynamic-shape ONNX file, the OpenVINO model made from
+it and a TorchScript trace, made at one size, give the eager detector's decoded outputs on other, rectangular sizes;
+NMS in the graph keeps working; exports are dynamic by default, and a fixed-size file says at load what it changes; a
+head family without a traceable decode is refused in one line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from backbones.errors import UserError
 from detect.interop.export import OnnxDetector, export_model
+from detect.interop.openvino import OpenVinoDetector
 from detect.models import build_yolo
 from detect.models.detector import Detector
 from detect.models.heads.base import DetectionHead
@@ -93,12 +95,26 @@ def test_the_decode_graph_equals_the_eager_decode_on_a_rectangle(detector: Detec
     torch.testing.assert_close(got[..., 4:], eager[..., 4:], rtol=1e-5, atol=1e-7)
 
 
+def _out(folder: Path, name: str, fmt: str) -> Path:
+    """Where an export goes: `name.onnx`, or the OpenVINO folder `name/` (holding `name.xml` + `name.bin`)."""
+    return folder / (f"{name}.onnx" if fmt == "onnx" else name)
+
+
+def _runner(fmt: str, path: Path) -> OnnxDetector | OpenVinoDetector:
+    """The runner of an exported file: onnxruntime for .onnx, OpenVINO (f32 precision hint) for an IR folder."""
+    pytest.importorskip("onnxruntime" if fmt == "onnx" else "openvino")
+    return OnnxDetector(path) if fmt == "onnx" else OpenVinoDetector(path)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 @torch.no_grad()
-def test_dynamic_onnx_file_equals_the_eager_detector_on_other_rectangles(detector: Detector, tmp_path: Path) -> None:
-    """The whole file: onnxruntime's convolutions round differently from torch's, through some 60 layers, so scores
-    and box corners agree to 1e-4 of their value (measured: 3e-5); the decode alone agrees to 1e-5 (test above)."""
-    pytest.importorskip("onnxruntime")
-    runner = OnnxDetector(export_model(detector, CHECKPOINT, tmp_path / "m.onnx", img_size=EXPORT_SIZE, dynamic=True))
+def test_dynamic_file_equals_the_eager_detector_on_other_rectangles(detector: Detector, tmp_path: Path,
+                                                                    fmt: str) -> None:  # fmt: skip
+    """The whole file: onnxruntime's and OpenVINO's convolutions round differently from torch's, through some 60
+    layers, so scores and box corners agree to 1e-4 of their value (measured: 3e-5); the decode alone agrees to 1e-5
+    (test above). The export is dynamic without being asked."""
+    pytest.importorskip("onnx")
+    runner = _runner(fmt, export_model(detector, CHECKPOINT, _out(tmp_path, "m", fmt), fmt, img_size=EXPORT_SIZE))
     assert runner.fixed_shape is None and runner.fixed_batch is None
     for shape in RECTANGLES:
         images = _images(shape)
@@ -108,15 +124,15 @@ def test_dynamic_onnx_file_equals_the_eager_detector_on_other_rectangles(detecto
         torch.testing.assert_close(got[..., 4:], eager[..., 4:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 @torch.no_grad()
-def test_onnx_nms_in_the_graph_equals_the_eager_detections(detector: Detector, tmp_path: Path) -> None:
+def test_nms_in_the_graph_equals_the_eager_detections(detector: Detector, tmp_path: Path, fmt: str) -> None:
     """The exported NMS (dynamic file, rectangular input) keeps, per image, the detections `postprocess` gives on the
     eager decode: same labels, scores and boxes as in the test above."""
-    pytest.importorskip("onnxruntime")
     settings = {"conf": 0.5, "iou": 0.7, "max_det": 5}
-    path = export_model(detector, CHECKPOINT, tmp_path / "nms.onnx", img_size=EXPORT_SIZE, dynamic=True, nms=settings)
+    path = export_model(detector, CHECKPOINT, _out(tmp_path, "nms", fmt), fmt, img_size=EXPORT_SIZE, nms=settings)
     images = _images(RECTANGLES[0])
-    rows = OnnxDetector(path)(images)  # [K, 7] (image, x1, y1, x2, y2, score, label), by decreasing score
+    rows = _runner(fmt, path)(images)  # [K, 7] (image, x1, y1, x2, y2, score, label), by decreasing score
     expected = postprocess(detector(images), settings["conf"], settings["iou"], settings["max_det"])
     assert rows.shape == (10, 7)
     for image, reference in enumerate(expected):
@@ -124,6 +140,26 @@ def test_onnx_nms_in_the_graph_equals_the_eager_detections(detector: Detector, t
         assert mine[:, 6].long().tolist() == reference["labels"].tolist()
         torch.testing.assert_close(mine[:, 5], reference["scores"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(mine[:, 1:5], reference["boxes"], rtol=1e-4, atol=1e-5 * max(RECTANGLES[0]))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_fixed_size_file_says_what_it_changes_in_one_line_at_load(detector: Detector, tmp_path: Path, fmt: str,
+                                                                    capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """`dynamic=False` (tools/export.py --fixed): batch 1 at the export size, and one stderr line at each load saying
+    that images are letterboxed to that size instead of the .pt's smallest rectangle; a dynamic file says nothing."""
+    pytest.importorskip("onnx")
+    path = export_model(detector, CHECKPOINT, _out(tmp_path, "fixed", fmt), fmt, img_size=EXPORT_SIZE, dynamic=False)
+    capsys.readouterr()
+    runner = _runner(fmt, path)
+    assert runner.fixed_shape == EXPORT_SIZE and runner.fixed_batch == 1
+    shown = runner.path if fmt == "onnx" else path / "fixed.xml"
+    assert capsys.readouterr().err == (
+        f"note: {shown} takes a fixed 96x160 input: images are letterboxed to 96x160, not to the smallest rectangle "
+        "as the .pt does, so boxes and scores differ slightly from the .pt's (export without --fixed for the .pt's "
+        "results)\n"
+    )
+    _runner(fmt, export_model(detector, CHECKPOINT, _out(tmp_path, "dynamic", fmt), fmt, img_size=EXPORT_SIZE))
+    assert capsys.readouterr().err == ""
 
 
 class _NoDecodeHead(DetectionHead):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_api import PHOTOS, _compare, imported, tool  # noqa: F401  (imported: the shared fixture)
+from helpers import PHOTOS, compare_detections, load_tool
 from torchvision.ops import box_iou
 
 from backbones.errors import UserError
@@ -39,10 +39,10 @@ def exports(imported: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     folder = tmp_path_factory.mktemp("openvino")
     weights = str(imported["imported"])
     fp32, int8 = folder / "fp32", folder / "int8"
-    assert run_tool(tool("export").main, ["--weights", weights, "--format", "openvino", "--out", str(fp32)]) == 0
+    assert run_tool(load_tool("export").main, ["--weights", weights, "--format", "openvino", "--out", str(fp32)]) == 0
     calib = str(PHOTOS[0].parent / "*.jpg")
     argv = ["--weights", weights, "--format", "openvino", "--int8", "--calib", calib, "--out", str(int8)]
-    assert run_tool(tool("export").main, argv) == 0
+    assert run_tool(load_tool("export").main, argv) == 0
     return {"fp32": fp32, "int8": int8}
 
 
@@ -63,7 +63,7 @@ def test_openvino_fp32_predicts_what_the_pt_predicts(imported: dict[str, Path], 
         assert (ours[..., :4] - ref[..., :4]).abs().max() <= 1e-3
         assert (ours[..., 4:] - ref[..., 4:]).abs().max() <= 1e-5
         reference = pt.predict(str(photo))[0]
-        _compare(model.predict(str(photo))[0], reference.boxes, reference.scores, reference.labels, tie=1e-5)
+        compare_detections(model.predict(str(photo))[0], reference.boxes, reference.scores, reference.labels, tie=1e-5)
 
 
 @pytest.mark.slow
@@ -99,11 +99,13 @@ def test_openvino_int8_ap_within_0_01_of_the_pt(trained_det_run: Path, tmp_path:
     .pt's, and the FP32 model's within 1e-6. Vacuous in part: this 3-step run's AP is about 0.001."""
     weights = trained_det_run / "best.pt"
     argv = ["--weights", str(weights), "--format", "openvino", "--out"]
-    assert run_tool(tool("export").main, [*argv, str(tmp_path / "fp32")]) == 0
-    assert run_tool(tool("export").main, [*argv, str(tmp_path / "int8"), "--int8"]) == 0  # --calib data by default
+    assert run_tool(load_tool("export").main, [*argv, str(tmp_path / "fp32")]) == 0
+    assert run_tool(load_tool("export").main, [*argv, str(tmp_path / "int8"), "--int8"]) == 0  # --calib data by default
     found = {}
     for name, path in (("pt", weights), ("fp32", tmp_path / "fp32"), ("int8", tmp_path / "int8" / "int8.xml")):
-        assert run_tool(tool("val_det").main, ["--weights", str(path), "--out", str(tmp_path / f"val-{name}")]) == 0
+        assert (
+            run_tool(load_tool("val_det").main, ["--weights", str(path), "--out", str(tmp_path / f"val-{name}")]) == 0
+        )
         found[name] = json.loads((tmp_path / f"val-{name}" / "metrics.json").read_text())
     assert abs(found["fp32"]["AP"] - found["pt"]["AP"]) <= 1e-6
     assert abs(found["int8"]["AP"] - found["pt"]["AP"]) <= 0.01
@@ -114,17 +116,17 @@ def test_openvino_int8_ap_within_0_01_of_the_pt(trained_det_run: Path, tmp_path:
 def test_default_onnx_export_predicts_what_the_pt_predicts(imported: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     """`tools/export.py --weights W` alone writes W.onnx with dynamic shapes; predict.py on it gives the .pt's
     detections (same classes, boxes within 1e-3 px, scores within 1e-5; measured 1.2e-4 px, 5e-7)."""
-    assert run_tool(tool("export").main, ["--weights", str(imported["imported"])]) == 0
+    assert run_tool(load_tool("export").main, ["--weights", str(imported["imported"])]) == 0
     onnx_path = imported["imported"].with_suffix(".onnx")
     assert load(onnx_path, device="cpu").runner.fixed_shape is None
     for name, weights in (("pt", imported["imported"]), ("onnx", onnx_path)):
         argv = ["--weights", str(weights), "--source", str(PHOTOS[0].parent / "*.jpg"), "--out", str(tmp_path / name)]
-        assert run_tool(tool("predict").main, argv) == 0
+        assert run_tool(load_tool("predict").main, argv) == 0
     pt, ox = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in ("pt", "onnx"))
     assert [e["file"] for e in pt] == [e["file"] for e in ox] and len(pt) == 2
     for mine, reference in zip(ox, pt, strict=True):
         got, ref = (_as_result(entry["detections"]) for entry in (mine, reference))
-        _compare(got, ref.boxes, ref.scores, ref.labels, tie=1e-5)
+        compare_detections(got, ref.boxes, ref.scores, ref.labels, tie=1e-5)
 
 
 def _as_result(detections: list[dict]) -> Result:
@@ -133,7 +135,8 @@ def _as_result(detections: list[dict]) -> Result:
                   torch.tensor([d["label"] for d in detections]), [], np.zeros((1, 1, 3), np.uint8))  # fmt: skip
 
 
-def test_int8_and_calib_settings_are_checked_in_one_line(untrained_det_weights: Path, tmp_path: Path) -> None:
+def test_int8_calib_and_out_settings_are_checked_in_one_line(untrained_det_weights: Path, tmp_path: Path) -> None:
+    """Bad settings and an --out that is someone's folder: one UserError line, nothing written or removed."""
     model = load(untrained_det_weights, device="cpu")
     with pytest.raises(UserError, match=r"^--int8 quantises an OpenVINO export: --format openvino \(not onnx\)$"):
         model.export("onnx", tmp_path / "m.onnx", int8=True)
@@ -142,3 +145,8 @@ def test_int8_and_calib_settings_are_checked_in_one_line(untrained_det_weights: 
     with pytest.raises(UserError, match=r"^--calib .*nothing: no images to calibrate on \(give a folder"):
         model.export("openvino", tmp_path / "ov", int8=True, calib=str(tmp_path / "nothing"))
     assert not (tmp_path / "ov").exists() and not (tmp_path / "m.onnx").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match=r"^--out .*mine: exists and is not an OpenVINO model folder \(only"):
+        model.export("openvino", tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

@@ -101,7 +101,7 @@ def validate(
     if verbose:
         layout = f"rect batches to {img_size} px" if rect and fixed is None else f"{img_size} px square"
         if fixed is not None:
-            layout = f"fixed {fixed[0]}x{fixed[1]} (ONNX)"
+            layout = f"fixed {fixed[0]}x{fixed[1]} (exported)"
         print(f"val_det: {model.weights} on {len(source)} images of {data_description(cfg.data)}, {layout}, conf "
               f"{cfg.eval.conf}, IoU {cfg.eval.iou}, max_det {cfg.eval.max_det}; COCO maxDets {metrics['max_dets']}, "
               f"backend {metrics['backend']}, {metrics['time_per_image_ms']:.1f} ms/image")  # fmt: skip

@@ -24,8 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +66,18 @@ def ir_file(path: str | os.PathLike) -> Path:
 
 
 def calibration_images(source: str, checkpoint: Mapping[str, Any], img_size: int, stride: int,
-                       fixed: tuple[int, int] | None, limit: int) -> list[np.ndarray]:  # fmt: skip
-    """The calibration inputs, letterboxed as inference letterboxes them.
+                       fixed: tuple[int, int] | None, limit: int) -> list[Callable[[], np.ndarray]]:  # fmt: skip
+    """The calibration inputs, letterboxed as inference letterboxes them, each read when nncf asks for it.
 
     Args:
-        source: a folder, a glob, an image file, or "data" (the checkpoint's validation images).
+        source: a folder (with its sub-folders), a glob, an image file, or "data" (the checkpoint's validation images).
         checkpoint: the checkpoint (its config names the data set for "data").
         img_size: letterbox long side; stride: the model's largest stride.
         fixed: the (H, W) of a fixed-size model, or None (dynamic: the smallest stride rectangle).
         limit: most images (the first ones, in path or data-set order).
 
     Returns:
-        float32 [1, 3, H, W] arrays in [0, 1], RGB.
+        One function per image giving float32 [1, 3, H, W] in [0, 1], RGB (300 images at 640 would hold 1 GB).
     """
     from detect.data.source import read_image_rgb
     from detect.data.transforms import letterbox
@@ -87,24 +89,26 @@ def calibration_images(source: str, checkpoint: Mapping[str, Any], img_size: int
 
         cfg = load_config(DetConfig, None, [], base=checkpoint.get("config") or {})
         data = build_source(cfg.data, "val")
-        images = [data.load_image(i) for i in range(min(limit, len(data)))]
+        readers = [partial(data.load_image, i) for i in range(min(limit, len(data)))]
     else:
         try:
-            files = [path for path in find_inputs(source) if path.suffix.lower() in IMAGE_SUFFIXES]
+            files = [path for path in find_inputs(source, recursive=True) if path.suffix.lower() in IMAGE_SUFFIXES]
         except UserError:
             files = []
-        images = [read_image_rgb(path) for path in files[:limit]]
-    if not images:
+        readers = [partial(read_image_rgb, path) for path in files[:limit]]
+    if not readers:
         raise UserError(f"--calib {source}: no images to calibrate on (give a folder, a glob, or data)")
-    out = []
-    for image in images:
+
+    def prepared(read: Callable[[], np.ndarray]) -> np.ndarray:
+        image = read()  # [H, W, 3] uint8 RGB
         shape = canvas_shape(image.shape[:2], img_size, True, stride, fixed)
-        boxed = letterbox(image, max(shape) if fixed else img_size, shape=shape)[0]  # [H, W, 3] uint8
-        out.append(np.ascontiguousarray(boxed.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0)  # [1, 3, H, W]
-    return out
+        boxed = letterbox(image, max(shape) if fixed else img_size, shape=shape)[0]  # [h, w, 3] uint8
+        return np.ascontiguousarray(boxed.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0  # [1, 3, h, w]
+
+    return [partial(prepared, read) for read in readers]
 
 
-def quantize_int8(model: Any, images: list[np.ndarray]) -> Any:
+def quantize_int8(model: Any, images: list[Callable[[], np.ndarray]]) -> Any:
     """nncf post-training INT8 of an OpenVINO model on `images` (the decode tail kept in fp32, module docstring)."""
     os.environ.setdefault("NNCF_CI", "1")  # nncf's only use of it: no usage telemetry (nothing reaches the network)
     try:
@@ -112,29 +116,35 @@ def quantize_int8(model: Any, images: list[np.ndarray]) -> Any:
     except ImportError as err:
         raise UserError("--int8 needs nncf: pip install -e '.[openvino]'") from err
     nncf.set_log_level(logging.WARNING)  # its per-node INFO lines (hundreds) would bury the export's one line
-    dataset = nncf.Dataset(images)
+    dataset = nncf.Dataset(images, lambda read: read())
     tail = nncf.IgnoredScope(patterns=[DECODE_TAIL], validate=False)
     return nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
                          ignored_scope=tail)  # fmt: skip
 
 
-def write_openvino(onnx_path: Path, out: str | os.PathLike, meta: str, images: list[np.ndarray] | None) -> Path:
-    """The ONNX export as an OpenVINO IR folder `out` (`out/<out's name>.xml` + .bin), INT8 when calibration
-    `images` are given; written to a temp folder, then moved into place. Returns the folder."""
+def write_openvino(onnx_path: Path, out: str | os.PathLike, meta: str,
+                   images: list[Callable[[], np.ndarray]] | None) -> Path:  # fmt: skip
+    """The ONNX export as an OpenVINO IR folder `out` (`out/<name>.xml` + .bin), INT8 when calibration `images` are
+    given; written to a temp folder, then moved into place (an earlier export there is replaced, any other existing
+    path is refused before any work). Returns the folder."""
     ov = _openvino()
+    folder = Path(out)
+    if folder.exists() and not (folder.is_dir() and all(p.suffix in (".xml", ".bin") for p in folder.iterdir())):
+        raise UserError(f"--out {folder}: exists and is not an OpenVINO model folder (only .xml / .bin files)")
     model = ov.Core().read_model(str(onnx_path))
     if images is not None:
         model = quantize_int8(model, images)
     model.set_rt_info(meta, [META_KEY])
-    folder = Path(out)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    ov.save_model(model, str(staging / f"{folder.name}.xml"), compress_to_fp16=False)
-    if folder.is_dir():  # an earlier export of the same name: replaced whole
-        for old in folder.iterdir():
-            old.unlink()
-        folder.rmdir()
-    os.replace(staging, folder)
+    try:
+        name = folder.name.removesuffix("_openvino_model") or "model"  # best_openvino_model/: best.xml + best.bin
+        ov.save_model(model, str(staging / f"{name}.xml"), compress_to_fp16=False)
+        if folder.is_dir():  # an earlier export of the same name: replaced whole
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful move
     return folder
 
 
