@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from detect.interop.export import OnnxDetector, export_model
+from detect.interop.export import export_model
+from detect.interop.runners import OnnxDetector
 from detect.interop.ultralytics import from_ultralytics
 from detect.precision import cpu_report
 

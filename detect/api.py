@@ -115,7 +115,7 @@ class Model:
         kind = exported_kind(weights)
         if kind is not None:
             if kind == "onnx":
-                from detect.interop.export import OnnxDetector
+                from detect.interop.runners import OnnxDetector
 
                 self.runner: Any = OnnxDetector(weights, self.device)
             else:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_evaluation, load_tool
+from helpers import InterruptingLoss, assert_same_evaluation, load_tool
 
 import detect.train.detection
 from backbones.checkpoint import load_checkpoint
@@ -127,19 +125,6 @@ def test_predict_draws_every_image_and_lists_boxes_in_original_pixels(chain: dic
             x1, y1, x2, y2 = det["box_xyxy"]
             assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
             assert det["class"] == "bird"
-
-
-class InterruptingLoss:
-    """Wraps the criterion; sends this process a real SIGINT (Ctrl-C) during its `at`-th call."""
-
-    def __init__(self, criterion, at: int) -> None:
-        self.criterion, self.at, self.calls = criterion, at, 0
-
-    def __call__(self, outputs, targets):
-        self.calls += 1
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.criterion(outputs, targets)
 
 
 # 12 train images, batch 4: 3 steps per epoch. Call 3 is epoch 1's last step, call 5 the middle of epoch 2.

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from backbones.errors import UserError
-from detect.interop.export import OnnxDetector, export_model
+from detect.interop.export import export_model
 from detect.interop.openvino import OpenVinoDetector
+from detect.interop.runners import OnnxDetector
 from detect.models import build_yolo
 from detect.models.detector import Detector
 from detect.models.heads.base import DetectionHead

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import InterruptingLoss, load_tool, randomize_bn
 from torch import nn
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -22,16 +22,22 @@ os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/plugdet-yolo-config")
 from ultralytics.nn import tasks  # noqa: E402  (a dev dependency: the parity tests run, never skip)
 
 from backbones import build_backbone  # noqa: E402
+from backbones.checkpoint import load_checkpoint  # noqa: E402
 from backbones.errors import UserError  # noqa: E402
 from detect.boxes import xyxy2cxcywh  # noqa: E402
+from detect.cli import run_tool  # noqa: E402
 from detect.data.source import read_image_rgb  # noqa: E402
 from detect.inference import detect_image  # noqa: E402
+from detect.interop.export import export_model
+from detect.interop.openvino import OpenVinoDetector  # noqa: E402
+from detect.interop.runners import OnnxDetector  # noqa: E402
 from detect.interop.ultralytics import from_ultralytics, to_ultralytics_state_dict, ultralytics_family  # noqa: E402
 from detect.interop.ultralytics11 import uses_c3k_everywhere  # noqa: E402
 from detect.interop.ultralytics26 import our_key_to_yolo26, yolo26_key_to_ours  # noqa: E402
 from detect.losses import build_criterion  # noqa: E402
 from detect.losses.yolo26 import EndToEndLoss, o2m_weight  # noqa: E402
 from detect.models import DetectorSpec, PartSpec, build_detector, build_yolo  # noqa: E402
+from detect.models.detector import Detector  # noqa: E402
 from detect.models.heads.yolo26 import EndToEndDecoder, Yolo26Head  # noqa: E402
 from detect.models.necks.pan26 import PAN26  # noqa: E402
 from detect.train.optim import MuSGD, build_musgd_param_groups, build_optimizer  # noqa: E402
@@ -149,11 +155,12 @@ def test_train_outputs_equal_ultralytics_and_one_to_one_sees_detached_features()
     assert all(p.grad is not None for p in ours.head.one2one_cls_branch.parameters())
 
 
-def _compare(ours: dict, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+def _compare(ours: dict, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, box_tol: float = 1e-2,
+             score_tol: float = 1e-4) -> None:  # fmt: skip
     """The same detections: equal counts and classes, and each reference detection its own counterpart of the same
-    class, box within 1e-2 px, score within 1e-4. Ties excepted from the box check: the two sides' scores differ by a
-    few ulps, so detections scored within 1e-6 of another (anchors in the flat letterbox border score alike) or of the
-    lowest kept score (the 300th row) may come in another order or swap at the cut."""
+    class, box within `box_tol` px, score within `score_tol`. Ties excepted from the box check: the two sides' scores
+    differ by a few ulps, so detections scored within 1e-6 of another (anchors in the flat letterbox border score
+    alike) or of the lowest kept score (the 300th row) may come in another order or swap at the cut."""
     assert len(ours["scores"]) == len(scores) > 0, (len(ours["scores"]), len(scores))
     assert sorted(ours["labels"].tolist()) == sorted(labels.long().tolist())
     tied = ((scores[:, None] - scores[None, :]).abs() <= 1e-6).sum(1) > 1  # [K]
@@ -163,8 +170,8 @@ def _compare(ours: dict, boxes: torch.Tensor, scores: torch.Tensor, labels: torc
     for box, score, label, skip in zip(boxes, scores, labels.long(), tied, strict=True):
         if skip:
             continue
-        fits = free & (ours["labels"] == label) & ((ours["scores"] - score).abs() <= 1e-4)
-        fits &= (ours["boxes"] - box).abs().max(dim=1).values <= 1e-2
+        fits = free & (ours["labels"] == label) & ((ours["scores"] - score).abs() <= score_tol)
+        fits &= (ours["boxes"] - box).abs().max(dim=1).values <= box_tol
         assert fits.any(), (box, score, label)
         free[fits.nonzero()[0, 0]] = False
 
@@ -404,10 +411,6 @@ def test_train_det_trains_yolo26_and_tells_the_loss_the_epoch(
     `set_epoch` at each epoch start, the logged parts are the yolo26 loss's, and the run evaluates NMS-free."""
     import csv
 
-    from helpers import load_tool
-
-    from detect.cli import run_tool
-
     seen: list[tuple[int, int, float]] = []
     original = EndToEndLoss.set_epoch
 
@@ -448,3 +451,110 @@ def test_train_optimizer_musgd_builds_ultralytics_groups_and_the_warmup_keeps_th
         assert group["lr"] == pytest.approx(
             group["lr_scale"] * optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1]["lr_scale"], rel=1e-12
         )
+
+
+EXPORT_RECTANGLES = ((96, 64), (160, 224))  # 126 anchors (fewer than max_det: K = 126 in the graph), then 735
+
+
+@pytest.fixture(scope="module")
+def imported_n() -> Detector:
+    """An imported yolo26n (3 classes, spread scores): the detector the export tests run, eval mode."""
+    return from_ultralytics(_ultralytics_model("n", num_classes=3)).eval()
+
+
+def _export_images(shape: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 3, *shape, generator=torch.Generator().manual_seed(shape[0] * 7 + shape[1]))
+
+
+@torch.no_grad()
+def test_torchscript_export_is_the_eager_end_to_end_decode_to_the_bit(imported_n: Detector, tmp_path: Path) -> None:
+    """The trace has the top-k decode in it, with anchors and K from the maps' sizes: traced at 128x160, it equals the
+    eager [B, K, 6] on other rectangles, one with fewer anchors (126) than max_det."""
+    path = export_model(imported_n, {"class_names": ["a", "b", "c"]}, tmp_path / "m.torchscript", "torchscript",
+                        img_size=IMAGE_SIZE)  # fmt: skip
+    traced = torch.jit.load(str(path))
+    for shape, rows in zip(EXPORT_RECTANGLES, (126, 300), strict=True):
+        images = _export_images(shape)
+        eager = imported_n(images)
+        assert eager.shape == (2, rows, 6)
+        assert torch.equal(traced(images), eager)
+
+
+@torch.no_grad()
+def test_onnx_export_has_the_top_k_decode_and_no_nms_and_predict_gives_the_pt_detections(tmp_path: Path) -> None:
+    """Dynamic and fixed ONNX files of an imported yolo26n (fused) end in TopK, with no NonMaxSuppression node, and
+    `detect_image` (predict's, the API's and val_det's path: `OnnxDetector.detect` reads the rows as end-to-end, no NMS)
+    gives the .pt's detections on the bundled photos at conf 0.001, max_det 300: the dynamic file (exported at 320)
+    on the 640 stride rectangles, the fixed 640 file on the square letterbox. Boxes within 1e-3 px and scores within
+    1e-6 (`_compare`, ties excepted; measured at most 3.1e-5 px and 1.8e-7: onnxruntime's convolutions round
+    differently from torch's). The OpenVINO model made from the dynamic file gives them too. `--nms` is refused."""
+    import onnx
+
+    ours = from_ultralytics(_ultralytics_model("n")).fuse()
+    ours.head.fuse()
+    checkpoint = {"class_names": [str(c) for c in range(80)]}
+    dynamic = export_model(ours, checkpoint, tmp_path / "d.onnx", img_size=320)
+    fixed = export_model(ours, checkpoint, tmp_path / "f.onnx", img_size=640, dynamic=False)
+    for path in (dynamic, fixed):
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert "TopK" in ops and "NonMaxSuppression" not in ops
+    openvino = export_model(ours, checkpoint, tmp_path / "ov", "openvino", img_size=320)  # from the dynamic ONNX
+    runners = ((OnnxDetector(dynamic), True), (OnnxDetector(fixed), False), (OpenVinoDetector(openvino), True))
+    for runner, rect in runners:
+        assert runner.meta["end_to_end"] is True and (runner.fixed_shape is None) == rect
+        for photo in PHOTOS:
+            image = read_image_rgb(photo)
+            found = detect_image(runner, image, 640, "cpu", conf=0.001, iou=0.7, max_det=300, rect=rect)
+            ref = detect_image(ours, image, 640, "cpu", conf=0.001, iou=0.7, max_det=300, rect=rect)
+            assert len(ref["scores"]) == 300
+            _compare(found, ref["boxes"], ref["scores"], ref["labels"], box_tol=1e-3, score_tol=1e-6)
+    with pytest.raises(UserError, match="NMS-free"):
+        export_model(ours, checkpoint, tmp_path / "n.onnx", img_size=320, nms={"conf": 0.25, "iou": 0.7, "max_det": 1})
+
+
+# 12 train images, batch 4: 3 steps per epoch; call 5 is the middle of epoch 2 (gradients pending in last.pt).
+@pytest.mark.train
+def test_yolo26_musgd_ctrl_c_mid_epoch_then_resume_is_bit_identical(
+    synth_cub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/test_end_to_end.py's Ctrl-C-and-resume check on a yolo26 + MuSGD run: interrupted mid-epoch 2 and
+    resumed, the model, the EMA, MuSGD's state and the evaluation equal the uninterrupted 2-epoch run's to the bit."""
+    import detect.train.detection as run
+
+    train_det = load_tool("train_det")
+    argv = [f"data.root={synth_cub_root}", "data.img_size=64", "train.epochs=2", "train.batch_size=4",
+            "train.workers=0", "train.close_mosaic=1", "eval.interval=1", "model.backbone_weights=null",
+            "model.head=yolo26", "train.optimizer=musgd"]  # fmt: skip
+    assert run_tool(train_det.main, [*argv, f"output_dir={tmp_path / 'straight'}"]) == 0
+    build = run.build_det_criterion
+    interrupting = lambda cfg, model: InterruptingLoss(build(cfg, model), 5)  # noqa: E731
+    monkeypatch.setattr(run, "build_det_criterion", interrupting)
+    assert run_tool(train_det.main, [*argv, f"output_dir={tmp_path / 'run'}"]) == 130
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
+    assert (state["epoch"], state["batch"]) == (1, 2) and state["gradients"]
+    monkeypatch.setattr(run, "build_det_criterion", build)
+    assert run_tool(train_det.main, [f"train.resume={tmp_path / 'run' / 'last.pt'}"]) == 0
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "run" / "last.pt")
+    for a, b in ((straight["model"], resumed["model"]),
+                 (straight["train_state"]["ema"]["state_dict"], resumed["train_state"]["ema"]["state_dict"]),
+                 (straight["train_state"]["model"], resumed["train_state"]["model"])):  # fmt: skip
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert torch.equal(value, b[key]), key
+    a, b = straight["train_state"]["optimizer"], resumed["train_state"]["optimizer"]  # MuSGD's state dict
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() and a["state"]
+    for index, buffers in a["state"].items():
+        assert buffers.keys() == b["state"][index].keys()
+        assert all(torch.equal(value, b["state"][index][key]) for key, value in buffers.items()), index
+    assert straight["metrics"]["coco_stats"] == resumed["metrics"]["coco_stats"]
+
+
+def test_families_sweep_lists_a_yolo26_cell_beside_the_nms_heads(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/sweep/families.yaml runs yolo26 (its neck and end-to-end head, the yolov8 recipe) on the same backbone
+    as the NMS heads: `tools/sweep.py --list` (which resolves every cell's config first) lists the five cells."""
+    path = Path(__file__).parents[1] / "configs" / "sweep" / "families.yaml"
+    assert run_tool(load_tool("sweep").main, [str(path), "--list"]) == 0
+    cells = [line.split()[4:9:2] for line in capsys.readouterr().out.splitlines() if "cspdarknet_n /" in line]
+    assert cells == [["cspdarknet_n", head, "pretrained"] for head in
+                     ("yolov8", "yolo26", "retinanet", "fcos", "faster_rcnn")]  # fmt: skip

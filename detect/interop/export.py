@@ -1,12 +1,14 @@
-"""Model export (ONNX, TorchScript) and the onnxruntime runner that predict, val_det and the API use for `.onnx`.
+"""Model export (ONNX, TorchScript, OpenVINO); the runners of the exported files are `detect.interop.runners`.
 
 What an exported file computes: `images [B, 3, H, W]` float RGB in [0, 1] (letterboxed, grey 114 pad) -> the head's
 own decode, `preds [B, A, 4 + C]`, xyxy input pixels then sigmoid scores (the eval output of `Detector`, DESIGN §3;
 only head families with a traceable decode export, today the YOLO families), which the caller turns into detections
-with `detect.postprocess.postprocess`. With `nms=True` the graph ends in NMS instead (ONNX `NonMaxSuppression`) and
-returns `detections [K, 7]` rows `(image index, x1, y1, x2, y2, score, label)`, sorted by decreasing score, with the
-confidence threshold, IoU threshold and `max_det` per image fixed at export (one candidate per anchor: its best
-class, as `predict` does; multi-label validation needs the raw file).
+with `detect.postprocess.postprocess`. An NMS-free head (YOLO26, `end_to_end`) exports its top-k decode instead
+(ONNX TopK): `preds [B, K, 6]` rows (x1, y1, x2, y2, score, label), K = min(max_det, A), metadata `end_to_end`, which
+the runners only threshold; `nms` is refused for it. With `nms=True` the graph ends in NMS instead (ONNX
+`NonMaxSuppression`) and returns `detections [K, 7]` rows `(image index, x1, y1, x2, y2, score, label)`, sorted by
+decreasing score, with the confidence threshold, IoU threshold and `max_det` per image fixed at export (one candidate
+per anchor: its best class, as `predict` does; multi-label validation needs the raw file).
 
 Sizes: a file exported without `dynamic` takes exactly the export size (batch 1), and whoever runs it letterboxes
 to that size; with `dynamic`, batch, height and width are free (any multiple of the stride), so the rectangular
@@ -24,22 +26,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import nms
 
 from backbones.errors import UserError
+from detect.interop.runners import META_KEY
 from detect.models.detector import Detector
-from detect.postprocess import postprocess
 
-META_KEY = "plugdet"
 FORMATS = ("onnx", "openvino", "torchscript")
 
 
@@ -78,7 +77,7 @@ class ExportModule(nn.Module):
         head = detector.head
         if not head.traceable_decode:
             raise UserError(f"export: the {type(head).__name__} head is not exportable by plugdet yet (no traceable "
-                            "decode); tools/export.py exports the YOLO families (yolov8, yolo11)")  # fmt: skip
+                            "decode); tools/export.py exports the YOLO families (yolov8, yolo11, yolo26)")  # fmt: skip
         self.detector = detector.eval()
         self.nms = dict(nms) if nms else None
         self.eval()  # the exporter restores this mode afterwards; a fused detector refuses train mode
@@ -92,14 +91,16 @@ class ExportModule(nn.Module):
 
 
 def export_metadata(checkpoint: Mapping[str, Any], img_size: tuple[int, int], stride: int, dynamic: bool,
-                    nms: Mapping[str, float] | None, half: bool) -> dict[str, Any]:  # fmt: skip
-    """What a runner needs from the checkpoint, as plain JSON data (stored in the exported file)."""
+                    nms: Mapping[str, float] | None, half: bool,
+                    end_to_end: bool = False) -> dict[str, Any]:  # fmt: skip
+    """What a runner needs from the checkpoint, as plain JSON data (stored in the exported file); `end_to_end`: the
+    output is an NMS-free head's [B, K, 6] rows (YOLO26), not [B, A, 4 + C]."""
     return {"format": 1, "class_names": list(checkpoint["class_names"]),
             "category_ids": [int(c) for c in checkpoint.get("category_ids") or
                              range(1, len(checkpoint["class_names"]) + 1)],
             "img_size": [int(img_size[0]), int(img_size[1])], "stride": int(stride), "dynamic": bool(dynamic),
             "nms": dict(nms) if nms else None, "half": bool(half), "arch": checkpoint.get("arch"),
-            "config": checkpoint.get("config") or {}}  # fmt: skip
+            "config": checkpoint.get("config") or {}, "end_to_end": bool(end_to_end)}  # fmt: skip
 
 
 def export_model(
@@ -154,11 +155,15 @@ def export_model(
     stride = detector.input_stride
     if h % stride or w % stride or h <= 0 or w <= 0:
         raise UserError(f"export size {h}x{w} must be positive multiples of the stride {stride}")
+    end_to_end = bool(getattr(detector.head, "end_to_end", False))
+    if end_to_end and nms:
+        raise UserError(f"--nms: the {type(detector.head).__name__} head is NMS-free (its export ends in the top-k "
+                        "decode, [B, 300, 6] rows); export it without --nms")  # fmt: skip
     module = ExportModule(detector.to(device), nms)
     example = torch.zeros(1, 3, h, w, device=device)
     if half:
         module, example = module.half(), example.half()
-    meta = json.dumps(export_metadata(checkpoint, (h, w), stride, dynamic, nms, half))
+    meta = json.dumps(export_metadata(checkpoint, (h, w), stride, dynamic, nms, half, end_to_end))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -196,7 +201,8 @@ def _export_openvino(module: nn.Module, example: torch.Tensor, path: Path, dynam
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, with_nms: bool, opset: int,
                  meta: str) -> None:  # fmt: skip
-    """torch.onnx.export (TorchScript-based) into memory, add the metadata, write atomically."""
+    """torch.onnx.export (TorchScript-based) into memory, add the metadata, write atomically. An NMS-free head's
+    output (metadata `end_to_end`) has the K = min(max_det, A) rows on axis 1."""
     import io
 
     from backbones.checkpoint import atomic_write_bytes
@@ -209,7 +215,8 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: 
     axes = None
     if dynamic:
         axes = {"images": {0: "batch", 2: "height", 3: "width"}}
-        axes[output] = {0: "rows"} if with_nms else {0: "batch", 1: "anchors"}
+        rows = "rows" if json.loads(meta).get("end_to_end") else "anchors"
+        axes[output] = {0: "rows"} if with_nms else {0: "batch", 1: rows}
     elif with_nms:
         axes = {output: {0: "rows"}}
     buffer = io.BytesIO()
@@ -221,106 +228,3 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: 
     entry.key, entry.value = META_KEY, meta
     onnx.checker.check_model(model)
     atomic_write_bytes(model.SerializeToString(), path)
-
-
-class ExportedDetector:
-    """What the runners of exported files share (`OnnxDetector`, `detect.interop.openvino.OpenVinoDetector`): the
-    `detect` interface of `Detector` (so `evaluate`, the API and predict run them unchanged) over `run`, one inference
-    on float images [B, 3, H, W]. A subclass sets `meta`, `fixed_batch`, `fixed_shape`, `input_dtype` and `path`."""
-
-    meta: dict[str, Any]
-    fixed_batch: int | None
-    fixed_shape: tuple[int, int] | None
-    input_dtype: type
-    path: Path
-
-    def run(self, chunk: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def note_fixed_shape(self) -> None:
-        """A fixed-size file letterboxes every image to its size where the .pt (and a dynamic export) takes the
-        smallest stride rectangle: one line on stderr says so at load, since boxes and scores then differ a little."""
-        if self.fixed_shape is not None:
-            h, w = self.fixed_shape
-            print(f"note: {self.path} takes a fixed {h}x{w} input: images are letterboxed to {h}x{w}, not to the "
-                  "smallest rectangle as the .pt does, so boxes and scores differ slightly from the .pt's (export "
-                  "without --fixed for the .pt's results)", file=sys.stderr)  # fmt: skip
-
-    def eval(self) -> ExportedDetector:
-        return self
-
-    def forward_numpy(self, images: np.ndarray) -> np.ndarray:
-        """The file's raw output for float images [B, 3, H, W] (a fixed-batch file runs in chunks)."""
-        step = self.fixed_batch or len(images)
-        outs = []
-        for start in range(0, len(images), step):
-            out = self.run(np.ascontiguousarray(images[start : start + step], dtype=self.input_dtype))
-            if self.meta.get("nms"):
-                out = out.copy()
-                out[:, 0] += start
-            outs.append(out)
-        return np.concatenate(outs, axis=0)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.forward_numpy(images.detach().float().cpu().numpy())).float()
-
-    def detect(
-        self, images: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False
-    ) -> list[dict[str, torch.Tensor]]:
-        """Detections per image in input pixels, as `Detector.detect`. A file with NMS inside applies its own
-        thresholds (fixed at export); `conf` and `max_det` then only filter further."""
-        out = self(images)
-        if not self.meta.get("nms"):
-            return postprocess(out, conf, iou, max_det, multi_label=multi_label)  # [B, A, 4 + C] -> per image
-        results = []
-        for b in range(len(images)):
-            rows = out[(out[:, 0] == b) & (out[:, 5] > conf)][:max_det]  # [K, 7], by decreasing score
-            results.append({"boxes": rows[:, 1:5], "scores": rows[:, 5], "labels": rows[:, 6].long()})
-        return results
-
-
-class OnnxDetector(ExportedDetector):
-    """An exported `.onnx` run by onnxruntime (see `ExportedDetector`).
-
-    Attributes:
-        meta: the file's plugdet metadata (class names, config, ...).
-        fixed_shape: (H, W) the file takes, or None for a dynamic file.
-        strides: (stride,) of the exported model.
-    """
-
-    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise UserError(f"running {path} needs onnxruntime: pip install -e '.[onnx]'") from err
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"ONNX file not found: {path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UserError(f"{path}: onnxruntime here has no CUDA provider (pip install onnxruntime-gpu)")
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as err:  # onnxruntime raises its own types for a file that is no ONNX model
-            raise UserError(f"cannot read ONNX model {path}: {str(err).splitlines()[0]}") from None
-        custom = self.session.get_modelmeta().custom_metadata_map
-        if META_KEY not in custom:
-            raise UserError(f"{path} was not exported by plugdet (no '{META_KEY}' metadata): use tools/export.py")
-        self.meta: dict[str, Any] = json.loads(custom[META_KEY])
-        model_input = self.session.get_inputs()[0]
-        self.input_name = model_input.name
-        self.input_dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
-        dims = model_input.shape  # ints, or names of dynamic axes
-        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
-        self.fixed_shape = (dims[2], dims[3]) if isinstance(dims[2], int) and isinstance(dims[3], int) else None
-        self.strides = (int(self.meta["stride"]),)
-        self.num_classes = len(self.meta["class_names"])
-        self.path = path
-        self.note_fixed_shape()
-
-    def run(self, chunk: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: chunk})[0]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from backbones.errors import UserError
-from detect.interop.export import ExportedDetector
+from detect.interop.runners import ExportedDetector
 
 META_KEY = "plugdet"
 # Every graph node outside the backbone, the neck and the head's convolution branches: the decode (and NMS) tail.

@@ -24,6 +24,8 @@ class DetectionHead(nn.Module):
             sizes read from the maps in the graph, and decode to the dense `[B, A, 4 + C]` (xyxy input pixels, then
             scores) that `detect.postprocess` and the exported NMS read. Only such a family exports
             (`detect.interop.export`), with dynamic sizes and optional NMS in the graph.
+        end_to_end: True for a family whose eval output is final detections, `[B, K, 6]` rows (xyxy, score, label)
+            from a top-k decode with no NMS (YOLO26's one-to-one branch); exports and runners read it as rows.
 
     Attributes a subclass sets:
         num_classes, strides (of its input levels).
@@ -32,6 +34,7 @@ class DetectionHead(nn.Module):
     default_loss: ClassVar[str] = ""
     needs_targets: ClassVar[bool] = False
     traceable_decode: ClassVar[bool] = False
+    end_to_end: ClassVar[bool] = False
     num_classes: int
     strides: tuple[int, ...]
 

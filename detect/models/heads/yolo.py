@@ -52,7 +52,7 @@ def _separable_branch(c_in: int, hidden: int, c_out: int) -> nn.Sequential:
     )
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """True while torch.jit.trace or torch.onnx.export records the graph (sizes are then graph values, not ints)."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
@@ -91,7 +91,7 @@ class YoloDecoder:
         tensor would be frozen into the file and a dynamic-shape export must take any size.
         """
         device = raw[0].device
-        if _tracing():
+        if tracing():
             return make_anchors([o.shape[2:] for o in raw], self.strides, device=device)
         shapes = tuple((int(o.shape[2]), int(o.shape[3])) for o in raw)
         key = (shapes, device)

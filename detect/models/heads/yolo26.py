@@ -14,7 +14,9 @@ The box branch predicts the four ltrb distances directly (in grid units of the l
 the DFL integral of YOLOv8 / YOLO11 is gone. The decode is `YoloDecoder`'s (anchors, split, dist2bbox) with the
 identity for the distances (`EndToEndDecoder`), then a top-k over the anchors by their best class and over
 (anchor, class) pairs of those (`EndToEndDecoder.top_k`): `[B, K, 6]` rows (x1, y1, x2, y2, score, label), K =
-min(max_det, A), by decreasing score. `postprocess` keeps the rows above `conf` (no NMS; `iou` is ignored).
+min(max_det, A), by decreasing score. `postprocess` keeps the rows above `conf` (no NMS; `iou` is ignored). The
+decode traces (`traceable_decode`): anchors and K come from the maps' sizes in the graph and the top-k is ONNX TopK,
+so an exported file outputs these rows (`end_to_end`, read by `detect.interop.runners.ExportedDetector`).
 `fuse()` drops the one-to-many branches for inference, as Ultralytics' fused model does.
 """
 
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from backbones.errors import UserError
-from detect.models.heads.yolo import Yolo11Head, YoloDecoder
+from detect.models.heads.yolo import Yolo11Head, YoloDecoder, tracing
 from detect.models.registry import register_head
 
 MAX_DET = 300  # Ultralytics' `Detect.max_det`: rows of the end-to-end decode
@@ -65,16 +67,40 @@ class EndToEndDecoder(YoloDecoder):
         Returns:
             [B, K, 6] rows (x1, y1, x2, y2, score, label as a float), by decreasing score.
         """
-        boxes, scores = decoded[..., :4], decoded[..., 4:]  # [B, A, 4], [B, A, C]
+        scores = decoded[..., 4:]  # [B, A, C]
         num_classes = scores.shape[-1]
+        # K = min(max_det, A): while tracing, in the graph from A (an int would freeze the export size's K, and an
+        # input with fewer anchors than max_det would fail ONNX TopK)
         k = min(int(max_det), scores.shape[1])
+        if tracing():
+            k = torch._shape_as_tensor(scores)[1].clamp(max=int(max_det))  # [] in the graph
         anchors = scores.amax(dim=-1).topk(k, dim=1).indices  # [B, K] anchors by their best class
         candidates = scores.gather(1, anchors.unsqueeze(-1).expand(-1, -1, num_classes))  # [B, K, C]
         top_scores, flat = candidates.flatten(1).topk(k, dim=1)  # [B, K] over the K * C pairs
         anchors = anchors.gather(1, flat // num_classes)  # [B, K] the anchor of each pair
         labels = (flat % num_classes).to(decoded.dtype)  # [B, K]
-        top_boxes = boxes.gather(1, anchors.unsqueeze(-1).expand(-1, -1, 4))  # [B, K, 4]
+        # whole rows, then the box: ONNX GatherElements on a [B, A, 4] slice gets its data as the [B, A, 4 + C] rows
+        # with [B, K, 4] indices, which onnxruntime runs but OpenVINO refuses (its non-axis sizes must be equal)
+        rows = decoded.gather(1, anchors.unsqueeze(-1).expand(-1, -1, decoded.shape[-1]))  # [B, K, 4 + C]
+        top_boxes = rows[..., :4]  # [B, K, 4]
         return torch.cat((top_boxes, top_scores.unsqueeze(-1), labels.unsqueeze(-1)), dim=-1)  # [B, K, 6]
+
+
+def end_to_end_detections(decoded: torch.Tensor, conf: float, max_det: int) -> list[dict[str, torch.Tensor]]:
+    """Per image, the rows of an end-to-end decode scored above `conf`, at most `max_det`: `Yolo26Head.postprocess`
+    and the runners of an exported YOLO26 file (`detect.interop.runners.ExportedDetector`), whose output it is too.
+
+    Args:
+        decoded: [B, K, 6] rows (x1, y1, x2, y2, score, label), by decreasing score.
+
+    Returns:
+        Per image dict(boxes [K', 4] xyxy input pixels, scores [K'], labels [K'] int64).
+    """
+    results = []
+    for rows in decoded.float():  # [K, 6]
+        rows = rows[rows[:, 4] > conf][:max_det]
+        results.append({"boxes": rows[:, :4], "scores": rows[:, 4], "labels": rows[:, 5].long()})
+    return results
 
 
 class Yolo26Head(Yolo11Head):
@@ -94,8 +120,10 @@ class Yolo26Head(Yolo11Head):
     """
 
     default_loss = "yolo26"
-    # Its eval output is the end-to-end [B, K, 6], not the dense [B, A, 4 + C] that detect.interop.export wraps.
-    traceable_decode = False
+    # The decode traces (anchors and K from the maps' sizes, top-k as ONNX TopK); what exports is the end-to-end
+    # [B, K, 6], which a runner of the file reads by `end_to_end` (detect.interop.export), no NMS after it.
+    traceable_decode = True
+    end_to_end = True
 
     def __init__(
         self, num_classes: int, in_channels: Sequence[int], strides: Sequence[int], max_det: int = MAX_DET
@@ -177,11 +205,7 @@ class Yolo26Head(Yolo11Head):
         Returns:
             Per image dict(boxes [K', 4] xyxy input pixels, scores [K'], labels [K'] int64).
         """
-        results = []
-        for rows in decoded.float():  # [K, 6]
-            rows = rows[rows[:, 4] > conf][:max_det]
-            results.append({"boxes": rows[:, :4], "scores": rows[:, 4], "labels": rows[:, 5].long()})
-        return results
+        return end_to_end_detections(decoded, conf, max_det)
 
     def fuse(self) -> Yolo26Head:
         """Drop the one-to-many branches, which inference never reads (Ultralytics' fused model drops them too);
