@@ -111,6 +111,7 @@ class TaskAlignedAssigner(nn.Module):
         align, overlaps = self._pair_metrics(pd_scores, pd_bboxes, gt_labels, gt_bboxes, inside & valid)
         pos = self._topk_mask(align, valid) & inside & valid  # [B, M, A]
         pos = self._resolve_conflicts(pos, overlaps)  # [B, M, A], at most one True per anchor
+        pos = self._keep_positives(pos, align)  # [B, M, A]
 
         fg_mask, target_gt_idx = pos.to(torch.uint8).max(dim=1)  # [B, A] each
         fg_mask = fg_mask.bool()
@@ -127,6 +128,11 @@ class TaskAlignedAssigner(nn.Module):
         one_hot.scatter_(2, target_labels.unsqueeze(-1), 1.0)  # [B, A, C]
         target_scores = one_hot * fg_mask.unsqueeze(-1) * norm
         return AssignResult(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
+
+    def _keep_positives(self, pos: Tensor, align: Tensor) -> Tensor:
+        """The positives ``[B, M, A]`` after conflicts are resolved, as the targets use them: all of them here; a
+        subclass may keep fewer (YOLO26's one-to-one assigner keeps each object's best)."""
+        return pos
 
     def _empty(self, pd_scores: Tensor, pd_bboxes: Tensor) -> AssignResult:
         """Outputs when no image of the batch has a ground truth: everything is background."""

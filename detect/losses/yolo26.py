@@ -32,7 +32,7 @@ from torch import Tensor
 
 from backbones.errors import UserError
 from detect.boxes import IOU_KINDS, bbox2dist, box_overlap, dist2bbox
-from detect.losses.assign import AssignResult, TaskAlignedAssigner
+from detect.losses.assign import TaskAlignedAssigner
 from detect.losses.registry import register_loss
 from detect.losses.yolo import pad_targets
 from detect.models.heads.yolo26 import EndToEndDecoder
@@ -58,39 +58,10 @@ class OneToOneAssigner(TaskAlignedAssigner):
         super().__init__(topk, num_classes, **kwargs)
         self.topk2 = topk2
 
-    @torch.no_grad()
-    def forward(
-        self,
-        pd_scores: Tensor,
-        pd_bboxes: Tensor,
-        anc_points: Tensor,
-        gt_labels: Tensor,
-        gt_bboxes: Tensor,
-        mask_gt: Tensor,
-    ) -> AssignResult:
-        """`TaskAlignedAssigner.forward` (same arguments and result) with the `topk2` filter before the targets."""
-        batch, num_anchors, _ = pd_scores.shape
-        if gt_bboxes.shape[1] == 0:
-            return self._empty(pd_scores, pd_bboxes)
-        valid = mask_gt.bool()  # [B, M, 1]
-        inside = self._anchors_inside(anc_points, gt_bboxes, valid)  # [B, M, A]
-        align, overlaps = self._pair_metrics(pd_scores, pd_bboxes, gt_labels, gt_bboxes, inside & valid)
-        pos = self._resolve_conflicts(self._topk_mask(align, valid) & inside & valid, overlaps)  # [B, M, A]
-        best = (align * pos).topk(min(self.topk2, num_anchors), dim=-1).indices  # [B, M, topk2]
-        pos &= torch.zeros_like(pos).scatter_(-1, best, True)  # [B, M, A]
-
-        fg_mask, target_gt_idx = pos.to(torch.uint8).max(dim=1)  # [B, A] each
-        fg_mask = fg_mask.bool()
-        target_labels = gt_labels.long().squeeze(-1).gather(1, target_gt_idx).clamp(min=0)  # [B, A]
-        target_bboxes = gt_bboxes.gather(1, target_gt_idx.unsqueeze(-1).expand(-1, -1, 4))  # [B, A, 4]
-        align, overlaps = align * pos, overlaps * pos
-        best_align = align.amax(dim=-1, keepdim=True)  # [B, M, 1]
-        best_overlap = overlaps.amax(dim=-1, keepdim=True)  # [B, M, 1]
-        norm = (align * best_overlap / (best_align + self.eps)).amax(dim=1).unsqueeze(-1)  # [B, A, 1]
-        one_hot = torch.zeros(batch, num_anchors, self.num_classes, dtype=norm.dtype, device=norm.device)
-        one_hot.scatter_(2, target_labels.unsqueeze(-1), 1.0)  # [B, A, C]
-        target_scores = one_hot * fg_mask.unsqueeze(-1) * norm
-        return AssignResult(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
+    def _keep_positives(self, pos: Tensor, align: Tensor) -> Tensor:
+        """Of each object's positives, only the `topk2` with the highest alignment metric."""
+        best = (align * pos).topk(min(self.topk2, pos.shape[-1]), dim=-1).indices  # [B, M, topk2]
+        return pos & torch.zeros_like(pos).scatter_(-1, best, True)  # [B, M, A]
 
 
 class DistanceLoss:
