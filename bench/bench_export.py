@@ -11,6 +11,16 @@ third-party YOLOv8n (Ultralytics' yolov8n.yaml, seeded random weights, through t
 fp32 and bf16, onnxruntime, OpenVINO FP32 (f32 hint), OpenVINO at bf16 (its own default on a CPU with native bf16),
 OpenVINO INT8 (nncf, calibrated on bus.jpg and zidane.jpg) at the f32 and bf16 hints; median of `--runs` (20) runs
 after 3 warm-ups, one row after the other. Needs `.[openvino]`.
+
+`--families yolo26 yolo11 yolov8` instead compares families in one run (issue 18): per family (scale `--scale`, 80
+classes, Ultralytics' `<family><scale>.yaml` with seeded random weights, imported with `from_ultralytics`) plugdet's
+fused channels_last torch model, onnxruntime on its dynamic ONNX export, and Ultralytics' own fused torch model
+(`DetectionModel.fuse()`, the forward its predictor runs). Sizes `--sizes` (default 640), batches `--batches`
+(default 1), `--runs` (default 20) rounds in which every row runs once (interleaved, so that load from other
+processes hits the rows alike), after 3 warm-up rounds; median and min per row and their ratios to the first row
+(plugdet's first family, torch). What is timed is each model's whole forward: YOLO26's ends in its top-k decode
+(`[B, 300, 6]` final detections, no NMS: on both sides); YOLOv8's and YOLO11's end before NMS (`[B, A, 4 + C]`), as
+Ultralytics' published latencies do, so their rows leave out the NMS that YOLO26 does not need.
 """
 
 from __future__ import annotations
@@ -98,6 +108,53 @@ def bench_predict(runs: int) -> None:
               f"{found} detections{ran})")  # fmt: skip
 
 
+def family_rows(families: list[str], scale: str, threads: int, folder: Path) -> dict[str, object]:
+    """The `--families` rows: name -> function(images [B, 3, S, S]) (see the module docstring)."""
+    from ultralytics.nn import tasks
+
+    rows: dict[str, object] = {}
+    for family in families:
+        torch.manual_seed(0)
+        theirs = tasks.DetectionModel(f"{family}{scale}.yaml", nc=80, verbose=False).eval()
+        fused = from_ultralytics(theirs).eval().fuse().to(memory_format=torch.channels_last)
+        ckpt = {"class_names": [str(i) for i in range(80)], "config": {}}
+        onnx_path = export_model(from_ultralytics(theirs).eval().fuse(), ckpt, folder / f"{family}.onnx",
+                                 img_size=640, dynamic=True)  # fmt: skip
+        ort = OnnxDetector(onnx_path, threads=threads)
+        theirs_fused = theirs.fuse(verbose=False).eval()
+        name = f"{family}{scale}"
+        rows[f"plugdet {name} torch (fused, channels_last)"] = lambda x, m=fused: m(
+            x.contiguous(memory_format=torch.channels_last)
+        )
+        rows[f"plugdet {name} onnxruntime"] = lambda x, m=ort: m(x)
+        rows[f"Ultralytics {name} torch (fused)"] = lambda x, m=theirs_fused: m(x)
+    return rows
+
+
+@torch.no_grad()
+def bench_families(args: argparse.Namespace) -> None:
+    """Latency of every `--families` row, interleaved, per size and batch (module docstring)."""
+    rows = family_rows(args.families, args.scale, args.threads, Path(tempfile.mkdtemp()))
+    first = next(iter(rows))
+    print(f"forward latency, {args.threads} threads, median / min of {args.runs} interleaved rounds after 3 warm-ups "
+          f"(ms); ratios to {first}")  # fmt: skip
+    print(f"{'size':>5} {'batch':>5}  {'row':<48}{'median':>9}{'min':>9}{'median x':>10}{'min x':>8}")
+    for size in args.sizes or [640]:
+        for batch in args.batches or [1]:
+            x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
+            times: dict[str, list[float]] = {name: [] for name in rows}
+            for round_index in range(3 + args.runs):
+                for name, fn in rows.items():
+                    spent = timed(fn, x)
+                    if round_index >= 3:
+                        times[name].append(spent)
+            base_median, base_min = statistics.median(times[first]), min(times[first])
+            for name, spent in times.items():
+                median, fastest = statistics.median(spent), min(spent)
+                print(f"{size:>5} {batch:>5}  {name:<48}{median:>9.1f}{fastest:>9.1f}{median / base_median:>9.2f}x"
+                      f"{fastest / base_min:>7.2f}x")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=None, help="timed runs per row (default 10, --predict 20)")
@@ -109,9 +166,20 @@ def main() -> None:
         help="also time Ultralytics' own ONNX export "
         "(its exporter may try to pip-install missing packages: only on a machine where that is fine)",
     )
+    parser.add_argument("--families", nargs="+", choices=("yolov8", "yolo11", "yolo26"), default=None,
+                        help="compare these families' plugdet torch, onnxruntime, Ultralytics torch")  # fmt: skip
+    parser.add_argument("--scale", default="n", choices=list("nsmlx"), help="--families: the model scale")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="--families: input sizes (default 640)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="--families: batch sizes (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(cpu_report(), f"(mkldnn bf16 supported: {torch.ops.mkldnn._is_mkldnn_bf16_supported()})")
+    if (args.sizes or args.batches) and not args.families:
+        parser.error("--sizes and --batches go with --families")
+    if args.families:
+        args.runs = args.runs or 20
+        bench_families(args)
+        return
     if args.predict:
         bench_predict(args.runs or 20)
         return

@@ -1,9 +1,13 @@
 """Detection training side by side: plugdet `tools/train_det.py` vs Ultralytics YOLOv8n, same images, same epochs.
 
-Both train YOLOv8n (or YOLO11n, `--family yolo11`) from scratch (no pretrained weights) on the synthetic mini-CUB
-(bird labels) exported to YOLO txt (`detect.data.yolo_txt.export_yolo`), at 256 px, batch 16, SGD lr 0.01 (Ultralytics'
-`optimizer=auto` would pick AdamW for short runs; `--ul-optimizer auto` restores it), the same close_mosaic, torch
-threads and loader workers, each in its own subprocess, one run after the other. Reported per seed:
+Both train YOLOv8n (or YOLO11n / YOLO26n, `--family yolo11` / `yolo26`) from scratch (no pretrained weights) on the
+synthetic mini-CUB (bird labels) exported to YOLO txt (`detect.data.yolo_txt.export_yolo`), at 256 px, batch 16, lr
+0.01 momentum 0.937 with `--optimizer` on both sides: `sgd` (the default of yolov8 and yolo11; Ultralytics'
+`optimizer=SGD`) or `musgd` (the default of yolo26; plugdet `train.optimizer=musgd`, Ultralytics `optimizer=MuSGD`,
+which its trainer builds from the same lr0 and momentum, Muon on the 2-D / 4-D weights at 0.2 x lr, class branches at
+3 x lr). Ultralytics' `optimizer=auto` would pick AdamW for short runs; `--ul-optimizer auto` restores it. The same
+close_mosaic, torch threads and loader workers, each in its own subprocess, one run after the other. Reported per
+seed:
 
 - img/s: training images per second of each epoch, validation excluded, median over the epochs. plugdet: the
   `img_per_s` column of its results.csv. Ultralytics: the epoch's images over the time between its
@@ -22,6 +26,7 @@ machine); its trainer also forces `workers=0` on CPU. The Ultralytics subprocess
     python bench/bench_train_vs_ultralytics.py                     # 2 seeds, 3 epochs, 2 threads, 2 workers
     python bench/bench_train_vs_ultralytics.py --epochs 10 --seeds 0 1 2 --variants fp32 bf16
     python bench/bench_train_vs_ultralytics.py --quick             # 1 epoch on 16 tiny images: a smoke run
+    python bench/bench_train_vs_ultralytics.py --family yolo26 --variants cl auto   # YOLO26n, MuSGD on both sides
 
 On a GPU (`--device cuda`; bench/gpu_check.sh calls it so): plugdet trains with `--variants amp` (fp16 autocast +
 GradScaler, channels_last: configs/det/*_cub.yaml's setting) and Ultralytics with its default `amp=True`. Ultralytics'
@@ -54,32 +59,38 @@ OFFLINE_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "YOLO_OFFLINE": "1", "YOLO_CONFI
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
-# plugdet variant -> train_det.py overrides
-# (train.amp is CUDA only: false keeps a CUDA run in fp32; on CPU it changes nothing)
+# plugdet variant -> train_det.py overrides (`auto`: plugdet's default precision, bf16 on a CPU with native bf16,
+# fp16 AMP on CUDA, else fp32)
 VARIANTS = {
-    "fp32": ["train.amp=false", "train.channels_last=false"],
-    "cl": ["train.amp=false", "train.channels_last=true"],
-    "bf16": ["train.amp=true", "train.bf16=true", "train.channels_last=true"],
-    "amp": ["train.amp=true", "train.bf16=false", "train.channels_last=true"],
+    "fp32": ["train.precision=fp32", "train.channels_last=false"],
+    "cl": ["train.precision=fp32", "train.channels_last=true"],
+    "bf16": ["train.precision=bf16", "train.channels_last=true"],
+    "amp": ["train.precision=fp16", "train.channels_last=true"],
+    "auto": ["train.precision=auto", "train.channels_last=true"],
 }
 VARIANT_LABELS = {
     "fp32": "plugdet fp32 (NCHW)",
-    "cl": "plugdet fp32 channels_last (default)",
+    "cl": "plugdet fp32 channels_last",
     "bf16": "plugdet bf16 + channels_last",
     "amp": "plugdet fp16 AMP + channels_last",
+    "auto": "plugdet precision=auto + channels_last (default)",
 }
 DEFAULT_VARIANTS = {"cpu": ["fp32", "cl", "bf16"], "cuda": ["amp"]}
-UL = "Ultralytics"  # the run label; `--family` says which model (yolov8n or yolo11n)
+UL = "Ultralytics"  # the run label; `--family` says which model (yolov8n, yolo11n or yolo26n)
 # --family -> plugdet model overrides of the same model as Ultralytics' <family>n.yaml
 FAMILIES = {"yolov8": ["model.backbone=cspdarknet_n", "model.neck=yolov8", "model.head=yolov8"],
-            "yolo11": ["model.backbone=csp11_n", "model.neck=yolo11", "model.head=yolo11"]}  # fmt: skip
+            "yolo11": ["model.backbone=csp11_n", "model.neck=yolo11", "model.head=yolo11"],
+            "yolo26": ["model.backbone=csp26_n", "model.neck=yolo26", "model.head=yolo26"]}  # fmt: skip
+DEFAULT_OPTIMIZER = {"yolov8": "sgd", "yolo11": "sgd", "yolo26": "musgd"}  # --optimizer when not given
+UL_OPTIMIZERS = {"sgd": "SGD", "musgd": "MuSGD"}  # --optimizer -> Ultralytics' `optimizer=` name
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The Ultralytics subprocess (`bench_train_vs_ultralytics.py _ultralytics SPEC.json`)
 # ----------------------------------------------------------------------------------------------------------------------
 def ultralytics_worker(spec_path: str) -> int:
-    """Train Ultralytics' YOLOv8n / YOLO11n as the spec says; epoch timings, threads, its own metrics -> spec["out"]."""
+    """Train Ultralytics' YOLOv8n / YOLO11n / YOLO26n as the spec says; epoch timings, threads, the optimizer it
+    built, its own metrics -> spec["out"]."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
     import ultralytics.engine.trainer as ul_trainer
@@ -93,7 +104,8 @@ def ultralytics_worker(spec_path: str) -> int:
         import polars  # noqa: F401  (for the "train_results" metadata of its checkpoints)
     except ImportError:  # what its own read_results_csv returns when that read fails
         ul_trainer.BaseTrainer.read_results_csv = lambda self: {}
-    record: dict[str, Any] = {"epochs": [], "threads": [], "workers": None, "images": None, "own": {}}
+    record: dict[str, Any] = {"epochs": [], "threads": [], "workers": None, "images": None, "own": {},
+                              "optimizer": None}  # fmt: skip
     clock: dict[str, float] = {}
 
     def restore_workers(trainer: Any) -> None:  # runs after the trainer forced workers=0 on CPU
@@ -101,6 +113,7 @@ def ultralytics_worker(spec_path: str) -> int:
 
     def epoch_start(trainer: Any) -> None:
         record["threads"].append(torch.get_num_threads())
+        record["optimizer"] = type(trainer.optimizer).__name__
         clock["start"] = time.perf_counter()
 
     def epoch_end(trainer: Any) -> None:
@@ -161,7 +174,7 @@ def run_ultralytics(args: argparse.Namespace, data_yaml: Path, seed: int, work: 
     rates = [record["images"] / t for t in record["epochs"]]
     own = record["own"]
     return {"img_s": statistics.median(rates), "weights": project / name / "weights" / "last.pt", "seconds": seconds,
-            "threads": sorted(set(record["threads"])), "workers": record["workers"],
+            "threads": sorted(set(record["threads"])), "workers": record["workers"], "optimizer": record["optimizer"],
             "own_ap": own.get("metrics/mAP50-95(B)"), "own_ap50": own.get("metrics/mAP50(B)")}  # fmt: skip
 
 
@@ -174,14 +187,15 @@ def run_plugdet(args: argparse.Namespace, data_yaml: Path, seed: int, variant: s
                  "model.scale=n", *FAMILIES[args.family], f"train.threads={args.threads}",
                  f"train.workers={args.workers}", f"train.close_mosaic={args.close_mosaic}",
                  f"train.device={args.device}", f"eval.interval={args.epochs}", f"eval.backend={args.eval_backend}",
-                 f"seed={seed}", f"output_dir={out}",
+                 f"seed={seed}", f"output_dir={out}", f"train.optimizer={args.optimizer}",
                  f"data.cache={args.cache == 'ram'}", *VARIANTS[variant]]  # fmt: skip
     seconds = run_logged([sys.executable, str(REPO / "tools" / "train_det.py"), *overrides], args.threads,
                          work / "logs" / f"plugdet_seed{seed}_{variant}.log", args.run_timeout)  # fmt: skip
     with (out / "results.csv").open() as handle:
         rates = [float(row["img_per_s"]) for row in csv.DictReader(handle)]
     return {"img_s": statistics.median(rates), "weights": out / "last.pt", "seconds": seconds,
-            "threads": [args.threads], "workers": args.workers, "own_ap": None, "own_ap50": None}  # fmt: skip
+            "threads": [args.threads], "workers": args.workers, "own_ap": None, "own_ap50": None,
+            "optimizer": args.optimizer}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -333,7 +347,8 @@ def write_json(results: dict[tuple[int, str], dict[str, Any]], args: argparse.Na
 
     rows = [{"seed": seed, "run": run, **{k: str(v) if isinstance(v, Path) else v for k, v in r.items()}}
             for (seed, run), r in results.items()]  # fmt: skip
-    setting = {"family": args.family, "device": args.device, "img_size": args.img_size, "batch": args.batch,
+    setting = {"family": args.family, "optimizer": args.optimizer, "ul_optimizer": args.ul_optimizer,
+               "device": args.device, "img_size": args.img_size, "batch": args.batch,
                "epochs": args.epochs, "workers": args.workers, "ul_workers": args.ul_workers, "cache": args.cache,
                "ul_cache": args.ul_cache, "val_images": args.val_images, "eval_backend": args.eval_backend,
                "torch": torch.__version__}  # fmt: skip
@@ -360,7 +375,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "every time, or once into RAM (data.cache=true, as configs/det/default.yaml)")  # fmt: skip
     parser.add_argument("--ul-cache", choices=("none", "ram"), default=None, help="Ultralytics images (default "
                         "--cache; none = its default cache=False, ram = cache='ram')")  # fmt: skip
-    parser.add_argument("--ul-optimizer", default="SGD", help="Ultralytics optimizer (SGD = ours, auto = its default)")
+    parser.add_argument("--optimizer", choices=list(UL_OPTIMIZERS), default=None, help="both sides' optimizer "
+                        "(default: musgd for yolo26, sgd for yolov8 and yolo11)")  # fmt: skip
+    parser.add_argument("--ul-optimizer", default=None, help="Ultralytics optimizer apart (default: --optimizer's "
+                        "name, SGD or MuSGD; auto = its own default)")  # fmt: skip
     parser.add_argument("--no-ultralytics", action="store_true", help="plugdet runs only (no ratio column)")
     parser.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before a training run is stopped")
     parser.add_argument("--family", choices=list(FAMILIES), default="yolov8", help="the model both sides train (n)")
@@ -376,6 +394,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.epochs, args.seeds, args.batch, args.work = 1, [0], 8, args.work + "-quick"
     args.variants = DEFAULT_VARIANTS[args.device] if args.variants is None else args.variants
+    args.optimizer = args.optimizer or DEFAULT_OPTIMIZER[args.family]
+    args.ul_optimizer = args.ul_optimizer or UL_OPTIMIZERS[args.optimizer]
     args.close_mosaic = args.epochs // 3 if args.close_mosaic is None else args.close_mosaic
     args.ul_workers = args.workers if args.ul_workers is None else args.ul_workers
     args.ul_cache = args.cache if args.ul_cache is None else args.ul_cache
@@ -420,7 +440,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if args.device == "cuda" and torch.cuda.is_available() else ""
-    print(f"train vs Ultralytics: {args.family}n, data {data_yaml}, {args.epochs} epochs "
+    print(f"train vs Ultralytics: {args.family}n, optimizer plugdet {args.optimizer} / Ultralytics "
+          f"{args.ul_optimizer}, data {data_yaml}, {args.epochs} epochs "
           f"(close_mosaic {args.close_mosaic}), "
           f"{args.img_size} px, batch {args.batch}, on {args.device}{gpu}, {args.threads} threads, workers plugdet "
           f"{args.workers} / Ultralytics {args.ul_workers}, image cache plugdet {args.cache} / Ultralytics "

@@ -196,14 +196,15 @@ class Model:
         return images, paths
 
     def val(self, *overrides: str, out: str | os.PathLike | None = None, rect: bool = True,
-            verbose: bool = True) -> dict[str, Any]:  # fmt: skip
+            verbose: bool = True, precision: str | None = None) -> dict[str, Any]:  # fmt: skip
         """COCO evaluation on the validation split of the file's data set (or of `overrides`, e.g.
         "data.root=/data/CUB"); writes gt.json, predictions.json, metrics.json and pictures to `out` (used only if
         absent or empty, else a UserError; default runs/val/<name>, then -2, -3, ...) and returns the metrics dict
-        metrics.json holds. `rect`: aspect-ratio-grouped batches."""
+        metrics.json holds. `rect`: aspect-ratio-grouped batches. `precision`: auto, fp32, bf16 or fp16 (CUDA); None:
+        what the checkpoint trained in on this device (its training loop's AP)."""
         from detect.eval.validate import validate
 
-        return validate(self, list(overrides), out, rect, verbose)
+        return validate(self, list(overrides), out, rect, verbose, precision)
 
     def export(self, format: str = "onnx", out: str | os.PathLike | None = None, img_size: int | None = None,
                dynamic: bool = True, nms: bool = False, half: bool = False, opset: int = 17, conf: float = 0.25,
@@ -352,7 +353,8 @@ def load(weights: str | os.PathLike, device: str | torch.device = "auto", precis
     Args:
         weights: the file.
         device: "auto", "cpu", "cuda", "cuda:0", ... or a torch.device.
-        precision: "fp32", "bf16" (autocast) or "fp16" (CUDA).
+        precision: "fp32" (the default), "bf16" (autocast), "fp16" (CUDA) or "auto" (the hardware's choice, as
+            `train.precision=auto`: bf16 on a CPU with native bf16, fp16 on CUDA, else fp32).
         imports: the plugin modules (your own parts) the file needs; a checkpoint naming modules you did not name is
             refused with one line (a checkpoint is data: nothing it names is imported).
         imports_how: how the caller names modules, in that line (the tools: "--imports MODULE"; default the API's).

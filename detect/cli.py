@@ -31,6 +31,16 @@ IMPORTS_OPTION: dict[str, Any] = {
     "help": "plugin modules the weights need (your own parts); never taken from the file",
 }
 
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # `detect.precision.CHOICES`, without importing torch here
+
+
+def inference_precision(precision: str | None, bf16: bool, default: str | None = "fp32") -> str | None:
+    """`--precision` of predict / val_det, with the older `--bf16` flag meaning `--precision bf16`; both given and
+    different is one line. Neither: `default` (val_det: None, the checkpoint's training precision)."""
+    if bf16 and precision not in (None, "bf16"):
+        raise UserError(f"--bf16 and --precision {precision} disagree: give one of them")
+    return "bf16" if bf16 else precision or default
+
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (test harnesses swap it), as plain lines."""

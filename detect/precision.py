@@ -95,13 +95,90 @@ def choose_bf16(device: torch.device | str, bf16: bool, where: str = "bf16") -> 
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CHOICES = ("auto", *PRECISIONS)  # what `train.precision` and `--precision` accept
+
+# What `auto` picks on a CPU with native bf16. bf16 autocast trains 1.4-1.8x faster there (bench/RESULTS.md), and
+# the demo schedule's AP in bf16 fell within the fp32 seed spread (issue 20's measurement, bench/RESULTS.md
+# "Precision"), so it is the default there; without native bf16, fp32.
+AUTO_CPU_BF16 = True
+AUTO_ENV = "PLUGDET_AUTO_PRECISION"  # fp32 | bf16 | fp16: what `auto` means on this machine, whatever the hardware
+
+
+def choose_precision(asked: str, device: torch.device | str, where: str = "train.precision") -> tuple[str, str]:
+    """The precision a run trains in, and why, for the log's first lines: ("bf16", "auto: this CPU has ...").
+
+    `auto` (the default): on CUDA, fp16 autocast with a GradScaler (the CUDA habit: fastest on every NVIDIA GPU, the
+    scaler absorbs fp16 gradient overflow); on a CPU with native bf16 (AVX-512 BF16 or AMX), bf16 autocast; on any
+    other CPU, fp32 (emulated bf16 ran 7-10x slower than fp32 on an AVX2 CPU). An explicit choice is kept, except
+    where the hardware cannot run it well, which is one warning and fp32 (a config travels between machines inside
+    checkpoints): bf16 on a CPU without native bf16 (`choose_bf16`), fp16 on a CPU (CPU fp16 autocast is emulated).
+    `PLUGDET_AUTO_PRECISION=fp32` (or bf16, fp16) pins what `auto` means on a machine: the test suite pins fp32, so
+    its numbers do not depend on the CPU a machine happens to have.
+    """
+    device = torch.device(device)
+    if asked not in CHOICES:
+        raise UserError(f"{where}={asked!r}: choose one of {', '.join(CHOICES)}")
+    cpu = f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    pinned = os.environ.get(AUTO_ENV, "")
+    if asked == "auto" and pinned:  # a machine's (or the test suite's) fixed answer for auto
+        if pinned not in PRECISIONS:
+            raise UserError(f"{AUTO_ENV}={pinned!r}: choose one of {', '.join(PRECISIONS)}")
+        name, why = choose_precision(pinned, device, AUTO_ENV)
+        return name, f"auto, pinned by {why}"
+    if asked == "auto":
+        if device.type == "cuda":
+            return "fp16", "auto: fp16 autocast with a GradScaler on CUDA"
+        if native_bf16(device) and AUTO_CPU_BF16:
+            return "bf16", f"auto: {cpu} has native bf16"
+        return "fp32", f"auto: {cpu} has no native bf16" if not native_bf16(device) else "auto: fp32 on CPU"
+    if asked == "bf16":
+        if device.type == "cuda" and not native_bf16(device):
+            _warn_once(where, f"warning: {where}=bf16 ignored: this GPU has no bf16; running fp16 with a GradScaler")
+            return "fp16", f"{where}=bf16 asked, this GPU has no bf16"
+        if not choose_bf16(device, True, where):
+            return "fp32", f"{where}=bf16 asked, {cpu} has no native bf16"
+        return "bf16", f"{where}=bf16"
+    if asked == "fp16" and device.type != "cuda":
+        _warn_once(where, f"warning: {where}=fp16 ignored: fp16 needs CUDA (CPU fp16 is emulated); running fp32")
+        return "fp32", f"{where}=fp16 asked, no CUDA"
+    return asked, f"{where}={asked}"
+
+
+def training_precision(device: torch.device, asked: str, channels_last: bool, where: str = "train.precision"
+                       ) -> tuple[Precision, str]:  # fmt: skip
+    """The `Precision` a training loop runs with for `train.precision=asked`, and the one line saying why."""
+    name, why = choose_precision(asked, device, where)
+    precision = Precision(device, amp=device.type == "cuda" and name != "fp32", bf16=name == "bf16",
+                          channels_last=channels_last)  # fmt: skip
+    return precision, f"precision: {name} ({why})"
+
+
+def trained_precision(trained: str, device: torch.device | str) -> str:
+    """The precision to evaluate a checkpoint in by default, so that val_det reproduces the AP its training loop
+    measured: what `train.precision=trained` ran in on this device, without `choose_precision`'s warnings (fp16 on a
+    CPU is fp32, as it trained); bf16 where the CPU lacks it falls back in `make_precision`, with its one warning."""
+    device = torch.device(device)
+    if trained == "auto":
+        return choose_precision("auto", device)[0]
+    if trained == "fp16" and device.type != "cuda":
+        return "fp32"
+    return trained if trained in PRECISIONS else "fp32"
+
+
+def _warn_once(where: str, message: str) -> None:
+    if where not in _WARNED:
+        _WARNED.add(where)
+        print(message, file=sys.stderr)
 
 
 def make_precision(device: torch.device, precision: str, where: str = "precision") -> Precision:
     """The `Precision` of inference: "fp32", "bf16" (autocast; falls back to fp32 with one warning on a CPU without
-    native bf16, `detect.precision.choose_bf16`) or "fp16" (CUDA autocast only); channels_last always."""
+    native bf16, `detect.precision.choose_bf16`), "fp16" (CUDA autocast only) or "auto" (`choose_precision`'s pick
+    for this device); channels_last always."""
+    if precision == "auto":  # the hardware's choice, as for training (`choose_precision`)
+        precision = choose_precision("auto", device, where)[0]
     if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(CHOICES)}")
     if precision == "fp16" and device.type != "cuda":
         raise UserError("precision fp16 needs CUDA (fp16 on a CPU is emulated and slow): use fp32 or bf16")
     bf16 = choose_bf16(device, precision == "bf16", where)

@@ -27,6 +27,9 @@ os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ["YOLO_CONFIG_DIR"] = str(_TMP / "plugdet-yolo-config")
 os.environ["MPLCONFIGDIR"] = str(_TMP / "plugdet-mpl-config")
+# train.precision=auto (the default) is bf16 on a CPU with native bf16 and fp32 on others: tests pin fp32, so the
+# numbers they compare do not depend on which CPU the machine has; tests/test_precision.py unsets it to test auto.
+os.environ["PLUGDET_AUTO_PRECISION"] = "fp32"
 
 SYNTH_SPECIES = 4
 SYNTH_PER_SPECIES = 6  # 3 train + 3 test per species

@@ -78,8 +78,8 @@ def test_overrides_take_strings_or_a_mapping_of_dotted_keys() -> None:
 
     assert _as_overrides(["train.epochs=3"]) == ["train.epochs=3"]
     assert _as_overrides({"train.epochs": 3, "model.backbone_weights": None, "data.root": "/d", "imports": ["a.b"],
-                          "train.amp": True}) == ["train.epochs=3", "model.backbone_weights=null", "data.root=/d",
-                                                  'imports=["a.b"]', "train.amp=true"]  # fmt: skip
+                          "train.ema": True}) == ["train.epochs=3", "model.backbone_weights=null", "data.root=/d",
+                                                  'imports=["a.b"]', "train.ema=true"]  # fmt: skip
     with pytest.raises(UserError, match="not the string"):
         _as_overrides("train.epochs=3")
 
@@ -273,4 +273,4 @@ def test_bf16_falls_back_to_fp32_with_one_warning_without_native_bf16(
     assert precision.choose_bf16("cpu", True, "--bf16") is True
     monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": True)
     monkeypatch.delenv("PLUGDET_FORCE_BF16")
-    assert precision.choose_bf16("cpu", True, "train.bf16") is True and capsys.readouterr().err == ""
+    assert precision.choose_bf16("cpu", True, "train.precision") is True and capsys.readouterr().err == ""

@@ -1,6 +1,6 @@
 """Checkpoints written before the detector spec (main at 7293d08: `arch` = scale, num_classes, backbone, reg_max; the
-config with train.box/cls/dfl and no loss, assign, imports or neck/head keys) still load in val_det, predict and
-the API, and their last.pt resumes with the config keys mapped."""
+config with train.box/cls/dfl and train.amp/bf16, and no loss, assign, imports or neck/head keys) still load in
+val_det, predict and the API, and their last.pt resumes with the config keys mapped."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def to_old_format(checkpoint: dict) -> dict:
     config = {key: dict(value) if isinstance(value, dict) else value for key, value in checkpoint["config"].items()}
     loss = config.pop("loss")
     config["train"].update(box=loss["box"], cls=loss["cls"], dfl=loss["dfl"])
+    config["train"].pop("precision")
+    config["train"].update(amp=True, bf16=False)  # the old detection defaults: fp16 on CUDA, fp32 on a CPU
     for key in ("assign", "imports"):
         config.pop(key)
     for key in ("neck", "head", "backbone_kwargs", "neck_kwargs", "head_kwargs"):
@@ -76,6 +78,7 @@ def test_an_old_last_pt_resumes_with_its_keys_mapped(runs: dict[str, Path]) -> N
     resumed = load_checkpoint(runs["old"] / "last.pt")
     assert resumed["train_state"]["epoch"] == 2 and resumed["arch"]["head"]["name"] == "yolov8"
     assert resumed["config"]["loss"]["box"] == 5.0 and "box" not in resumed["config"]["train"]
+    assert resumed["config"]["train"]["precision"] == "fp16" and "amp" not in resumed["config"]["train"]
     assert len((runs["old"] / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
 
 

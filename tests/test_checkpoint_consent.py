@@ -22,9 +22,9 @@ from detect.config.schema import DetConfig
 from detect.models import DetectorSpec, PartSpec, build_detector
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN = '''from pathlib import Path
+PLUGIN = """from pathlib import Path
 Path({marker!r}).write_text("the checkpoint's plugin ran")
-'''
+"""
 
 
 @pytest.fixture

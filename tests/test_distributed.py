@@ -3,13 +3,15 @@
 Checked: both ranks finish; only rank 0 writes; the ranks' training shards are disjoint and are exactly
 `DistributedEpochSampler`'s; each rank's loader batch is `train.batch_size / 2` (train.batch_size is the global batch,
 as the tools' docstrings and the README say); the trained parameters are identical on both ranks and equal to the
-weights rank 0 saved.
+weights rank 0 saved. For YOLO26 with MuSGD (`yolo26_musgd`) also: each rank's loss used the epoch's o2m / o2o
+weights at every step, and MuSGD's buffers are identical on both ranks and saved by rank 0.
 
 How, without a debug hook in the tools: torchrun runs a small driver (written by the test) that loads the tool as a
-module, wraps three names of its run (`prepare_model`, the loader builder, and `DistributedEpochSampler.__iter__`) to
-remember the model, the loaders and the indices each rank draws, records every path the process opens for writing
-or renames into place, runs the tool's `main` through `run_tool` exactly as `python tools/X.py` does, and saves
-what it saw to `<dump>/rank<R>.pt`. The tools are unchanged.
+module, wraps names of its run (`prepare_model`, the loader builder, `DistributedEpochSampler.__iter__`, and for
+train_det the optimizer and criterion builders) to remember the model, the loaders, the indices each rank draws, the
+optimizer and a `set_epoch` loss's weights at each call, records every path the process opens for writing or renames
+into place, runs the tool's `main` through `run_tool` exactly as `python tools/X.py` does, and saves what it saw to
+`<dump>/rank<R>.pt`. The tools are unchanged.
 
 BatchNorm buffers are not compared across ranks: DDP broadcasts rank 0's buffers before each forward, and each rank
 then updates them from its own shard, so they legitimately differ after the last step; rank 0's are the saved ones.
@@ -64,6 +66,27 @@ def build_loaders(*args, **kwargs):
     return train_loader, sampler, val_loader
 setattr(run_module, loaders_name, build_loaders)
 
+if name == "train_det":  # the optimizer, and the branch weights a loss with `set_epoch` (YOLO26's) holds at each call
+    real_optimizer, real_criterion = run_module.build_det_optimizer, run_module.build_det_criterion
+    def build_optimizer(*args, **kwargs):
+        seen["optimizer"] = real_optimizer(*args, **kwargs)
+        return seen["optimizer"]
+    class RecordingCriterion:
+        def __init__(self, inner):
+            self.inner = inner
+        def __getattr__(self, attr):  # set_epoch and the rest reach the real criterion
+            return getattr(self.inner, attr)
+        def __call__(self, *args, **kwargs):
+            seen["loss_weights"].append((self.inner.o2m, self.inner.o2o))
+            return self.inner(*args, **kwargs)
+    def build_criterion(*args, **kwargs):
+        criterion = real_criterion(*args, **kwargs)
+        if not hasattr(criterion, "set_epoch"):
+            return criterion
+        seen["loss_weights"] = []
+        return RecordingCriterion(criterion)
+    run_module.build_det_optimizer, run_module.build_det_criterion = build_optimizer, build_criterion
+
 real_iter = DistributedEpochSampler.__iter__
 def sampler_iter(self):
     items = list(real_iter(self))
@@ -84,6 +107,9 @@ builtins.open, os.replace = recording_open, recording_replace
 code = run_tool(tool.main, argv)
 builtins.open, os.replace = real_open, real_replace
 params = {k: v.detach().cpu().clone() for k, v in seen.pop("model").named_parameters()}
+if "optimizer" in seen:
+    optimizer = seen.pop("optimizer")
+    seen["optimizer"] = {"type": type(optimizer).__name__, "state": optimizer.state_dict()}
 torch.save({"code": code, "params": params, **seen}, dump / f"rank{rank}.pt")
 sys.exit(code)
 """
@@ -96,6 +122,10 @@ CASES = {  # case -> (tool, overrides); faster_rcnn: a two-stage torchvision fam
                                   "eval.interval=2", "model.backbone_weights=null", "train.ema=false",
                                   "model.head=faster_rcnn", "model.neck_kwargs.out_channels=32",
                                   "model.head_kwargs.representation_size=64"]),
+    # yolo26: csp26_n + yolo26 neck + the end-to-end head, its o2m / o2o loss (set_epoch) and MuSGD
+    "yolo26_musgd": ("train_det", ["data.img_size=64", "train.epochs=2", "train.batch_size=4", "train.close_mosaic=1",
+                                   "eval.interval=2", "model.backbone_weights=null", "train.ema=false",
+                                   "model.head=yolo26", "train.optimizer=musgd"]),
 }  # fmt: skip
 
 
@@ -154,3 +184,33 @@ def test_two_processes_train_on_disjoint_shards_to_identical_weights(torchrun: d
     assert ranks[1]["writes"] == []
     run = folder / "run"
     assert ranks[0]["writes"] and all(Path(p).resolve().is_relative_to(run) for p in ranks[0]["writes"])
+
+
+@pytest.mark.train
+def test_yolo26_musgd_ranks_share_the_epoch_weights_and_the_optimizer_state(torchrun: dict[str, Path]) -> None:
+    """YOLO26 + MuSGD under DDP, beyond the identical parameters checked above (which DDP's gradient all-reduce gives
+    even when the ranks' losses differ): every rank's loss used the epoch's o2m / o2o weights at every step (the
+    engine's `set_epoch` reached each rank's criterion before the epoch's first step), and MuSGD's state (Muon and
+    SGD momentum buffers) is the same on both ranks and is what rank 0 saved, so a resumed run continues them."""
+    from detect.losses.yolo26 import o2m_weight
+
+    folder = torchrun["yolo26_musgd"]
+    ranks = [torch.load(folder / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # 12 images, 2 per rank and step: 3 steps per epoch on each rank, epoch 0 at o2m 0.8 and epoch 1 at 0.1
+    expected = [(o2m_weight(epoch, 2), 1.0 - o2m_weight(epoch, 2)) for epoch in (0, 1) for _ in range(3)]
+    assert [o2m for o2m, _ in expected] == pytest.approx([0.8] * 3 + [0.1] * 3, abs=1e-12)
+    for record in ranks:
+        assert len(record["loss_weights"]) == len(expected)
+        for seen, wanted in zip(record["loss_weights"], expected, strict=True):
+            assert seen == pytest.approx(wanted, abs=1e-12)
+    states = [record["optimizer"] for record in ranks]
+    assert [s["type"] for s in states] == ["MuSGD", "MuSGD"]
+    saved = load_checkpoint(folder / "run" / "last.pt")["train_state"]["optimizer"]
+    for state in (states[1]["state"], saved):
+        assert state["param_groups"] == states[0]["state"]["param_groups"]
+    kinds = {name for buffers in states[0]["state"]["state"].values() for name in buffers}
+    assert kinds == {"muon_buffer", "momentum_buffer"}  # the Muon step ran, beside the SGD one
+    for index, buffers in states[0]["state"]["state"].items():
+        for state in (states[1]["state"], saved):
+            assert state["state"][index].keys() == buffers.keys(), index
+            assert all(torch.equal(value, state["state"][index][key]) for key, value in buffers.items()), index

@@ -10,7 +10,8 @@ W is a plugdet checkpoint (train_det's best.pt, or tools/import_ultralytics.py's
   and give the .pt's results; `--fixed`: batch 1 at the export size (the runner says so in one line at load);
 - `--nms [--conf 0.25 --iou 0.7 --max-det 300]`: the graph ends in NMS (detections [K, 7] rows image, x1, y1, x2,
   y2, score, label) instead of the decoded `preds [B, A, 4 + C]`;
-- `--half`: fp16 weights and input, for CUDA (`--device cuda`); `--opset 17` (or newer);
+- `--half` (or `--precision fp16`; `auto`: fp16 with `--device cuda`): fp16 weights and input, for CUDA (`--device
+  cuda`); `--opset 17` (or newer);
 - `--info`: print parameters, GFLOPs at the export size and layers (and export nothing unless --format is given).
 
 The export carries class names, image size and the checkpoint's config, so `predict.py`, `val_det.py` and
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from backbones.errors import UserError
 from detect.api import check_settings, load
-from detect.cli import IMPORTS_OPTION, run_tool
+from detect.cli import IMPORTS_OPTION, PRECISION_CHOICES, run_tool
 from detect.interop.export import FORMATS
 
 
@@ -46,12 +47,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--conf", type=float, default=0.25, help="--nms score threshold (default 0.25)")
     parser.add_argument("--iou", type=float, default=0.7, help="--nms IoU threshold (default 0.7)")
     parser.add_argument("--max-det", type=int, default=300, help="--nms most detections per image (default 300)")
-    parser.add_argument("--half", action="store_true", help="fp16 (CUDA)")
+    parser.add_argument("--half", action="store_true", help="fp16 (CUDA); the same as --precision fp16")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=None,
+        help="fp32 (default), fp16 (CUDA), "
+        "auto (fp16 with --device cuda, else fp32); bf16 is a run-time choice (predict --precision)",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     parser.add_argument("--imports", **IMPORTS_OPTION)
     parser.add_argument("--device", default="cpu", help="where the trace runs: cpu, cuda or cuda:K")
     parser.add_argument("--info", action="store_true", help="print parameters, GFLOPs and layers")
     return parser.parse_args(argv)
+
+
+def export_half(precision: str | None, half: bool, device: str) -> bool:
+    """Whether the file is fp16: `--half` or `--precision fp16`, or `--precision auto` on CUDA. bf16 is refused: ONNX
+    Runtime's CPU kernels have no bf16, and OpenVINO picks bf16 at run time from an fp32 file (predict --precision)."""
+    if precision == "bf16":
+        raise UserError("--precision bf16 is not an export precision: export fp32 and run it with predict / val_det "
+                        "--precision bf16 (OpenVINO runs bf16 where the CPU has it)")  # fmt: skip
+    if half and precision not in (None, "fp16"):
+        raise UserError(f"--half and --precision {precision} disagree: give one of them")
+    return half or precision == "fp16" or (precision == "auto" and device == "cuda")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.format is None and args.info:
         return 0
     fmt = args.format or "onnx"
-    path = model.export(fmt, args.out, img_size, not args.fixed, args.nms, args.half, args.opset, args.conf, args.iou,
+    half = export_half(args.precision, args.half, model.device.type)
+    path = model.export(fmt, args.out, img_size, not args.fixed, args.nms, half, args.opset, args.conf, args.iou,
                         args.max_det, args.int8, args.calib, args.calib_limit)  # fmt: skip
     shape = f"batch 1, {img_size or model.img_size} px" if args.fixed else "dynamic batch x height x width"
     if args.int8:
         shape += f", INT8 calibrated on {args.calib or 'data'}"
     extra = f", NMS inside (conf {args.conf}, IoU {args.iou}, max_det {args.max_det})" if args.nms else ""
-    print(f"export: {args.weights} -> {path} ({fmt}, {shape}{extra}{', fp16' if args.half else ''}; "
+    print(f"export: {args.weights} -> {path} ({fmt}, {shape}{extra}{', fp16' if half else ''}; "
           f"{len(model.names)} classes)")  # fmt: skip
     return 0
 

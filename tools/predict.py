@@ -6,8 +6,8 @@ xyxy boxes in original-image pixels, scores, labels, class names) to `--out` (ab
 default `runs/predict/<run name>`, then `-2`, `-3`, ...: never overwriting). A folder gives its files (`--recursive`:
 every file below it); a glob is expanded by Python (`'data/**/*.jpg'` matches any depth; quote it so the shell does
 not). Videos (.mp4 .avi .mov .mkv) are read and written frame by frame through OpenCV. Options: `--conf 0.25 --iou 0.7
---max-det 300 --img-size N (default: the training size; a multiple of 32) --square --device auto|cpu|cuda|cuda:K --bf16
---info`.
+--max-det 300 --img-size N (default: the training size; a multiple of 32) --square --device auto|cpu|cuda|cuda:K
+--precision fp32|bf16|fp16|auto (`--bf16`: bf16) --info`.
 
 Each image is letterboxed to the smallest rectangle whose sides are multiples of the stride, its long side at the
 image size, as Ultralytics' predictor does (`--square`: to S x S). A fixed-size ONNX file gets its export size.
@@ -33,7 +33,7 @@ import numpy as np
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.api import Model, Result, check_settings, load
-from detect.cli import IMPORTS_OPTION, run_tool
+from detect.cli import IMPORTS_OPTION, PRECISION_CHOICES, inference_precision, run_tool
 from detect.data.source import read_image_rgb
 from detect.inference import VIDEO_SUFFIXES, find_inputs
 from detect.rundirs import discarded_on_failure, make_run_dir
@@ -52,8 +52,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--recursive", action="store_true", help="a --source folder's sub-folders too")
     parser.add_argument("--imports", **IMPORTS_OPTION)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 with a warning on CPUs without "
-                        "native bf16)")  # fmt: skip
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help="fp32 (default), bf16 autocast "
+                        "(fp32 with a warning on CPUs without native bf16), fp16 (CUDA) or auto (the hardware's "
+                        "choice)")  # fmt: skip
+    parser.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     parser.add_argument("--info", action="store_true", help="print parameters, GFLOPs at the image size and layers")
     return parser.parse_args(argv)
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         imports=args.imports,
         imports_how="--imports MODULE",
         device=args.device,
-        precision="bf16" if args.bf16 else "fp32",
+        precision=inference_precision(args.precision, args.bf16),
     )
     if args.info:
         model.info(args.img_size)

@@ -4,7 +4,9 @@ W is a plugdet checkpoint (train_det's best.pt / last.pt, or tools/import_ultral
 tools/export.py (run by onnxruntime; its metadata holds the checkpoint's config). The data set, image size and NMS
 settings come from the file's config; `key=value` overrides any of them (e.g. `data.root=/data/CUB eval.backend=faster
 eval.max_det=100`). Validation batches are grouped by aspect ratio, each letterboxed to its smallest stride-multiple
-rectangle (`--square`: every image to S x S, as before; a fixed-size ONNX file always gets its export size). Writes to
+rectangle (`--square`: every image to S x S, as before; a fixed-size ONNX file always gets its export size).
+`--precision fp32|bf16|fp16|auto` (`--bf16`: bf16; default: what the checkpoint trained in on this device, so the AP
+is the one its training measured). Writes to
 DIR (absent or empty, else refused in one line; default `runs/val/<run name>`, then `-2`, `-3`, ...: never overwriting;
 an interrupted run leaves no empty DIR): `gt.json` (COCO ground truth built from the data set), `predictions.json` (COCO
 results: the data set's own image and category ids, xywh boxes in original-image pixels), `metrics.json` (`coco_stats`,
@@ -23,7 +25,7 @@ import sys
 
 from backbones.errors import UserError
 from detect.api import load
-from detect.cli import run_tool
+from detect.cli import PRECISION_CHOICES, inference_precision, run_tool
 from detect.config import named_imports
 
 
@@ -32,11 +34,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--weights", required=True, help="best.pt / last.pt from train_det.py, or an exported .onnx")
     parser.add_argument("--out", default=None, help="output folder (default runs/val/<run name>)")
     parser.add_argument("--square", action="store_true", help="letterbox every image to S x S (no rect batches)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help="fp32, bf16, fp16 (CUDA) or "
+                        "auto (default: what the checkpoint trained in here, so the AP is its training's)")  # fmt: skip
+    parser.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     args, rest = parser.parse_known_args(argv)
     unknown = [arg for arg in rest if "=" not in arg]
     if unknown:
         raise UserError(f"unexpected arguments {' '.join(unknown)}; usage: val_det.py --weights W [--out D] "
-                        "[--square] [k=v ...]")  # fmt: skip
+                        "[--square] [--precision P] [k=v ...]")  # fmt: skip
     return args, rest
 
 
@@ -49,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     model = load(
         args.weights, device=device, imports=named_imports(overrides)
     )  # a checkpoint is data: you name plugins
-    model.val(*overrides, out=args.out, rect=not args.square)
+    model.val(
+        *overrides,
+        out=args.out,
+        rect=not args.square,
+        precision=inference_precision(args.precision, args.bf16, default=None),
+    )
     return 0
 
 

@@ -25,17 +25,27 @@ from omegaconf.errors import OmegaConfBaseException
 
 from backbones.errors import UserError
 from detect.config.help import describe_bounds, did_you_mean, is_section
-from detect.config.schema import MOVED_KEYS
+from detect.config.schema import MOVED_KEYS, MOVED_VALUES
 
 
 def migrate_config(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved config with its moved keys (`MOVED_KEYS`) at their new places; other keys untouched."""
+    """A saved config with its moved keys (`MOVED_KEYS`) at their new places; other keys untouched.
+
+    `train.amp` / `train.bf16` become `train.precision` with the numerics they ran in: bf16 if `bf16` was on (CPU or
+    CUDA), else fp16 if `amp` was (fp16 ran only on CUDA, and `train.precision=fp16` on a CPU is fp32 with a warning,
+    as `amp` was), else fp32.
+    """
     data = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
     for old, new in MOVED_KEYS.items():
         old_section, old_key = old.split(".")
         new_section, new_key = new.split(".")
-        if isinstance(data.get(old_section), dict) and old_key in data[old_section]:
-            data.setdefault(new_section, {})[new_key] = data[old_section].pop(old_key)
+        if old in MOVED_VALUES or not isinstance(data.get(old_section), dict) or old_key not in data[old_section]:
+            continue
+        data.setdefault(new_section, {})[new_key] = data[old_section].pop(old_key)
+    train = data.get("train")
+    if isinstance(train, dict) and ("amp" in train or "bf16" in train):
+        amp, bf16 = bool(train.pop("amp", False)), bool(train.pop("bf16", False))
+        train.setdefault("precision", "bf16" if bf16 else "fp16" if amp else "fp32")
     return data
 
 
@@ -98,7 +108,9 @@ def _flatten(
     for key, value in node.items():
         dotted = f"{prefix}{key}"
         if key not in fields and dotted in MOVED_KEYS:
-            raise UserError(f"config key {dotted!r} {where(dotted)} is now {MOVED_KEYS[dotted]!r}: rename it")
+            as_new = MOVED_VALUES.get(dotted, {}).get(value) if isinstance(value, bool) else None
+            how = f" ({MOVED_KEYS[dotted]}={as_new})" if as_new else ""
+            raise UserError(f"config key {dotted!r} {where(dotted)} is now {MOVED_KEYS[dotted]!r}: rename it{how}")
         if key not in fields:
             raise UserError(
                 f"unknown config key {dotted!r} (value {value!r}) {where(dotted)};{_hint(root, dotted, value)} "

@@ -68,8 +68,7 @@ class ClsTrainConfig:
     warmup_epochs: float = _at_least(1.0, 0.0)  # linear warmup from lr * warmup_start, per iteration
     warmup_start: float = _in_range(0.1, 0.0, 1.0)  # warmup starts at lr * warmup_start
     label_smoothing: float = _in_range(0.1, 0.0, 1.0, high_open=True)  # of the cross-entropy targets
-    amp: bool = False  # CUDA autocast (float16 + GradScaler, or bfloat16 with train.bf16)
-    bf16: bool = False  # bfloat16 autocast (CPU, or CUDA with train.amp)
+    precision: str = _choice("auto", "fp32", "bf16", "fp16")  # auto: bf16 on a CPU with native bf16, fp16 on CUDA
     channels_last: bool = False  # NHWC memory format
     ema: bool = False  # evaluate and save an exponential moving average of the weights
     finetune: str = _choice("all", "freeze", "classifier")  # freeze: the first train.freeze_stages stages
@@ -148,8 +147,7 @@ class DetTrainConfig:
     ema: bool = True  # evaluate and save an exponential moving average of the weights
     grad_clip: float = _at_least(10.0, 0.0)  # max gradient norm (0 = off)
     freeze_stages: int = _at_least(0, -1)  # backbone stages frozen (-1 = all)
-    amp: bool = True  # CUDA only
-    bf16: bool = False  # bfloat16 autocast (CPU, or CUDA)
+    precision: str = _choice("auto", "fp32", "bf16", "fp16")  # auto: bf16 on a CPU with native bf16, fp16 on CUDA
     channels_last: bool = True  # NHWC convolutions: ~1.2-1.45x faster training on CPU, faster on CUDA
     sync_bn: bool = False  # SyncBatchNorm under torchrun (CUDA)
     device: str = _choice("auto", "cpu", "cuda")
@@ -204,7 +202,11 @@ class DetConfig:
 
 # Keys that moved: an old key in a file or an override is one line naming the new key; a checkpoint's saved config
 # (written before the move) is mapped silently, so old runs still load and resume.
-MOVED_KEYS: dict[str, str] = {"train.box": "loss.box", "train.cls": "loss.cls", "train.dfl": "loss.dfl"}
+MOVED_KEYS: dict[str, str] = {"train.box": "loss.box", "train.cls": "loss.cls", "train.dfl": "loss.dfl",
+                              "train.amp": "train.precision", "train.bf16": "train.precision"}  # fmt: skip
+# Moved keys whose value changes too: the new value for the old one, in the moved-key line and in a saved config.
+MOVED_VALUES: dict[str, dict[bool, str]] = {"train.amp": {True: "fp16", False: "fp32"},
+                                            "train.bf16": {True: "bf16", False: "fp32"}}  # fmt: skip
 
 
 # Ultralytics' names (`yolo train epochs=3 imgsz=640 ...`) and where the same setting lives here: an unknown key with
@@ -218,7 +220,7 @@ ULTRALYTICS_KEYS: dict[str, str] = {
     "warmup_epochs": "train.warmup_epochs", "warmup_momentum": "train.warmup_momentum",
     "warmup_bias_lr": "train.warmup_bias_lr", "optimizer": "train.optimizer", "seed": "seed",
     "resume": "train.resume", "data": "data.yaml", "model": "model.backbone", "cfg": "CONFIG.yaml (the positional "
-    "argument)", "conf": "eval.conf", "iou": "eval.iou", "max_det": "eval.max_det", "amp": "train.amp",
+    "argument)", "conf": "eval.conf", "iou": "eval.iou", "max_det": "eval.max_det", "amp": "train.precision",
     "cache": "data.cache", "project": "output_dir", "name": "output_dir", "label_smoothing": "train.label_smoothing",
     "freeze": "train.freeze_stages", "nbs": "train.nominal_batch_size", "cos_lr": "train.scheduler",
     "dropout": "model.dropout", "pretrained": "model.backbone_weights", "weights": "model.weights",

@@ -29,7 +29,7 @@ from detect.eval.analysis import save_analysis
 from detect.eval.coco import format_table
 from detect.eval.evaluate import evaluate
 from detect.eval.viz import plot_pr_curve, save_gt_vs_pred_grid
-from detect.precision import make_precision
+from detect.precision import make_precision, trained_precision
 from detect.rundirs import discarded_on_failure, make_run_dir
 
 
@@ -56,15 +56,23 @@ def _batches(dataset: DetectionDataset, batch_size: int, fixed: tuple[int, int] 
 
 
 def validate(
-    model: Any, overrides: Sequence[str], out: str | os.PathLike | None, rect: bool = True, verbose: bool = True
+    model: Any,
+    overrides: Sequence[str],
+    out: str | os.PathLike | None,
+    rect: bool = True,
+    verbose: bool = True,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """What tools/val_det.py does (see its docstring), on a loaded `detect.api.Model`; returns metrics.json's content.
+    `precision`: fp32, bf16, fp16 (CUDA) or auto; None: what the checkpoint trained in here (`trained_precision`), so
+    the AP is the one its training loop measured.
 
     The plugin modules were named by the user when the model was loaded (`load(w, imports=[...])`); the checkpoint's
     own config never imports any.
     """
     cfg = load_config(DetConfig, None, list(overrides), base=model.checkpoint.get("config") or {})
-    precision = make_precision(model.device, "bf16" if cfg.train.bf16 else model.precision_name, "train.bf16")
+    asked = precision or trained_precision(cfg.train.precision, model.device)
+    precision = make_precision(model.device, asked, "--precision" if precision else "train.precision")
     source = build_source(cfg.data, "val")
     if list(source.class_names) != model.names:
         raise UserError(f"{model.weights} was trained on classes {model.names[:5]}..., "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -189,10 +188,7 @@ def build_cls_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> ClsRun:
         model = build_cls_model(cfg, train_set.num_classes, load_weights=ckpt is None).to(info.device)
         optimizer = build_optimizer(t.optimizer, build_param_groups(model, t.weight_decay), t.lr, t.momentum)
         ema = ModelEMA(model) if t.ema else None
-        amp_dtype = autocast_dtype(cfg, info.device)
-        if t.amp and info.device.type != "cuda" and info.is_main:
-            print("warning: train.amp needs CUDA; training in float32 (train.bf16=true autocasts on CPU)",
-                  file=sys.stderr)  # fmt: skip
+        amp_dtype, precision_note = autocast_dtype(cfg, info.device)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         state = ResumeState(model=model, optimizer=optimizer, ema=ema, scaler=scaler,
                             best={"top1": -1.0, "top5": 0.0, "epoch": 0})  # fmt: skip
@@ -210,6 +206,7 @@ def build_cls_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> ClsRun:
             ResultsCSV(run_dir / "results.csv").truncate(state.position[0])
             print(f"train_cls: {cfg.model.backbone}, {len(train_set)} train / {len(val_set)} val images, "
                   f"{train_set.num_classes} classes, {info.device} x{info.world_size} -> {run_dir}")  # fmt: skip
+            print(precision_note, flush=True)
     except BaseException:
         if info.is_main:
             discard_run_dir(run_dir)

@@ -32,7 +32,7 @@ from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
 from detect.data.cub import CubClassification
 from detect.data.transforms import build_cls_transforms, seed_transform
-from detect.precision import choose_bf16
+from detect.precision import choose_precision
 from detect.train.distributed import DistInfo, all_reduce_sum, fetch, get_rank
 from detect.train.group_faults import agree
 from detect.train.optim import ModelEMA, lr_at
@@ -150,14 +150,11 @@ def build_lr_schedule(cfg: DictConfig) -> Callable[[float], float]:
     )
 
 
-def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """Mixed precision: bfloat16 with `train.bf16` (CPU or CUDA; on a CPU without native bf16, fp32 with one
-    warning, `choose_bf16`), float16 with `train.amp` on CUDA, else None."""
-    if choose_bf16(device, cfg.train.bf16, "train.bf16"):
-        return torch.bfloat16
-    if cfg.train.amp and device.type == "cuda":
-        return torch.float16
-    return None
+def autocast_dtype(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype `train.precision` chooses here (`detect.precision.choose_precision`; None: fp32) and the
+    log line saying what and why."""
+    name, why = choose_precision(cfg.train.precision, device)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name), f"precision: {name} ({why})"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,8 +181,8 @@ class ClsStepper:
             logits = model(images)  # [B, C]
             loss = self.loss_fn(logits.float(), labels)
         if not torch.isfinite(loss):
-            raise UserError(f"non-finite training loss ({loss.item()}) {where}: lower train.lr or turn off "
-                            "train.amp / train.bf16; last.pt keeps the last good state")  # fmt: skip
+            raise UserError(f"non-finite training loss ({loss.item()}) {where}: lower train.lr or set "
+                            "train.precision=fp32; last.pt keeps the last good state")  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

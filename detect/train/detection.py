@@ -30,7 +30,7 @@ from detect.eval.viz import plot_curves, plot_pr_curve, save_gt_vs_pred_grid
 from detect.losses.yolo import LEGACY_PART_ORDER
 from detect.models.info import format_info, model_info
 from detect.plugins import import_plugins
-from detect.precision import Precision, choose_bf16
+from detect.precision import Precision, training_precision
 from detect.rundirs import discard_run_dir, require_run_dir
 from detect.train.builders import (
     build_det_criterion,
@@ -45,7 +45,7 @@ from detect.train.distributed import DistInfo, prepare_model, unwrap
 from detect.train.engine import EpochStart, Optimization, train_one_epoch
 from detect.train.failures import memory_advice
 from detect.train.group_faults import setup_step
-from detect.train.lifecycle import execute, start
+from detect.train.lifecycle import execute, mark_first_batch, phase, start
 from detect.train.optim import ModelEMA
 from detect.train.runs import ResultsCSV, ensure_synthetic_data, prepare_run
 from detect.train.state import ResumeState
@@ -129,6 +129,7 @@ class DetRun:
     saved: tuple[int, int] | None = None  # the position last.pt holds (None: no last.pt yet)
     tb: Any = None
     memory_advice: str = memory_advice(cache=True)
+    precision_note: str = ""  # "precision: bf16 (auto: ...)": what train.precision chose here, and why
 
     @property
     def epochs(self) -> int:
@@ -156,7 +157,11 @@ class DetRun:
         if hasattr(self.criterion, "set_epoch"):  # a loss whose weights change over training (YOLO26's o2m / o2o)
             self.criterion.set_epoch(epoch, t.epochs)
         begin = EpochStart(epoch, self.state.position[1], self.state.sums)
-        return train_one_epoch(self.model, self.criterion, train_loader, self.opt, self.state, begin, self.precision)
+        phase(f"epoch {epoch + 1} start")
+        loader = mark_first_batch(train_loader, f"epoch {epoch + 1} first batch")
+        stats = train_one_epoch(self.model, self.criterion, loader, self.opt, self.state, begin, self.precision)
+        phase(f"epoch {epoch + 1} trained")
+        return stats
 
     def end_epoch(self, epoch: int, stats: dict[str, float], start: float) -> None:
         end_epoch(self, epoch, stats, start)
@@ -188,16 +193,19 @@ def build_det_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> DetRun:
         if num_classes != len(train_set.source.class_names):
             raise UserError(f"model.num_classes={num_classes} but the data has {len(train_set.source.class_names)} "
                             "classes")  # fmt: skip
+    phase("data scan")
     with setup_step("building the model"):
         model = build_det_model(cfg, num_classes, load_backbone=ckpt is None).to(info.device)
         criterion, optimizer = build_det_criterion(cfg, model), build_det_optimizer(cfg, model)
         ema = ModelEMA(model) if t.ema else None
-        scaler = torch.amp.GradScaler("cuda") if info.device.type == "cuda" and t.amp and not t.bf16 else None
+        precision, precision_note = training_precision(info.device, t.precision, t.channels_last)
+        scaler = torch.amp.GradScaler("cuda") if precision.amp and not precision.bf16 else None  # fp16 only
         state = ResumeState(model=model, optimizer=optimizer, ema=ema, scaler=scaler, best={"AP": -1.0, "epoch": 0},
                             keep_gradients=True)  # fmt: skip
         if ckpt is not None:
             state.restore(ckpt["train_state"], cfg.train.resume)
             state.sums = read_loss_sums(state.sums)
+    phase("model build")
     run_dir = prepare_run(cfg, ckpt is not None, info)
     try:
         with setup_step("writing val_gt.json", alone=True):
@@ -205,12 +213,13 @@ def build_det_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> DetRun:
                 ResultsCSV(run_dir / "results.csv").truncate(state.position[0])
                 if not (run_dir / "val_gt.json").exists():
                     write_coco_json(val_set.source, run_dir / "val_gt.json")
+        phase("run folder + val_gt.json")
         with setup_step("building the loaders"):
             loaders = build_det_loaders(train_set, val_set, cfg, info)
             iters = -(-len(loaders[1].shard(0)) // loaders[0].batch_size)  # batches in a full epoch
             opt = Optimization(optimizer, build_schedule(cfg, iters), ema, scaler, t.grad_clip)
-            precision = Precision(info.device, t.amp, choose_bf16(info.device, t.bf16, "train.bf16"), t.channels_last)
             tb = open_tensorboard(run_dir) if info.is_main else None
+        phase("loaders (+ RAM cache)")
         with setup_step("wrapping the model in DistributedDataParallel"):
             model = prepare_model(model, info, t.sync_bn)
     except BaseException:
@@ -219,7 +228,7 @@ def build_det_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> DetRun:
         raise
     return DetRun(cfg, info, model, criterion, opt, precision, train_set, val_set, loaders, run_dir,
                   detector_spec(cfg, num_classes).to_arch(), state, tb=tb,
-                  saved=state.position if ckpt is not None else None)  # fmt: skip
+                  saved=state.position if ckpt is not None else None, precision_note=precision_note)  # fmt: skip
 
 
 def save_pictures(run: DetRun, kept: list, metrics: dict) -> None:
@@ -266,17 +275,22 @@ def end_epoch(run: DetRun, epoch: int, stats: dict, start: float) -> None:
                                     list(run.train_set.source.category_ids), run.precision, cfg.eval.conf,
                                     cfg.eval.iou, cfg.eval.max_det, cfg.eval.backend, keep_images=8,
                                     coco_max_dets=cfg.eval.coco_max_dets)  # fmt: skip
+        phase(f"epoch {epoch + 1} evaluation")
     row = write_row(run, epoch, stats, metrics, time.perf_counter() - start)
+    phase(f"epoch {epoch + 1} results row + curves")
     run.summary = {k: metrics[k] for k in ("AP", "AP50", "coco_stats", "per_class_AP") if k in metrics}
     best = run.state.best
     if metrics and row["val/AP"] > best["AP"]:
         run.state.best = best = {"AP": row["val/AP"], "AP50": row["val/AP50"], "epoch": epoch + 1}
         atomic_save(run.checkpoint(run.summary, epoch + 1, False), run.run_dir / "best.pt")
         save_pictures(run, kept, metrics)
+        phase(f"epoch {epoch + 1} best.pt + pictures")
     if metrics and epoch + 1 == t.epochs:  # the analysis pictures of the final model (as val_det draws them)
         gt = json.loads((run.run_dir / "val_gt.json").read_text())
         save_analysis(gt, predictions, metrics, list(run.val_set.source.class_names), run.run_dir)
+        phase(f"epoch {epoch + 1} analysis pictures")
     atomic_save(run.checkpoint(run.summary, epoch + 1, True), run.run_dir / "last.pt")
+    phase(f"epoch {epoch + 1} last.pt")
     run.saved = run.state.position
     losses = " ".join(f"{k.removeprefix('train/')} {v:.3f}" for k, v in row.items() if k.startswith("train/"))
     evaluated = f" | AP {row['val/AP']:.4f} AP50 {row['val/AP50']:.4f}" if metrics else ""
@@ -299,15 +313,20 @@ def train_detector(
         UserError: bad input, before any work; RunError: the surroundings stopped the run (one line, with the
             last.pt that survived); KeyboardInterrupt: Ctrl-C / SIGTERM, after last.pt was saved.
     """
+    phase("imports")
     cfg, ckpt = resolve_det_config(config, overrides, base=base)
+    phase("config")
     run = start(cfg, ckpt, build_det_run)
     info = run.info
     if info.is_main:  # after every input check: bad input stays one line
         logger.info(format_info(model_info(unwrap(run.model), cfg.data.img_size), "detector"))
+        phase("model info")
         spec = run.arch
         print(f"train_det: {spec['backbone']['name']} + {spec['neck']['name']} neck + {spec['head']['name']} head, "
               f"{spec['num_classes']} classes, {len(run.train_set)} train / {len(run.val_set)} val images at "
               f"{cfg.data.img_size} px, {cfg.train.epochs} epochs on {info.device} x{info.world_size} -> "
               f"{run.run_dir}", flush=True)  # fmt: skip
+        print(run.precision_note, flush=True)
     execute(run)
+    phase("done")
     return run

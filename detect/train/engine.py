@@ -93,7 +93,7 @@ def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch:
     where = f" on rank {rank}" if world > 1 else ""
     error = UserError(
         f"non-finite loss ({shown}){where} at epoch {epoch + 1}, batch {batch + 1} (iteration {step}): stopped "
-        "before the weights changed; last.pt keeps the last good epoch (try a lower train.lr, or train.amp=false)"
+        "before the weights changed; last.pt keeps the last good epoch (try a lower train.lr, or train.precision=fp32)"
     )
     error.rank0_reports = True  # every rank raises it; run_tool prints it on rank 0 only
     if world > 1:

@@ -12,6 +12,7 @@ memory advice for a loader worker); a run folder that never reached a last.pt is
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,39 @@ from detect.train.signals import (
     signals_received,
 )
 from detect.train.state import ResumeState
+
+PHASES_ENV = "PLUGDET_PHASES"
+
+
+def phase(name: str) -> None:
+    """With PLUGDET_PHASES=1 in the environment, one stderr line `plugdet-phase <unix time> <name>` saying that the
+    run reached `name`: where a short run's seconds go (bench/bench_phases.py reads them against its launch time).
+    Off by default: one environment lookup."""
+    if os.environ.get(PHASES_ENV) == "1":
+        print(f"plugdet-phase {time.time():.6f} {name}", file=sys.stderr, flush=True)
+
+
+def mark_first_batch(loader: Any, name: str) -> Any:
+    """`loader` itself, or with PLUGDET_PHASES=1 a view of it that marks `phase(name)` when its first batch arrives
+    (the loader workers' start-up is the time from the epoch's start to that mark)."""
+    return _FirstBatchMarked(loader, name) if os.environ.get(PHASES_ENV) == "1" else loader
+
+
+class _FirstBatchMarked:
+    def __init__(self, loader: Any, name: str) -> None:
+        self.loader, self.name = loader, name
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self.loader, key)
+
+    def __iter__(self) -> Any:
+        for index, batch in enumerate(self.loader):
+            if index == 0:
+                phase(self.name)
+            yield batch
 
 
 class TrainingRun(Protocol):
