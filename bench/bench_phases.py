@@ -42,7 +42,7 @@ from bench_train_vs_ultralytics import FAMILIES, OFFLINE_ENV, REPO, prepare_data
 SETUP = ("imports", "config", "data scan", "model build", "run folder + val_gt.json", "loaders (+ RAM cache)",
          "model info")  # fmt: skip
 LABELS = {"imports": "interpreter + imports"}
-MARK = re.compile(r"^plugdet-phase (\d+\.\d+) (.+)$")
+MARK = re.compile(r"plugdet-phase (\d+\.\d+) (.+)$")  # tqdm may precede it on its line
 
 
 def fp32_overrides() -> list[str]:
@@ -95,7 +95,7 @@ def run_once(args: argparse.Namespace, data_yaml: Path, index: int, work: Path) 
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise SystemExit(f"error: run {index} failed with exit code {code}; log {log}:\n{tail}")
-    marks = [(float(m[1]), m[2]) for m in map(MARK.match, log.read_text(errors="replace").splitlines()) if m]
+    marks = [(float(m[1]), m[2]) for m in map(MARK.search, log.read_text(errors="replace").splitlines()) if m]
     phases: dict[str, float] = {}
     previous = launch
     for stamp, name in marks:

@@ -663,3 +663,25 @@ def test_tools_as_subprocesses_print_one_line_and_exit_2(
 def test_debug_shows_the_traceback(backbone_pt: Path, capsys: pytest.CaptureFixture) -> None:
     code, lines = run("val_det", ["--weights", str(backbone_pt), "--debug"], capsys)
     assert code == 2 and lines[0].startswith("Traceback") and lines[-1].startswith("error: ")
+
+
+@pytest.mark.subprocess
+def test_exit_process_still_does_what_shutdown_would_that_matters(tmp_path: Path) -> None:
+    """`exit_process` skips the interpreter's teardown (the tools' `__main__` exit), but first joins a running
+    non-daemon thread, runs the atexit handlers, and flushes what stdout and stderr still buffer; the exit code is
+    the one given. Without the join, the atexit run or the flush, a line below is missing."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import atexit, sys, threading, time\n"
+        "from detect.cli import exit_process\n"
+        "atexit.register(lambda: print('atexit handler ran', flush=False))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread finished', flush=False))).start()\n"
+        "sys.stdout.write('stdout still buffered')\n"
+        "sys.stderr.write('stderr still buffered')\n"
+        "exit_process(3)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 3
+    assert done.stdout == "stdout still bufferedthread finished\natexit handler ran\n"
+    assert done.stderr == "stderr still buffered"

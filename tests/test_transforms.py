@@ -12,16 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backbones.errors import UserError
+from detect.data.cls_transforms import build_cls_transforms, seed_transform
 from detect.data.transforms import (
     affine_matrix,
     box_candidates,
-    build_cls_transforms,
     hflip,
     letterbox,
     random_affine,
     random_hsv,
     resize_long_side,
-    seed_transform,
     warp_boxes,
 )
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
-from detect.cli import run_tool
+from detect.cli import exit_process, run_tool
 from detect.config import DetConfig, load_config
 from detect.data.build import SPLITS, build_source
 from detect.data.coco import coco_ground_truth
@@ -142,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from backbones.errors import UserError
 from detect.api import check_settings, load
-from detect.cli import IMPORTS_OPTION, PRECISION_CHOICES, run_tool
+from detect.cli import IMPORTS_OPTION, PRECISION_CHOICES, exit_process, run_tool
 from detect.interop.export import FORMATS
 
 
@@ -108,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

@@ -24,7 +24,7 @@ from pathlib import Path
 from backbones.checkpoint import atomic_save
 from backbones.errors import UserError
 from detect.checkpoints import detector_checkpoint
-from detect.cli import run_tool
+from detect.cli import exit_process, run_tool
 from detect.config import DetConfig, config_to_dict, load_config
 from detect.interop.ultralytics import (
     FAMILY_NAMES,
@@ -110,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

@@ -8,14 +8,13 @@ one genus), showing the training image with the largest box, the box in green an
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from detect.cli import run_tool
+from detect.cli import exit_process, run_tool
 from detect.data.cub import CubDetection
 
 
@@ -85,4 +84,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from detect.cli import run_tool
+from detect.cli import exit_process, run_tool
 from detect.data.synth import make_synth_cub, synth_cub_exists
 
 
@@ -51,4 +51,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

@@ -33,7 +33,7 @@ import numpy as np
 from backbones.checkpoint import atomic_write_bytes
 from backbones.errors import UserError
 from detect.api import Model, Result, check_settings, load
-from detect.cli import IMPORTS_OPTION, PRECISION_CHOICES, inference_precision, run_tool
+from detect.cli import IMPORTS_OPTION, PRECISION_CHOICES, exit_process, inference_precision, run_tool
 from detect.data.source import read_image_rgb
 from detect.inference import VIDEO_SUFFIXES, find_inputs
 from detect.rundirs import discarded_on_failure, make_run_dir
@@ -152,4 +152,4 @@ def predict_files(files: list[Path], out: Path, run: Callable[[np.ndarray], Resu
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

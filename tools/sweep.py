@@ -39,7 +39,7 @@ import argparse
 from pathlib import Path
 
 from backbones.errors import UserError
-from detect.cli import run_tool
+from detect.cli import exit_process, run_tool
 from detect.config import load_config
 from detect.sweep.cells import shard
 from detect.sweep.config import SweepConfig, check_sweep
@@ -107,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

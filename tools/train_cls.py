@@ -23,7 +23,7 @@ if __name__ == "__main__":  # --help is answered from the schema alone, without 
 
     exit_with_help_if_asked(__doc__, USAGE, "ClsConfig")
 
-from detect.cli import run_tool
+from detect.cli import exit_process, run_tool
 from detect.config import ClsConfig, answer_info_flags, split_config_args
 from detect.train.classification import pretrain_backbone, resolve_cls_config
 
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

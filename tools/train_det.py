@@ -27,7 +27,7 @@ if __name__ == "__main__":  # --help is answered from the schema alone, without 
 
     exit_with_help_if_asked(__doc__, USAGE, "DetConfig")
 
-from detect.cli import run_tool
+from detect.cli import exit_process, run_tool
 from detect.config import DetConfig, answer_info_flags, split_config_args
 from detect.train.detection import resolve_det_config, train_detector
 
@@ -44,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

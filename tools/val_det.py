@@ -25,7 +25,7 @@ import sys
 
 from backbones.errors import UserError
 from detect.api import load
-from detect.cli import PRECISION_CHOICES, inference_precision, run_tool
+from detect.cli import PRECISION_CHOICES, exit_process, inference_precision, run_tool
 from detect.config import named_imports
 
 
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_process(run_tool(main))

@@ -30,8 +30,8 @@ from backbones import build_backbone
 from backbones.classifier import Classifier
 from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
+from detect.data.cls_transforms import build_cls_transforms, seed_transform
 from detect.data.cub import CubClassification
-from detect.data.transforms import build_cls_transforms, seed_transform
 from detect.precision import choose_precision
 from detect.train.distributed import DistInfo, all_reduce_sum, fetch, get_rank
 from detect.train.group_faults import agree
