@@ -138,14 +138,13 @@ def exit_process(code: int) -> NoReturn:
     Python's shutdown then frees every module and object one by one; with torch, torchvision and a trained model
     loaded that took 1-2 s of a short run's wall time on the project's CPU (bench/bench_phases.py, "process exit"),
     and buys nothing: the tools write every file inside `with` blocks or by atomic rename, and close their writers.
-    What shutdown would still do that matters runs here first, in its order: the non-daemon threads are joined, the
+    What shutdown would still do that matters runs here first, in its order: threading's exit calls (an idle
+    `ThreadPoolExecutor` that a library left open is told to stop) and the non-daemon threads are joined, the
     atexit handlers run (logging's flush, multiprocessing's worker clean-up, the process group's destruction), the
     standard streams are flushed. Only the `python tools/X.py` entry points call it; in-process callers of
     `run_tool` (tests, the API) keep their interpreter.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # the interpreter's own first step: threading's atexit calls, then the non-daemon joins
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to deliver

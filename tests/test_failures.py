@@ -668,20 +668,24 @@ def test_debug_shows_the_traceback(backbone_pt: Path, capsys: pytest.CaptureFixt
 @pytest.mark.subprocess
 def test_exit_process_still_does_what_shutdown_would_that_matters(tmp_path: Path) -> None:
     """`exit_process` skips the interpreter's teardown (the tools' `__main__` exit), but first joins a running
-    non-daemon thread, runs the atexit handlers, and flushes what stdout and stderr still buffer; the exit code is
-    the one given. Without the join, the atexit run or the flush, a line below is missing."""
+    non-daemon thread, stops an idle `ThreadPoolExecutor` left open (as a library may: joining its worker without
+    telling it to stop hangs), runs the atexit handlers, and flushes what stdout and stderr still buffer; the exit
+    code is the one given. Without the join, the atexit run or the flush, a line below is missing."""
     script = tmp_path / "probe.py"
     script.write_text(
         "import atexit, sys, threading, time\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
         "from detect.cli import exit_process\n"
+        "left_open = ThreadPoolExecutor(1)\n"
+        "left_open.submit(print, 'pool ran', flush=False).result()\n"
         "atexit.register(lambda: print('atexit handler ran', flush=False))\n"
         "threading.Thread(target=lambda: (time.sleep(0.3), print('thread finished', flush=False))).start()\n"
         "sys.stdout.write('stdout still buffered')\n"
         "sys.stderr.write('stderr still buffered')\n"
         "exit_process(3)\n"
     )
-    done = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 3
-    assert done.stdout == "stdout still bufferedthread finished\natexit handler ran\n"
+    assert done.stdout == "pool ran\nstdout still bufferedthread finished\natexit handler ran\n"
     assert done.stderr == "stderr still buffered"
