@@ -1,5 +1,5 @@
 """No network at run time (DESIGN §1): the four tools run on the tiny mini-CUB with every socket call refused and
-recorded, and nothing tries to connect.
+recorded, and nothing tries to connect; a DETR head (transformers) trains and predicts there too.
 
 A `sitecustomize.py` on PYTHONPATH (imported by Python at start-up, before any plugdet or third-party code) replaces
 `socket.socket.connect` / `connect_ex`, `socket.create_connection` and `socket.getaddrinfo` with functions that log
@@ -82,6 +82,12 @@ runs = [
                    f"output_dir={out / 'det'}"]),
     ("val_det", ["--weights", str(out / "det" / "best.pt"), "--out", str(out / "val")]),
     ("predict", ["--weights", str(out / "det" / "best.pt"), "--source", str(image), "--out", str(out / "pred")]),
+    # a DETR head: transformers builds its model from a config, with no hub access (issue 19)
+    ("train_det", [f"data.root={root}", "data.img_size=64", "train.epochs=1", "train.batch_size=4",
+                   "train.workers=0", "model.backbone_weights=null", "model.head=rtdetr",
+                   "model.head_kwargs.num_queries=30", "model.head_kwargs.decoder_layers=2",
+                   f"output_dir={out / 'detr'}"]),
+    ("predict", ["--weights", str(out / "detr" / "best.pt"), "--source", str(image), "--out", str(out / "pred_detr")]),
 ]
 for name, argv in runs:
     print("RESULT", name, run_tool(main_of(name), argv), flush=True)
@@ -107,7 +113,8 @@ def test_tools_never_touch_the_network(synth_cub_root: Path, tmp_path: Path) -> 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    expected = [["train_cls", "0"], ["train_det", "0"], ["val_det", "0"], ["predict", "0"], ["probe", "refused"]]
+    expected = [["train_cls", "0"], ["train_det", "0"], ["val_det", "0"], ["predict", "0"], ["train_det", "0"],
+                ["predict", "0"], ["probe", "refused"]]  # fmt: skip
     assert results == expected, result.stdout[-2000:] + result.stderr[-3000:]
     attempts = log.read_text().splitlines()
     assert attempts == ["create_connection (('pypi.org', 443),)"], attempts  # only the test's own probe

@@ -146,6 +146,7 @@ class DetTrainConfig:
     translate: float = _in_range(0.1, 0.0, 1.0)  # random translation (fraction of the side)
     ema: bool = True  # evaluate and save an exponential moving average of the weights
     grad_clip: float = _at_least(10.0, 0.0)  # max gradient norm (0 = off)
+    backbone_lr_scale: float = _at_least(1.0, 0.0)  # the backbone's lr = lr * this (DETR recipes: 0.1 / 0.5)
     freeze_stages: int = _at_least(0, -1)  # backbone stages frozen (-1 = all)
     precision: str = _choice("auto", "fp32", "bf16", "fp16")  # auto: bf16 on a CPU with native bf16, fp16 on CUDA
     channels_last: bool = True  # NHWC convolutions: ~1.2-1.45x faster training on CPU, faster on CUDA

@@ -76,8 +76,9 @@ class ExportModule(nn.Module):
         super().__init__()
         head = detector.head
         if not head.traceable_decode:
-            raise UserError(f"export: the {type(head).__name__} head is not exportable by plugdet yet (no traceable "
-                            "decode); tools/export.py exports the YOLO families (yolov8, yolo11, yolo26)")  # fmt: skip
+            reason = getattr(head, "export_refusal", "") or "no traceable decode"  # a family may say why
+            raise UserError(f"export: the {type(head).__name__} head is not exportable by plugdet yet ({reason}); "
+                            "tools/export.py exports the YOLO families (yolov8, yolo11, yolo26)")  # fmt: skip
         self.detector = detector.eval()
         self.nms = dict(nms) if nms else None
         self.eval()  # the exporter restores this mode afterwards; a fused detector refuses train mode

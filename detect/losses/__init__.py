@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from detect.losses import torchvision, yolo, yolo26  # noqa: F401  (registration happens on import)
+from detect.losses import detr, torchvision, yolo, yolo26  # noqa: F401  (registration happens on import)
 from detect.losses.registry import LOSSES
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,13 +27,14 @@ from detect.models import Detector, DetectorSpec, PartSpec, build_detector
 from detect.models.build import neck_takes_scale
 from detect.models.registry import default_neck
 from detect.models.yolo_family import FAMILY_BACKBONES
-from detect.train.distributed import DistInfo
+from detect.train.distributed import DistInfo, unwrap
 from detect.train.engine import Schedule
 from detect.train.memory import cache_train_images
 from detect.train.optim import (
     build_musgd_param_groups,
     build_optimizer,
     build_param_groups,
+    scale_backbone_lr,
     scaled_weight_decay,
     warmup_iterations,
 )
@@ -81,10 +83,21 @@ def build_det_loaders(
     workers = cfg.train.workers
     common = {"num_workers": workers, "pin_memory": info.device.type == "cuda", "collate_fn": detection_collate,
               "persistent_workers": workers > 0, "worker_init_fn": quiet_worker}  # fmt: skip
-    train_loader = DataLoader(NamedSamples(train), batch_size=batch, sampler=sampler, drop_last=False, **common)
+    # Each loader draws its workers' base seed from a generator of its own, not from the global torch RNG, which the
+    # model's forward may read (DETR denoising) and a resume restores: creating an iterator (each epoch, and again
+    # on resume) must not move it. Augmentation is seeded per sample (`sample_seed`), so these seeds change nothing.
+    own = {"generator": torch.Generator().manual_seed(cfg.seed)}
+    train_loader = DataLoader(NamedSamples(train), batch_size=batch, sampler=sampler, drop_last=False, **common, **own)
     # rect validation: batches of similar aspect ratio, each letterboxed to its own smallest canvas (DESIGN §6)
-    val_loader = DataLoader(NamedSamples(val), batch_sampler=val.rect_batches(batch * 2), **common)
+    own = {"generator": torch.Generator().manual_seed(cfg.seed)}
+    val_loader = DataLoader(NamedSamples(val), batch_sampler=val.rect_batches(batch * 2), **common, **own)
     return train_loader, sampler, val_loader
+
+
+def _plain(kwargs: Any) -> dict[str, Any]:
+    """A config section's kwargs as plain data (lists, not OmegaConf's ListConfig): they go into the checkpoint's
+    `arch`, which loads with weights_only."""
+    return OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else dict(kwargs)
 
 
 def detector_spec(cfg: DictConfig, num_classes: int) -> DetectorSpec:
@@ -101,9 +114,9 @@ def detector_spec(cfg: DictConfig, num_classes: int) -> DetectorSpec:
     neck_kwargs = {"scale": m.scale} if neck_takes_scale(neck) else {}
     return DetectorSpec(
         num_classes=int(num_classes),
-        backbone=PartSpec(backbone, dict(m.backbone_kwargs)),
-        neck=PartSpec(neck, {**neck_kwargs, **own_kwargs, **m.neck_kwargs}),
-        head=PartSpec(m.head, dict(m.head_kwargs)),
+        backbone=PartSpec(backbone, _plain(m.backbone_kwargs)),
+        neck=PartSpec(neck, {**neck_kwargs, **own_kwargs, **_plain(m.neck_kwargs)}),
+        head=PartSpec(m.head, _plain(m.head_kwargs)),
     )
 
 
@@ -139,14 +152,17 @@ def build_det_criterion(cfg: DictConfig, model: Detector) -> Callable:
 
 def build_det_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD / AdamW over YOLOv8's three groups, or MuSGD over Ultralytics' eight (the head's class branches at 3x the
-    lr); weight decay scaled to the nominal batch size."""
+    lr); weight decay scaled to the nominal batch size; the backbone's groups at `train.backbone_lr_scale` x the lr."""
     t = cfg.train
     decay = scaled_weight_decay(t.weight_decay, t.batch_size, t.nominal_batch_size)
     if t.optimizer == "musgd":
         head = getattr(model, "head", model)
         boosted = [p for name, p in head.named_parameters() if "cls_branch" in name]
-        return build_optimizer("musgd", build_musgd_param_groups(model, decay, boosted), t.lr, t.momentum)
-    return build_optimizer(t.optimizer, build_param_groups(model, decay), t.lr, t.momentum)
+        groups = build_musgd_param_groups(model, decay, boosted)
+    else:
+        groups = build_param_groups(model, decay)
+    groups = scale_backbone_lr(groups, getattr(unwrap(model), "backbone", None), t.backbone_lr_scale)
+    return build_optimizer(t.optimizer, groups, t.lr, t.momentum)
 
 
 def build_schedule(cfg: DictConfig, iters_per_epoch: int) -> Schedule:

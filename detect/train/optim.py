@@ -60,6 +60,30 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"name": name, "params": groups[name], "weight_decay": decay[name]} for name in GROUP_NAMES]
 
 
+def scale_backbone_lr(groups: list[dict[str, Any]], backbone: nn.Module | None, scale: float) -> list[dict[str, Any]]:
+    """The DETR recipes' lower backbone lr (RT-DETRv2: 0.1x, D-FINE: 0.5x): each group split in two, the backbone's
+    parameters first, with its `lr_scale` (default 1) times `scale`.
+
+    Args:
+        groups: from `build_param_groups` or `build_musgd_param_groups`.
+        backbone: the detector's backbone (None: nothing to split).
+        scale: the backbone's lr factor; 1 returns `groups` unchanged (the same groups, same order).
+
+    Returns:
+        Twice as many groups (a group may be empty), each keeping its name and weight decay.
+    """
+    if scale == 1.0 or backbone is None:
+        return groups
+    ids = {id(p) for p in backbone.parameters()}
+    split = []
+    for group in groups:
+        for in_backbone in (True, False):
+            params = [p for p in group["params"] if (id(p) in ids) == in_backbone]
+            factor = group.get("lr_scale", 1.0) * (scale if in_backbone else 1.0)
+            split.append({**group, "params": params, "lr_scale": factor})
+    return split
+
+
 def build_optimizer(
     name: str, groups: list[dict[str, Any]], lr: float, momentum: float, nesterov: bool = True
 ) -> torch.optim.Optimizer:
@@ -258,11 +282,17 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One step: ema = d * ema + (1 - d) * model, with d = decay(updates + 1)."""
+        """One step: ema = d * ema + (1 - d) * model, with d = decay(updates + 1). A tensor the state dict holds
+        under several keys (tied weights: transformers' DETR heads share their class and box heads) is updated once."""
         self.updates += 1
         d = self.decay()
         source = getattr(model, "module", model).state_dict()
+        done: set[tuple[int, tuple[int, ...]]] = set()
         for key, value in self.ema.state_dict().items():
+            storage = (value.data_ptr(), tuple(value.shape))
+            if value.numel() and storage in done:
+                continue
+            done.add(storage)
             if value.dtype.is_floating_point:
                 value.mul_(d).add_(source[key].detach().to(value.dtype), alpha=1.0 - d)
             else:

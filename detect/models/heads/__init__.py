@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from detect.models.heads import torchvision, yolo, yolo26  # noqa: F401  (registration happens on import)
+from detect.models.heads import detr, torchvision, yolo, yolo26  # noqa: F401  (registration happens on import)

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from detect.models.necks import fpn, pan, pan11, pan26  # noqa: F401  (registration happens on import)
+from detect.models.necks import fpn, identity, pan, pan11, pan26  # noqa: F401  (registration happens on import)
