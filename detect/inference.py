@@ -133,7 +133,8 @@ def detect_images(
             batch = torch.from_numpy(np.stack([b[0] for b in boxed])).permute(0, 3, 1, 2)  # [B, 3, H, W], HWC memory
             with precision.autocast():
                 found = model.detect(precision.to_input(batch), conf, iou, max_det)
-            found = undo_letterbox([{k: v.float() for k, v in r.items()} for r in found], [b[2] for b in boxed])
+            found = [{k: v.float() if v.is_floating_point() else v for k, v in r.items()} for r in found]  # bf16 out
+            found = undo_letterbox(found, [b[2] for b in boxed])
             for i, result in zip(chunk, found, strict=True):
                 results[i] = {k: v.cpu() for k, v in result.items()}
     return results  # type: ignore[return-value]

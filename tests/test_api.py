@@ -93,7 +93,7 @@ def test_bgr_arrays_tensors_and_device_strings_give_the_same_boxes(det_ckpt: Pat
     from_bgr = model.predict(np.ascontiguousarray(rgb[..., ::-1]), conf=0.3, bgr=True)[0]
     from_tensor = model.predict(torch.from_numpy(rgb).permute(2, 0, 1), conf=0.3)[0]
     wrong = model.predict(np.ascontiguousarray(rgb[..., ::-1]), conf=0.3)[0]  # BGR read as RGB: other boxes
-    assert len(from_file) > 0
+    assert len(from_file) > 0 and from_file.labels.dtype == torch.int64  # as `Result` documents (was float)
     for other in (from_rgb, from_bgr, from_tensor):
         assert torch.equal(other.boxes, from_file.boxes) and torch.equal(other.scores, from_file.scores)
     assert len(wrong) != len(from_file) or not torch.equal(wrong.scores, from_file.scores)
