@@ -126,6 +126,15 @@ CASES = {  # case -> (tool, overrides); faster_rcnn: a two-stage torchvision fam
     "yolo26_musgd": ("train_det", ["data.img_size=64", "train.epochs=2", "train.batch_size=4", "train.close_mosaic=1",
                                    "eval.interval=2", "model.backbone_weights=null", "train.ema=false",
                                    "model.head=yolo26", "train.optimizer=musgd"]),
+    # dfine: transformers' D-FINE (tiny) on cspdarknet_n: targets and denoising in its forward, AdamW with the lower
+    # backbone lr, gradient clipping; every trainable parameter gets a gradient, so DDP needs no unused-parameter scan
+    "dfine": ("train_det", ["data.img_size=64", "train.epochs=2", "train.batch_size=4", "train.mosaic=0",
+                            "eval.interval=2", "model.backbone_weights=null", "train.ema=false", "model.head=dfine",
+                            "train.optimizer=adamw", "train.lr=1e-4", "train.backbone_lr_scale=0.5",
+                            "train.grad_clip=0.1", *[f"model.head_kwargs.{k}={v}" for k, v in
+                            {"encoder_hidden_dim": 64, "d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+                             "decoder_layers": 2, "num_queries": 30, "num_denoising": 20, "hidden_expansion": 0.34,
+                             "depth_mult": 0.5}.items()]]),
 }  # fmt: skip
 
 
