@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from detect.boxes import scale_boxes_to_original
+from detect.nms import batched_nms
 
 __all__ = ["postprocess", "undo_letterbox"]
 
@@ -70,7 +70,7 @@ def postprocess(
     A candidate is an (anchor, class) pair with score strictly above ``conf_thres``: only each anchor's best class,
     or with ``multi_label`` every class above the threshold (the COCO-validation setting). If an image has more than
     ``max_nms`` candidates, only the best ``max_nms`` enter NMS. NMS is per image and per class
-    (``torchvision.ops.batched_nms``, one call for the whole batch); the best ``max_det`` survivors are kept.
+    (torchvision's ``batched_nms`` through ``detect.nms``, one call for the whole batch); the best ``max_det`` survivors are kept.
 
     Args:
         preds: ``[B, A, 4 + C]`` xyxy boxes in network-input pixels then class probabilities (``head.decode``).
