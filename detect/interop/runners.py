@@ -100,6 +100,10 @@ class OnnxDetector(ExportedDetector):
             raise UserError(f"ONNX file not found: {path}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # onnxruntime's pool spins after each run by default, taking the cores from the letterbox, postprocess and
+        # torch work between runs: val_det's batches ran 1.11x slower than the .pt's with it, 0.93x without
+        # (bench/bench_val_runtimes.py, bench/RESULTS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
