@@ -3,7 +3,9 @@
 Any `import torchvision...` runs torchvision/__init__, which imports torchvision.models, whose ops import
 torch._dynamo: 1.4-2 s on a 2-core CPU, paid by every val_det and predict run only for NMS (issue 20's short run).
 (train_det imports torch._dynamo anyway: torch.optim's `Optimizer.add_param_group` is wrapped by
-`torch._disable_dynamo`, which imports it when the first optimizer is built; Ultralytics pays the same.) The NMS kernel itself is torchvision's compiled extension (`_C_stable`, `_C` before 0.27; registered as
+`torch._disable_dynamo`, which imports it when the first optimizer is built; Ultralytics pays the same.)
+
+The NMS kernel itself is torchvision's compiled extension (`_C_stable`, `_C` before 0.27; registered as
 `torch.ops.torchvision.nms`): `batched_nms` loads that library from torchvision's package folder without executing
 the package and applies torchvision's own `batched_nms` rule (per class on CPU above 4,000 box coordinates, 100,000
 on other devices; else one call with the boxes offset by class), so its result is torchvision's, index for index

@@ -70,7 +70,8 @@ def postprocess(
     A candidate is an (anchor, class) pair with score strictly above ``conf_thres``: only each anchor's best class,
     or with ``multi_label`` every class above the threshold (the COCO-validation setting). If an image has more than
     ``max_nms`` candidates, only the best ``max_nms`` enter NMS. NMS is per image and per class
-    (torchvision's ``batched_nms`` through ``detect.nms``, one call for the whole batch); the best ``max_det`` survivors are kept.
+    (torchvision's ``batched_nms`` through ``detect.nms``, one call for the whole batch); the best ``max_det``
+    survivors are kept.
 
     Args:
         preds: ``[B, A, 4 + C]`` xyxy boxes in network-input pixels then class probabilities (``head.decode``).
