@@ -9,8 +9,10 @@ interleaved runs after warm-up. Weights: random (latency does not depend on them
 image already decoded) at 640, batch 1, on Ultralytics' bus.jpg (810x1080 -> a 640x480 canvas), for an imported
 third-party YOLOv8n (Ultralytics' yolov8n.yaml, seeded random weights, through tools/import_ultralytics.py): torch
 fp32 and bf16, onnxruntime, OpenVINO FP32 (f32 hint), OpenVINO at bf16 (its own default on a CPU with native bf16),
-OpenVINO INT8 (nncf, calibrated on bus.jpg and zidane.jpg) at the f32 and bf16 hints; median of `--runs` (20) runs
-after 3 warm-ups, one row after the other. Needs `.[openvino]`.
+OpenVINO INT8 (nncf, calibrated on bus.jpg and zidane.jpg) at the f32 and bf16 hints, then Ultralytics' own
+predictor on the same weights (`YOLO(path).predict`): its torch model and its own OpenVINO FP32 and INT8 exports (its
+defaults; INT8 calibrated on the same two photos through a local data yaml); median of `--runs` (20) runs after 3
+warm-ups, one row after the other. Needs `.[openvino]`.
 
 `--families yolo26 yolo11 yolov8` instead compares families in one run (issue 18): per family (scale `--scale`, 80
 classes, Ultralytics' `<family><scale>.yaml` with seeded random weights, imported with `from_ultralytics`) plugdet's
@@ -77,11 +79,47 @@ def predict_rows(folder: Path) -> dict[str, object]:
     onnx_path = pt.export("onnx", folder / "m.onnx")
     fp32 = pt.export("openvino", folder / "fp32_openvino_model")
     int8 = pt.export("openvino", folder / "int8_openvino_model", int8=True, calib=str(PHOTOS[0].parent / "*.jpg"))
-    return {"torch fp32 (fused, channels_last)": pt, "torch bf16": load(weights, device="cpu", precision="bf16"),
+    rows = {"torch fp32 (fused, channels_last)": pt, "torch bf16": load(weights, device="cpu", precision="bf16"),
             "onnxruntime": load(onnx_path, device="cpu"), "OpenVINO FP32 (f32 hint)": load(fp32, device="cpu"),
             "OpenVINO FP32 at bf16 hint": load(fp32, device="cpu", precision="bf16"),
             "OpenVINO INT8 (f32 hint)": load(int8, device="cpu"),
             "OpenVINO INT8 (bf16 hint)": load(int8, device="cpu", precision="bf16")}  # fmt: skip
+    threads = torch.get_num_threads()
+    rows |= ultralytics_rows(source, folder)
+    torch.set_num_threads(threads)  # every row runs at the same thread count
+    return rows
+
+
+class UltralyticsRow:
+    """Ultralytics' own predictor on one of its files (`YOLO(path).predict`: its letterbox, inference, NMS), with
+    `predict(rgb image)` as the plugdet rows have it; `runner.compiled` is its OpenVINO compiled model, if any."""
+
+    def __init__(self, path: Path) -> None:
+        from ultralytics import YOLO
+
+        self.model, self.runner = YOLO(str(path), task="detect"), self
+
+    def predict(self, image):
+        boxes = self.model.predict(image[..., ::-1].copy(), imgsz=640, verbose=False)[0].boxes  # it takes BGR
+        self.compiled = getattr(self.model.predictor.model, "ov_compiled_model", None)
+        return [boxes]
+
+
+def ultralytics_rows(source: Path, folder: Path) -> dict[str, object]:
+    """Ultralytics' predictor on the same weights: its torch model, and its own OpenVINO FP32 and INT8 exports
+    (`YOLO.export(format="openvino"[, int8=True])`, its defaults: a static 640x640 input, its own nncf settings),
+    calibrated on the same two photos through a local data yaml, so nothing is downloaded."""
+    from ultralytics import YOLO
+    from ultralytics.utils import torch_utils
+
+    torch_utils.NUM_THREADS = torch.get_num_threads()  # its select_device sets this many (else cores - 1) on CPU
+    calib = folder / "calib.yaml"
+    calib.write_text(f"path: {PHOTOS[0].parent}\ntrain: .\nval: .\nnames:\n"
+                     + "".join(f"  {i}: class{i}\n" for i in range(80)))  # fmt: skip
+    fp32 = YOLO(str(source)).export(format="openvino", imgsz=640)
+    int8 = YOLO(str(source)).export(format="openvino", imgsz=640, int8=True, data=str(calib))
+    return {"Ultralytics torch": UltralyticsRow(source), "Ultralytics OpenVINO FP32": UltralyticsRow(Path(fp32)),
+            "Ultralytics OpenVINO INT8": UltralyticsRow(Path(int8))}  # fmt: skip
 
 
 def bench_predict(runs: int) -> None:
