@@ -84,10 +84,7 @@ def predict_rows(folder: Path) -> dict[str, object]:
             "OpenVINO FP32 at bf16 hint": load(fp32, device="cpu", precision="bf16"),
             "OpenVINO INT8 (f32 hint)": load(int8, device="cpu"),
             "OpenVINO INT8 (bf16 hint)": load(int8, device="cpu", precision="bf16")}  # fmt: skip
-    threads = torch.get_num_threads()
-    rows |= ultralytics_rows(source, folder)
-    torch.set_num_threads(threads)  # every row runs at the same thread count
-    return rows
+    return rows | ultralytics_rows(source, folder)
 
 
 class UltralyticsRow:

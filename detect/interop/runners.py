@@ -101,7 +101,7 @@ class OnnxDetector(ExportedDetector):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         # onnxruntime's pool spins after each run by default, taking the cores from the letterbox, postprocess and
-        # torch work between runs: val_det's batches ran 1.11x slower than the .pt's with it, 0.93x without
+        # torch work between runs: val_det's batches took 1.11x the .pt's time with it, 0.93-0.98x without
         # (bench/bench_val_runtimes.py, bench/RESULTS.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
