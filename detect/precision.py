@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,18 +21,25 @@ class Precision:
         amp: CUDA autocast (fp16 with a GradScaler, or bf16 with `bf16`).
         bf16: bfloat16 autocast (CPU, or CUDA with `amp`).
         channels_last: NHWC input memory (the model should be channels_last too).
+        fp16_fallback: `auto` chose fp16 on a GPU that has bf16: a training loop switches to bf16 if fp16 overflows
+            (`fp16_overflowing`, `leave_fp16`).
     """
 
     device: torch.device
     amp: bool = False
     bf16: bool = False
     channels_last: bool = False
+    fp16_fallback: bool = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.amp, self.bf16)
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         return to_input(images, self.device, self.channels_last)
+
+    def with_bf16(self) -> Precision:
+        """The same, autocasting to bf16 (fp16 left behind, `leave_fp16`)."""
+        return replace(self, bf16=True, fp16_fallback=False)
 
 
 def autocast(device: torch.device, amp: bool, bf16: bool) -> contextlib.AbstractContextManager:
@@ -149,8 +156,41 @@ def training_precision(device: torch.device, asked: str, channels_last: bool, wh
     """The `Precision` a training loop runs with for `train.precision=asked`, and the one line saying why."""
     name, why = choose_precision(asked, device, where)
     precision = Precision(device, amp=device.type == "cuda" and name != "fp32", bf16=name == "bf16",
-                          channels_last=channels_last)  # fmt: skip
+                          channels_last=channels_last, fp16_fallback=may_fall_back(asked, name, device))  # fmt: skip
     return precision, f"precision: {name} ({why})"
+
+
+# fp16 overflowing, as a training loop sees it. The GradScaler starts at 2**16, halves its scale on every step whose
+# gradients overflow (that step is skipped) and doubles it after 2000 clean steps; below 1 it has halved at least 17
+# times more than it grew, so the gradients overflow fp16 even unscaled and most steps are being skipped. A
+# non-finite loss under fp16 autocast (an activation beyond fp16's 65504) is the other sign.
+FP16_SCALE_FLOOR = 1.0
+
+
+def may_fall_back(asked: str, chosen: str, device: torch.device | str) -> bool:
+    """Whether a run may leave fp16 for bf16 when fp16 overflows: `auto` chose fp16 on a GPU that has bf16 (an explicit
+    `fp16` is kept as asked; a GPU without bf16 has nothing better than fp16 with its scaler)."""
+    device = torch.device(device)
+    return asked == "auto" and chosen == "fp16" and device.type == "cuda" and native_bf16(device)
+
+
+def fp16_overflowing(scaler: torch.amp.GradScaler | None) -> bool:
+    """Whether the fp16 GradScaler's scale has fallen below `FP16_SCALE_FLOOR` (one host sync)."""
+    return scaler is not None and scaler.get_scale() < FP16_SCALE_FLOOR
+
+
+def leave_fp16(scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer, why: str) -> str:
+    """What a training loop does when it leaves an overflowing fp16 for bf16 (`may_fall_back`): gradients accumulated
+    under the scaler and not yet stepped are unscaled, so that the step without a scaler sees them at their true
+    size (if they overflowed they are dropped, as the scaler would have skipped that step). Returns the one line
+    saying so, for the main process to print. The caller drops its scaler and autocasts to bf16 from here on."""
+    if scaler is not None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                optimizer.zero_grad(set_to_none=True)
+    return f"precision: fp16 overflowed ({why}); bf16 from here on (auto, this GPU has bf16)"
 
 
 def trained_precision(trained: str, device: torch.device | str) -> str:

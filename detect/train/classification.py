@@ -26,6 +26,7 @@ from detect.checkpoints import consent_to_plugins
 from detect.config import ClsConfig, ClsDataConfig, check_input_files, config_to_dict, load_config
 from detect.eval.viz import plot_confusion_matrix, plot_curves
 from detect.plugins import import_plugins
+from detect.precision import may_fall_back
 from detect.rundirs import discard_run_dir, require_run_dir
 from detect.train.classify import (
     ClsEpochStart,
@@ -105,8 +106,12 @@ class ClsRun:
         iters = -(-len(sampler.shard(0)) // train_loader.batch_size)  # ceil: batches per full epoch
         sampler.set_epoch(epoch, self.state.position[1])
         begin = ClsEpochStart(epoch, iters, self.state.position[1], self.state.sums)
-        stats = train_one_epoch(self.state.model, train_loader, self.stepper, self.info.device, begin,
-                                self.info.is_main)  # fmt: skip
+        try:
+            stats = train_one_epoch(self.state.model, train_loader, self.stepper, self.info.device, begin,
+                                    self.info.is_main)  # fmt: skip
+        finally:  # fp16 left for bf16 (`ClsStepper.fall_back`): the checkpoints' config says what it runs in now
+            if self.stepper.fell_back_to_bf16:
+                self.cfg.train.precision, self.state.scaler = "bf16", None
         self.state.position, self.state.sums = (epoch, iters), None  # trained, not evaluated yet
         return stats
 
@@ -197,7 +202,8 @@ def build_cls_run(cfg: Any, ckpt: dict | None, info: DistInfo) -> ClsRun:
     with setup_step("building the loaders"):
         loaders = build_cls_loaders(train_set, val_set, cfg, info)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-        stepper = ClsStepper(optimizer, loss_fn, build_lr_schedule(cfg), ema, scaler, amp_dtype)
+        fallback = may_fall_back(t.precision, "fp16" if amp_dtype == torch.float16 else "", info.device)
+        stepper = ClsStepper(optimizer, loss_fn, build_lr_schedule(cfg), ema, scaler, amp_dtype, fallback)
     with setup_step("wrapping the model in DistributedDataParallel"):
         state.model = prepare_model(model, info, t.sync_bn)
     run_dir = prepare_run(cfg, ckpt is not None, info)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
 from detect.data.cls_transforms import build_cls_transforms, seed_transform
 from detect.data.cub import CubClassification
-from detect.precision import choose_precision
-from detect.train.distributed import DistInfo, all_reduce_sum, fetch, get_rank
+from detect.precision import choose_precision, fp16_overflowing, leave_fp16
+from detect.train.distributed import DistInfo, all_reduce_sum, fetch, get_rank, get_world_size, is_main_process
 from detect.train.group_faults import agree
 from detect.train.optim import ModelEMA, lr_at
 from detect.train.seeding import DistributedEpochSampler
@@ -157,13 +158,23 @@ def autocast_dtype(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype |
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name), f"precision: {name} ({why})"
 
 
+def finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (one tiny all-reduce under DDP), so that all ranks decide alike."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], dtype=torch.float64)
+    if get_world_size() > 1:
+        all_reduce_sum(bad)
+    return float(bad) == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loops (plain arguments)
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
 class ClsStepper:
     """What one classification step needs besides the batch: the optimizer and criterion, the lr at a fractional
-    epoch, the EMA, the fp16 scaler and the autocast dtype (None: fp32)."""
+    epoch, the EMA, the fp16 scaler and the autocast dtype (None: fp32). `fp16_fallback`: `auto` chose fp16 on a GPU
+    with bf16, so an overflowing fp16 is left for bf16 (`detect.precision.leave_fp16`; `fell_back_to_bf16` then says
+    so to the run)."""
 
     optimizer: torch.optim.Optimizer
     loss_fn: nn.Module
@@ -171,15 +182,25 @@ class ClsStepper:
     ema: ModelEMA | None = None
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
+    fp16_fallback: bool = False
+    fell_back_to_bf16: bool = False
+
+    def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(loss in fp32, logits [B, C]) under the autocast dtype."""
+        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = model(images)  # [B, C]
+            return self.loss_fn(logits.float(), labels), logits
 
     def step(
         self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, where: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward, optimizer step, EMA update; returns (loss, logits [B, C]) detached. A non-finite loss
-        is a UserError raised before it touches the weights (`where` names the position)."""
-        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = model(images)  # [B, C]
-            loss = self.loss_fn(logits.float(), labels)
+        is a UserError raised before it touches the weights (`where` names the position); under a fp16 that may
+        fall back, it leaves fp16 for bf16 and runs the batch again (every DDP rank alike: the flag is all-reduced)."""
+        loss, logits = self.forward(model, images, labels)
+        if self.fp16_fallback and not finite_on_every_rank(loss):
+            self.fall_back(f"a non-finite loss {where}")
+            loss, logits = self.forward(model, images, labels)
         if not torch.isfinite(loss):
             raise UserError(f"non-finite training loss ({loss.item()}) {where}: lower train.lr or set "
                             "train.precision=fp32; last.pt keeps the last good state")  # fmt: skip
@@ -193,7 +214,16 @@ class ClsStepper:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(model)
+        if self.fp16_fallback and fp16_overflowing(self.scaler):
+            self.fall_back(f"GradScaler scale below 1 {where}")
         return loss.detach(), logits.detach()
+
+    def fall_back(self, why: str) -> None:
+        """bf16 and no scaler from the next forward on (`detect.precision.leave_fp16`)."""
+        line = leave_fp16(self.scaler, self.optimizer, why)
+        if is_main_process():
+            tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
+        self.scaler, self.amp_dtype, self.fp16_fallback, self.fell_back_to_bf16 = None, torch.bfloat16, False, True
 
     def set_lr(self, fractional_epoch: float) -> float:
         lr = self.lr_fn(fractional_epoch)

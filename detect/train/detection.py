@@ -159,9 +159,21 @@ class DetRun:
         begin = EpochStart(epoch, self.state.position[1], self.state.sums)
         phase(f"epoch {epoch + 1} start")
         loader = mark_first_batch(train_loader, f"epoch {epoch + 1} first batch")
-        stats = train_one_epoch(self.model, self.criterion, loader, self.opt, self.state, begin, self.precision)
+        try:
+            stats = train_one_epoch(self.model, self.criterion, loader, self.opt, self.state, begin, self.precision)
+        finally:  # an interrupted epoch's last.pt, too, says what it ran in
+            self.keep_bf16_fallback()
         phase(f"epoch {epoch + 1} trained")
         return stats
+
+    def keep_bf16_fallback(self) -> None:
+        """After an epoch in which fp16 overflowed and the loop switched to bf16 (`engine._fall_back`): bf16 for the
+        rest of the run, its evaluation, and in the config its checkpoints carry (`train.precision=bf16`: a resume
+        and val_det run what it trained in)."""
+        if self.state.fell_back_to_bf16 and not self.precision.bf16:
+            self.precision = self.precision.with_bf16()
+            self.opt.scaler = self.state.scaler = None
+            self.cfg.train.precision = "bf16"
 
     def end_epoch(self, epoch: int, stats: dict[str, float], start: float) -> None:
         end_epoch(self, epoch, stats, start)

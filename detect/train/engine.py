@@ -14,6 +14,7 @@ one rank stops all of them at the same step, and an interrupted epoch's loss sum
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from backbones.errors import UserError
 from backbones.freeze import keep_frozen_bn_eval
-from detect.precision import Precision
+from detect.precision import Precision, fp16_overflowing, leave_fp16
 from detect.train.distributed import all_reduce_sum, fetch, get_rank, get_world_size, is_main_process, unwrap
 from detect.train.group_faults import agree
 from detect.train.optim import ModelEMA, set_group_values, warmup_accumulate, warmup_values, yolo_lr_factor
@@ -65,13 +66,19 @@ class Schedule:
 
 @dataclass
 class StepState:
-    """Where training stands: the global iteration of the last optimizer step (-1 before the first)."""
+    """Where training stands: the global iteration of the last optimizer step (-1 before the first), and whether the
+    loop left an overflowing fp16 for bf16 (`_fall_back`; the run adopts it for its later
+    epochs, its evaluation and its checkpoints' config)."""
 
     last_step: int = -1
+    fell_back_to_bf16: bool = False
 
 
-def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch: int, batch: int, step: int) -> None:
+def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch: int, batch: int, step: int,
+                  may_fall_back: bool = False) -> bool:  # fmt: skip
     """A non-finite loss stops training before it reaches the weights (DESIGN §8); names the part and the step.
+    Returns True when every loss is finite; False, instead of stopping, when `may_fall_back` (fp16 under `auto`,
+    which then runs the batch again in bf16).
 
     Under DDP every process learns of any process's non-finite loss at the same step (one small all-reduce of the
     flags), so all stop together, before the backward pass that would otherwise wait for the missing rank forever;
@@ -84,12 +91,12 @@ def _check_finite(total: torch.Tensor, parts: Mapping[str, torch.Tensor], epoch:
     if world > 1:
         all_reduce_sum(flags)
     bad_ranks = [rank for rank in range(world) if flags[rank].any()]
-    if not bad_ranks:
-        return
+    if not bad_ranks or may_fall_back:
+        return not bad_ranks
     rank = bad_ranks[0]
     bad = [name for k, name in enumerate(names) if flags[rank, k]] or ["total"]
     mine = rank == get_rank()
-    shown = ", ".join(f"{name}={float(parts.get(name, total))}" if mine else name for name in bad)
+    shown = ", ".join(f"{name}={float(parts.get(name, total).detach())}" if mine else name for name in bad)
     where = f" on rank {rank}" if world > 1 else ""
     error = UserError(
         f"non-finite loss ({shown}){where} at epoch {epoch + 1}, batch {batch + 1} (iteration {step}): stopped "
@@ -201,6 +208,17 @@ def _train_step(
     return criterion(outputs, targets)
 
 
+def _fall_back(opt: Optimization, state: StepState, precision: Precision, why: str) -> Precision:
+    """Leave an overflowing fp16 for bf16 for the rest of the epoch (`detect.precision.leave_fp16`): no scaler from
+    here on; `state.fell_back_to_bf16` tells the run to keep bf16 after the epoch. Every DDP rank sees the same sign
+    at the same step (the loss flags are all-reduced; the scale follows the all-reduced gradients)."""
+    line = leave_fp16(opt.scaler, opt.optimizer, why)
+    if is_main_process():
+        tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
+    opt.scaler, state.fell_back_to_bf16 = None, True
+    return precision.with_bf16()
+
+
 def _step(model: nn.Module, opt: Optimization, where: str) -> None:
     """The optimizer step (see `_optimizer_step`) and the EMA update after it."""
     _optimizer_step(model, opt.optimizer, opt.scaler, opt.grad_clip, where)
@@ -258,14 +276,21 @@ def train_one_epoch(
             with deferred_interrupts():  # Ctrl-C / SIGTERM wait for the step to finish: state stays consistent
                 agree(failure, f"epoch {epoch + 1}, batch {batch_index + 1}")  # DDP: all ranks go on, or all stop
                 images, targets, _ = batch
-                total, parts = _train_step(model, criterion, images, targets.to(precision.device), precision)
-                _check_finite(total, parts, epoch, batch_index, iteration)
+                targets = targets.to(precision.device)
+                total, parts = _train_step(model, criterion, images, targets, precision)
+                if not _check_finite(total, parts, epoch, batch_index, iteration, precision.fp16_fallback):
+                    precision = _fall_back(opt, state, precision, f"a non-finite loss at iteration {iteration}")
+                    total, parts = _train_step(model, criterion, images, targets, precision)  # the batch again
+                    _check_finite(total, parts, epoch, batch_index, iteration)
                 loss = total * world if sums_batch else total  # DDP averages gradients over processes
                 (opt.scaler.scale(loss) if opt.scaler is not None else loss).backward()
                 # An epoch ends with a step, so an epoch-boundary checkpoint holds no half-accumulated gradient.
                 if iteration - state.last_step >= accumulate or batch_index == iters_per_epoch - 1:
                     _step(model, opt, f"at epoch {epoch + 1}, batch {batch_index + 1} (iteration {iteration})")
                     state.last_step = iteration
+                    if precision.fp16_fallback and fp16_overflowing(opt.scaler):
+                        precision = _fall_back(opt, state, precision, f"GradScaler scale below 1 at iteration "
+                                               f"{iteration}")  # fmt: skip
                 sums.add(parts)
                 completed = batch_index + 1
             images_seen += images.shape[0]
