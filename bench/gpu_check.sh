@@ -3,7 +3,8 @@
 #   1. environment: nvidia-smi, python / torch / torchvision, CPUs; the carried wheels (.whl/) installed into
 #      /tmp/site; every plugdet module imported (an API this torch lacks fails here)
 #   2. tests/test_cuda.py: fp16 AMP + GradScaler through the engine vs float32, channels_last vs NCHW, the pinned
-#      loader, a 1-process NCCL group (+ DDP)
+#      loader, a 1-process NCCL group (+ DDP); tests/test_fp16_fallback.py: auto's fp16 left for bf16 on a real fp16
+#      overflow on CUDA
 #   3. the synthetic mini-CUB scaled up (generated in the background during 2), exported to YOLO txt
 #   4. bench/bench_train_vs_ultralytics.py --device cuda: YOLOv8n at 640 from scratch, plugdet (fp16 AMP +
 #      channels_last) beside Ultralytics (its default AMP), same images and epochs, img/s and AP by one evaluator
@@ -132,8 +133,8 @@ GEN_T0=$(now_ms)
 timeout -k 5 $GEN_LIMIT $NICE $GEN_CMD >>"$OUT/data.log" 2>&1 &
 GEN_PID=$!  # the timeout process: it passes a kill on to the generator
 
-run_stage tests tests.log 150 $PY -m pytest -q -s -rA -p no:cacheprovider tests/test_cuda.py
-$PY bench/gpu_check.py tests "$OUT/tests.log" "pytest -q -s tests/test_cuda.py" --stage tests
+run_stage tests tests.log 150 $PY -m pytest -q -s -rA -p no:cacheprovider tests/test_cuda.py tests/test_fp16_fallback.py
+$PY bench/gpu_check.py tests "$OUT/tests.log" "pytest -q -s tests/test_cuda.py tests/test_fp16_fallback.py" --stage tests
 summary tests
 
 log "generate: waiting for the generator" >>"$OUT/data.log"

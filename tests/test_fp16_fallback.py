@@ -2,7 +2,8 @@
 GradScaler's scale below 1), in the detection engine, in the classification step and in the run that adopts it.
 
 fp16 with a GradScaler is CUDA's; here the engine runs on the CPU with a CPU GradScaler (the scaler's arithmetic is
-the same), and the classification step with CPU fp16 autocast, where a real fp16 overflow happens. What a switch must
+the same), and the classification step with fp16 autocast, where a real fp16 overflow happens: on the CPU, and on
+CUDA where there is one (bench/gpu_check.sh runs this file beside tests/test_cuda.py). What a switch must
 give is checked exactly: the weights of a run that switched equal those of a run that took the same steps in bf16.
 """
 
@@ -125,25 +126,29 @@ def test_the_run_keeps_bf16_after_the_epoch_and_says_so_in_its_config() -> None:
     assert run.cfg.train.precision == "bf16"  # last.pt resumes in bf16; val_det evaluates in it
 
 
-def _stepper(amp_dtype, scaler, fallback: bool) -> tuple[nn.Module, ClsStepper]:
+def _stepper(amp_dtype, scaler, fallback: bool, device: str = "cpu") -> tuple[nn.Module, ClsStepper]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
     nn.init.constant_(model[0].weight, 0.1)
+    model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     return model, ClsStepper(optimizer, nn.CrossEntropyLoss(), lambda e: 0.01, None, scaler, amp_dtype, fallback)
 
 
-def test_the_classification_step_leaves_a_real_fp16_overflow_for_bf16(capsys) -> None:
-    images, labels = torch.full((2, 64), 2e4), torch.tensor([0, 3])  # 64 x 2e4 x 0.1 = 1.28e5: past fp16's 65504
-    model, stepper = _stepper(torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**10), True)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)"))])  # fmt: skip
+def test_the_classification_step_leaves_a_real_fp16_overflow_for_bf16(capsys, device: str) -> None:
+    images = torch.full((2, 64), 2e4, device=device)  # 64 x 2e4 x 0.1 = 1.28e5: past fp16's 65504
+    labels = torch.tensor([0, 3], device=device)
+    model, stepper = _stepper(torch.float16, torch.amp.GradScaler(device, init_scale=2.0**10), True, device)
     loss, _ = stepper.step(model, images, labels, "at epoch 1, step 1")
     assert torch.isfinite(loss) and stepper.fell_back_to_bf16
     assert (stepper.amp_dtype, stepper.scaler, stepper.fp16_fallback) == (torch.bfloat16, None, False)
     assert LINE.format("a non-finite loss at epoch 1, step 1") in capsys.readouterr().err.splitlines()
-    reference, bf16 = _stepper(torch.bfloat16, None, False)
+    reference, bf16 = _stepper(torch.bfloat16, None, False, device)
     assert torch.equal(bf16.step(reference, images, labels, "")[0], loss)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
-    model, stepper = _stepper(torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**10), False)
+    model, stepper = _stepper(torch.float16, torch.amp.GradScaler(device, init_scale=2.0**10), False, device)
     with pytest.raises(UserError, match="non-finite training loss"):
         stepper.step(model, images, labels, "at epoch 1, step 1")
 
