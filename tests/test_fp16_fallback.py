@@ -20,6 +20,7 @@ from backbones.errors import UserError
 from detect import precision
 from detect.losses import build_criterion
 from detect.precision import Precision
+from detect.train.classification import ClsRun
 from detect.train.classify import ClsStepper
 from detect.train.detection import DetRun
 from detect.train.engine import EpochStart, Optimization, Schedule, StepState, train_one_epoch
@@ -124,6 +125,17 @@ def test_the_run_keeps_bf16_after_the_epoch_and_says_so_in_its_config() -> None:
     DetRun.keep_bf16_fallback(run)
     assert run.precision == Precision(CPU, bf16=True) and run.opt.scaler is None and run.state.scaler is None
     assert run.cfg.train.precision == "bf16"  # last.pt resumes in bf16; val_det evaluates in it
+
+
+def test_the_pretraining_run_keeps_bf16_in_its_config_after_the_step_fell_back() -> None:
+    stepper = SimpleNamespace(fell_back_to_bf16=False)
+    run = SimpleNamespace(stepper=stepper, state=SimpleNamespace(scaler=object()),
+                          cfg=SimpleNamespace(train=SimpleNamespace(precision="auto")))  # fmt: skip
+    ClsRun.keep_bf16_fallback(run)
+    assert run.cfg.train.precision == "auto" and run.state.scaler is not None  # no fallback: nothing changes
+    stepper.fell_back_to_bf16 = True
+    ClsRun.keep_bf16_fallback(run)
+    assert run.cfg.train.precision == "bf16" and run.state.scaler is None
 
 
 def _stepper(amp_dtype, scaler, fallback: bool, device: str = "cpu") -> tuple[nn.Module, ClsStepper]:

@@ -109,11 +109,17 @@ class ClsRun:
         try:
             stats = train_one_epoch(self.state.model, train_loader, self.stepper, self.info.device, begin,
                                     self.info.is_main)  # fmt: skip
-        finally:  # fp16 left for bf16 (`ClsStepper.fall_back`): the checkpoints' config says what it runs in now
-            if self.stepper.fell_back_to_bf16:
-                self.cfg.train.precision, self.state.scaler = "bf16", None
+        finally:  # an interrupted epoch's last.pt, too, says what it ran in
+            self.keep_bf16_fallback()
         self.state.position, self.state.sums = (epoch, iters), None  # trained, not evaluated yet
         return stats
+
+    def keep_bf16_fallback(self) -> None:
+        """After an epoch in which fp16 overflowed and the step switched to bf16 (`ClsStepper.fall_back`, which
+        also evaluates in bf16 from then on): the config its checkpoints carry says `train.precision=bf16`, and
+        there is no scaler state to save, so a resume runs what it trained in."""
+        if self.stepper.fell_back_to_bf16:
+            self.cfg.train.precision, self.state.scaler = "bf16", None
 
     def end_epoch(self, epoch: int, stats: dict[str, float], start: float) -> None:
         """Evaluate (Ctrl-C acts between val batches), then rank 0 records the epoch."""

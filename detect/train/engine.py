@@ -67,8 +67,8 @@ class Schedule:
 @dataclass
 class StepState:
     """Where training stands: the global iteration of the last optimizer step (-1 before the first), and whether the
-    loop left an overflowing fp16 for bf16 (`_fall_back`; the run adopts it for its later
-    epochs, its evaluation and its checkpoints' config)."""
+    loop left an overflowing fp16 for bf16 (`_fall_back`; the run adopts it for its later epochs, its evaluation and
+    its checkpoints' config)."""
 
     last_step: int = -1
     fell_back_to_bf16: bool = False
