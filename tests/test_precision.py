@@ -17,6 +17,7 @@ from detect import precision
 from detect.cli import inference_precision, run_tool
 from detect.config import ClsConfig, DetConfig, load_config
 from detect.config.loading import migrate_config
+from detect.train.classify import autocast_dtype
 
 
 @pytest.fixture
@@ -62,6 +63,21 @@ def test_the_pin_decides_auto_and_a_bad_pin_is_one_line(unpinned) -> None:
     unpinned.setenv(precision.AUTO_ENV, "int8")
     with pytest.raises(UserError, match="PLUGDET_AUTO_PRECISION='int8': choose one of fp32, bf16, fp16"):
         precision.choose_precision("auto", "cpu")
+
+
+def test_pretraining_auto_stays_fp32_on_a_bf16_cpu(unpinned) -> None:
+    """train_cls's auto: fp32 on a CPU with native bf16 (bf16 trained the default schedule to ~0.1 lower top-1),
+    fp16 on CUDA as detection's; an explicit bf16 is kept."""
+    unpinned.setattr(precision, "native_bf16", lambda device="cpu": True)
+    cfg = load_config(ClsConfig, None, [])
+    dtype, line = autocast_dtype(cfg, torch.device("cpu"))
+    cpu = torch.backends.cpu.get_cpu_capability()
+    assert (dtype, line) == (None, f"precision: fp32 (auto: fp32 on CPU (bf16 is native on this CPU ({cpu}) but "
+                                   "trains this to a lower accuracy))")  # fmt: skip
+    assert autocast_dtype(cfg, torch.device("cuda"))[0] == torch.float16
+    asked = load_config(ClsConfig, None, ["train.precision=bf16"])
+    assert autocast_dtype(asked, torch.device("cpu"))[0] == torch.bfloat16
+    assert precision.choose_precision("auto", "cpu")[0] == "bf16"  # detection's auto is unchanged
 
 
 def test_the_training_precision_and_its_scaler_settings(unpinned) -> None:

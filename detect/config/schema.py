@@ -68,7 +68,7 @@ class ClsTrainConfig:
     warmup_epochs: float = _at_least(1.0, 0.0)  # linear warmup from lr * warmup_start, per iteration
     warmup_start: float = _in_range(0.1, 0.0, 1.0)  # warmup starts at lr * warmup_start
     label_smoothing: float = _in_range(0.1, 0.0, 1.0, high_open=True)  # of the cross-entropy targets
-    precision: str = _choice("auto", "fp32", "bf16", "fp16")  # auto: bf16 on a CPU with native bf16, fp16 on CUDA
+    precision: str = _choice("auto", "fp32", "bf16", "fp16")  # auto: fp32 on CPU (bf16 lost top-1), fp16 on CUDA
     channels_last: bool = False  # NHWC memory format
     ema: bool = False  # evaluate and save an exponential moving average of the weights
     finetune: str = _choice("all", "freeze", "classifier")  # freeze: the first train.freeze_stages stages

@@ -148,6 +148,21 @@ def write_openvino(onnx_path: Path, out: str | os.PathLike, meta: str,
     return folder
 
 
+def uint8_input(model: Any) -> Any:
+    """`model` taking the letterbox's uint8 RGB [B, H, W, 3] as it is: OpenVINO's preprocessing (`PrePostProcessor`,
+    part of the compiled graph, run on its own threads) converts to float, divides by 255 and transposes to the
+    file's NCHW. Why: in predict, the float conversion and the NHWC -> NCHW copy before `infer` ran in torch's and
+    numpy's threads against OpenVINO's pinned ones (bench/RESULTS.md "Where the INT8 time goes")."""
+    ov = _openvino()
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).scale(255.0)
+    return ppp.build()
+
+
 class OpenVinoDetector(ExportedDetector):
     """An OpenVINO model (tools/export.py --format openvino) with the `detect` interface of `Detector`, as
     `OnnxDetector` has it (the two share `ExportedDetector`'s batching, postprocess and fixed-size note).
@@ -172,18 +187,33 @@ class OpenVinoDetector(ExportedDetector):
         self.precision = HINTS.get(precision, "f32")
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}  # fmt: skip
-        self.compiled = core.compile_model(model, "CPU", config)  # OpenVINO's CPU plugin, whatever torch's device
+        self.core, self.model, self.config = core, model, config
+        self.compiled = core.compile_model(uint8_input(model.clone()), "CPU", config)  # OpenVINO's CPU plugin always
         self.request = self.compiled.create_infer_request()
+        self.float_request: Any = None  # the file's own float input, compiled on first use (`run`)
         dims = model.inputs[0].get_partial_shape()
         self.fixed_batch = dims[0].get_length() if dims[0].is_static else None
         static = dims[2].is_static and dims[3].is_static
         self.fixed_shape = (dims[2].get_length(), dims[3].get_length()) if static else None
         self.input_dtype = np.float32
+        self.takes_uint8 = True
         self.strides = (int(self.meta["stride"]),)
         self.num_classes = len(self.meta["class_names"])
         self.path = xml
         self.note_fixed_shape()
 
+    def to_array(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 images [B, 3, H, W] as the uint8 NHWC array the compiled model takes (the letterbox's own memory: a
+        view), float images as float32 NCHW in [0, 1] (the file's own input)."""
+        if images.dtype == torch.uint8:
+            return images.cpu().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        return images.detach().float().cpu().numpy()
+
     def run(self, chunk: np.ndarray) -> np.ndarray:
-        """One inference: float [B, 3, H, W] -> the model's output (a copy: the request reuses its buffers)."""
-        return self.request.infer({0: chunk})[0].copy()
+        """One inference: uint8 [B, H, W, 3] or float [B, 3, H, W] -> the model's output (a copy: the request reuses
+        its buffers)."""
+        if chunk.dtype == np.uint8:
+            return self.request.infer({0: chunk})[0].copy()
+        if self.float_request is None:
+            self.float_request = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
+        return self.float_request.infer({0: chunk})[0].copy()

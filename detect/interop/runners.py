@@ -31,9 +31,14 @@ class ExportedDetector:
     fixed_shape: tuple[int, int] | None
     input_dtype: type
     path: Path
+    takes_uint8: bool = False  # `detect` takes the letterbox's uint8 batch as it is (the file scales it to [0, 1])
 
     def run(self, chunk: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def to_array(self, images: torch.Tensor) -> np.ndarray:
+        """The file's input array for images [B, 3, H, W]: float in [0, 1] as `input_dtype`."""
+        return images.detach().float().cpu().numpy().astype(self.input_dtype, copy=False)
 
     def note_fixed_shape(self) -> None:
         """A fixed-size file letterboxes every image to its size where the .pt (and a dynamic export) takes the
@@ -48,11 +53,11 @@ class ExportedDetector:
         return self
 
     def forward_numpy(self, images: np.ndarray) -> np.ndarray:
-        """The file's raw output for float images [B, 3, H, W] (a fixed-batch file runs in chunks)."""
+        """The file's raw output for an input array from `to_array` (a fixed-batch file runs in chunks)."""
         step = self.fixed_batch or len(images)
         outs = []
         for start in range(0, len(images), step):
-            out = self.run(np.ascontiguousarray(images[start : start + step], dtype=self.input_dtype))
+            out = self.run(np.ascontiguousarray(images[start : start + step]))
             if self.meta.get("nms"):
                 out = out.copy()
                 out[:, 0] += start
@@ -60,7 +65,7 @@ class ExportedDetector:
         return np.concatenate(outs, axis=0)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.forward_numpy(images.detach().float().cpu().numpy())).float()
+        return torch.from_numpy(self.forward_numpy(self.to_array(images))).float()
 
     def detect(
         self, images: torch.Tensor, conf: float, iou: float, max_det: int, multi_label: bool = False
