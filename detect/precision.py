@@ -109,8 +109,8 @@ CHOICES = ("auto", *PRECISIONS)  # what `train.precision` and `--precision` acce
 # "Precision"), so it is the default there; without native bf16, fp32.
 AUTO_CPU_BF16 = True
 # The same for classification pretraining (train_cls): fp32. The default schedule (cspdarknet_n, 40 epochs) in bf16
-# reached val top-1 0.383 / 0.363 (seeds 0 / 1) against fp32's 0.505 / 0.448, below the fp32 seed spread, for 1.22x
-# the speed (bench/RESULTS.md "bf16 pretraining"); `train.precision=bf16` still asks for it.
+# reached val top-1 0.383 / 0.363 (seeds 0 / 1) against fp32's 0.505 / 0.448, below the fp32 seed spread; fp32 takes
+# 1.22-1.30x bf16's run time (bench/RESULTS.md "bf16 pretraining"); `train.precision=bf16` still asks for bf16.
 AUTO_CPU_BF16_CLS = False
 AUTO_ENV = "PLUGDET_AUTO_PRECISION"  # fp32 | bf16 | fp16: what `auto` means on this machine, whatever the hardware
 
