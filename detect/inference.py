@@ -131,7 +131,7 @@ def detect_images(
             chunk = members[start : start + batch_size]
             boxed = [letterbox(images[i], max(shape) if fixed_shape else img_size, shape=shape) for i in chunk]
             batch = torch.from_numpy(np.stack([b[0] for b in boxed])).permute(0, 3, 1, 2)  # [B, 3, H, W], HWC memory
-            inputs = batch if getattr(model, "takes_uint8", False) else precision.to_input(batch)  # OpenVINO: uint8
+            inputs = precision.input_for(model, batch)  # uint8 as it is for the OpenVINO runner
             with precision.autocast():
                 found = model.detect(inputs, conf, iou, max_det)
             found = [{k: v.float() if v.is_floating_point() else v for k, v in r.items()} for r in found]  # bf16 out

@@ -37,6 +37,11 @@ class Precision:
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         return to_input(images, self.device, self.channels_last)
 
+    def input_for(self, model: object, images: torch.Tensor) -> torch.Tensor:
+        """What `model.detect` takes for uint8 images [B, 3, H, W]: them as they are where the model scales them
+        itself (`takes_uint8`: the OpenVINO runner, whose graph converts them), else `to_input`."""
+        return images if getattr(model, "takes_uint8", False) else self.to_input(images)
+
     def with_bf16(self) -> Precision:
         """The same, autocasting to bf16 (fp16 left behind, `leave_fp16`)."""
         return replace(self, bf16=True, fp16_fallback=False)

@@ -34,7 +34,7 @@ def predict_batches(
     """Run an eval-mode detector over a loader: yields (images uint8, metas, detections in original-image pixels)."""
     model.eval()
     for images, _, metas in loader:
-        inputs = images if getattr(model, "takes_uint8", False) else precision.to_input(images)  # OpenVINO: uint8
+        inputs = precision.input_for(model, images)  # uint8 as it is for the OpenVINO runner
         with precision.autocast():
             results = model.detect(inputs, conf, iou, max_det, multi_label)
         results = undo_letterbox([{k: v.float() for k, v in r.items()} for r in results], metas)

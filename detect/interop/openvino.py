@@ -172,6 +172,8 @@ class OpenVinoDetector(ExportedDetector):
         precision: the inference precision OpenVINO runs the non-int8 layers in ("f32", "bf16", "f16").
     """
 
+    takes_uint8 = True  # compiled with `uint8_input`: predict and val_det hand it the letterbox's uint8
+
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None,
                  precision: str = "fp32") -> None:  # fmt: skip
         ov = _openvino()
@@ -196,7 +198,6 @@ class OpenVinoDetector(ExportedDetector):
         static = dims[2].is_static and dims[3].is_static
         self.fixed_shape = (dims[2].get_length(), dims[3].get_length()) if static else None
         self.input_dtype = np.float32
-        self.takes_uint8 = True
         self.strides = (int(self.meta["stride"]),)
         self.num_classes = len(self.meta["class_names"])
         self.path = xml
