@@ -121,7 +121,7 @@ AUTO_ENV = "PLUGDET_AUTO_PRECISION"  # fp32 | bf16 | fp16: what `auto` means on 
 
 
 def choose_precision(asked: str, device: torch.device | str, where: str = "train.precision",
-                     cpu_bf16: bool = AUTO_CPU_BF16) -> tuple[str, str]:  # fmt: skip
+                     pretraining: bool = False) -> tuple[str, str]:  # fmt: skip
     """The precision a run trains in, and why, for the log's first lines: ("bf16", "auto: this CPU has ...").
 
     `auto` (the default): on CUDA, fp16 autocast with a GradScaler (the CUDA habit: fastest on every NVIDIA GPU, the
@@ -130,8 +130,8 @@ def choose_precision(asked: str, device: torch.device | str, where: str = "train
     where the hardware cannot run it well, which is one warning and fp32 (a config travels between machines inside
     checkpoints): bf16 on a CPU without native bf16 (`choose_bf16`), fp16 on a CPU (CPU fp16 autocast is emulated).
     `PLUGDET_AUTO_PRECISION=fp32` (or bf16, fp16) pins what `auto` means on a machine: the test suite pins fp32, so
-    its numbers do not depend on the CPU a machine happens to have. `cpu_bf16=False`: `auto` stays fp32 on a CPU with
-    native bf16 too (train_cls: `AUTO_CPU_BF16_CLS`).
+    its numbers do not depend on the CPU a machine happens to have. `pretraining` (train_cls): `auto` on a CPU with
+    native bf16 follows `AUTO_CPU_BF16_CLS` instead of `AUTO_CPU_BF16` (fp32: bf16 trained it to a lower top-1).
     """
     device = torch.device(device)
     if asked not in CHOICES:
@@ -148,7 +148,8 @@ def choose_precision(asked: str, device: torch.device | str, where: str = "train
             return "fp16", "auto: fp16 autocast with a GradScaler on CUDA"
         if not native_bf16(device):
             return "fp32", f"auto: {cpu} has no native bf16"
-        if cpu_bf16:
+        bf16_here = AUTO_CPU_BF16_CLS if pretraining else AUTO_CPU_BF16  # read at call time: a module-level knob
+        if bf16_here:
             return "bf16", f"auto: {cpu} has native bf16"
         return "fp32", f"auto: fp32 on CPU (bf16 is native on {cpu} but trains this to a lower accuracy)"
     if asked == "bf16":

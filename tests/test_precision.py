@@ -78,6 +78,8 @@ def test_pretraining_auto_stays_fp32_on_a_bf16_cpu(unpinned) -> None:
     asked = load_config(ClsConfig, None, ["train.precision=bf16"])
     assert autocast_dtype(asked, torch.device("cpu"))[0] == torch.bfloat16
     assert precision.choose_precision("auto", "cpu")[0] == "bf16"  # detection's auto is unchanged
+    unpinned.setattr(precision, "AUTO_CPU_BF16_CLS", True)  # the knob is read at each call
+    assert autocast_dtype(cfg, torch.device("cpu"))[0] == torch.bfloat16
 
 
 def test_the_training_precision_and_its_scaler_settings(unpinned) -> None:

@@ -33,7 +33,7 @@ from backbones.errors import UserError
 from backbones.freeze import freeze_stages, keep_frozen_bn_eval
 from detect.data.cls_transforms import build_cls_transforms, seed_transform
 from detect.data.cub import CubClassification
-from detect.precision import AUTO_CPU_BF16_CLS, choose_precision, fp16_overflowing, leave_fp16
+from detect.precision import choose_precision, fp16_overflowing, leave_fp16
 from detect.train.distributed import DistInfo, all_reduce_sum, fetch, get_rank, get_world_size, is_main_process
 from detect.train.group_faults import agree
 from detect.train.optim import ModelEMA, lr_at
@@ -154,7 +154,7 @@ def build_lr_schedule(cfg: DictConfig) -> Callable[[float], float]:
 def autocast_dtype(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype | None, str]:
     """The autocast dtype `train.precision` chooses here (`detect.precision.choose_precision`; None: fp32) and the
     log line saying what and why."""
-    name, why = choose_precision(cfg.train.precision, device, cpu_bf16=AUTO_CPU_BF16_CLS)
+    name, why = choose_precision(cfg.train.precision, device, pretraining=True)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name), f"precision: {name} ({why})"
 
 
